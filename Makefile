@@ -1,0 +1,35 @@
+# Every target creates the virtual environment it needs. PyTorch is installed
+# first at the pinned pair, which this machine's pip serves from local disk.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+CIFAR_JPEG := ../shared/data/cifar10-jpeg.tar.gz
+ifneq ($(wildcard $(CIFAR_JPEG)),)
+DATA_ARGS := --dataset imagefolder --data-dir $(CIFAR_JPEG)
+else
+DATA_ARGS := --dataset cifar10 --data-dir data --download
+endif
+
+.PHONY: setup test run clean-cache
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The test command of the README.
+test: setup
+	$(PY) -m pytest -q
+
+# The main job of the README.
+run: setup
+	$(VENV)/bin/splitrpc-train --config bench/configs/main.toml $(DATA_ARGS) --out results/main.jsonl
+
+clean-cache:
+	rm -rf .cache

@@ -1,0 +1,5 @@
+import sys
+
+from splitrpc.train import main
+
+sys.exit(main())

@@ -1,0 +1,246 @@
+"""One configuration object for every process of a run.
+
+Defaults live here and nowhere else. A TOML file (``--config``) overrides the
+defaults and command-line flags override the file. Every party (server,
+hospitals, the local and DDP trainers) receives the same validated ``Config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitrpc.errors import UserError
+
+METHODS = ("split", "local", "ddp")
+MODELS = ("vgg11", "vgg16", "resnet18", "resnet20", "resnet56")
+DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+NORMS = ("batch", "group", "none")
+PARTITIONS = ("iid", "dirichlet")
+SCHEDULES = ("sequential", "parallel")
+L1_MODES = ("independent", "average")
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine", "multistep", "onecycle")
+TRANSPORTS = ("tcp", "auto")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float64")
+
+
+def _opt(default, help, choices=None, **kw):
+    return field(default=default, metadata={"help": help, "choices": choices, **kw})
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- what to run -------------------------------------------------------
+    method: str = _opt("split", "split learning, centralized training in one process, or the DDP baseline", METHODS)
+    hospitals: int = _opt(2, "number of hospitals (ranks 1..N under split; ranks 0..N-1 under ddp)")
+    # --- model --------------------------------------------------------------
+    model: str = _opt("resnet20", "network architecture", MODELS)
+    width: float = _opt(1.0, "channel-width multiplier (narrow models for CPU runs)")
+    norm: str = _opt("batch", "normalisation layers; 'group' or 'none' make a step independent of how the batch is grouped", NORMS)
+    cut: int = _opt(1, "number of model stages kept at the hospital (1 = the first conv+norm+ReLU)")
+    # --- data (read by hospitals only) -----------------------------------------
+    dataset: str = _opt("cifar10", "data source", DATASETS)
+    data_dir: str = _opt("data", "torchvision root, an ImageFolder tree with train/ and test/, or a .tar.gz of one")
+    download: bool = _opt(False, "let torchvision download CIFAR if it is missing")
+    cache_dir: str = _opt("~/.cache/splitrpc", "where decoded uint8 tensors are cached, keyed by source")
+    partition: str = _opt("iid", "how the training set is split over hospitals", PARTITIONS)
+    alpha: float = _opt(0.5, "Dirichlet concentration for --partition dirichlet (smaller = more label skew)")
+    limit_train: int = _opt(0, "use only the first n training samples (0 = all)")
+    limit_test: int = _opt(0, "use only the first n test samples (0 = all)")
+    augment: bool = _opt(True, "random crop (4-pixel padding) and horizontal flip on training batches")
+    num_classes: int = _opt(0, "classifier outputs (0 = the dataset's: 100 for cifar100, else 10)")
+    synthetic_train: int = _opt(2048, "training samples of --dataset synthetic")
+    synthetic_test: int = _opt(512, "test samples of --dataset synthetic")
+    # --- split learning ---------------------------------------------------------
+    schedule: str = _opt("sequential", "sequential: hospitals take turns; parallel: all hospitals per step", SCHEDULES)
+    l1: str = _opt("independent", "each hospital keeps its own L1, or hospitals average L1 weights", L1_MODES)
+    l1_sync_every: int = _opt(1, "steps between L1 averages under --l1 average")
+    # --- optimisation -------------------------------------------------------------
+    epochs: int = _opt(1, "training epochs")
+    batch_size: int = _opt(128, "batch size per hospital")
+    eval_batch_size: int = _opt(500, "batch size of test-set evaluation")
+    optimizer: str = _opt("sgd", "optimizer", OPTIMIZERS)
+    lr: float = _opt(0.05, "peak learning rate")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(False, "Nesterov momentum (SGD)")
+    weight_decay: float = _opt(5e-4, "L2 weight decay")
+    beta1: float = _opt(0.9, "Adam beta1")
+    beta2: float = _opt(0.999, "Adam beta2")
+    lr_schedule: str = _opt("cosine", "learning-rate schedule after warmup", LR_SCHEDULES)
+    warmup_epochs: float = _opt(0.0, "linear warmup from 0 to --lr over this many epochs")
+    milestones: tuple = _opt((0.5, 0.75), "multistep: fractions of training at which the LR is multiplied by --gamma")
+    gamma: float = _opt(0.1, "multistep: LR factor at each milestone")
+    lr_scaling: bool = _opt(False, "ddp: scale --lr linearly by the number of hospitals (Goyal et al., 2017)")
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0 = run all epochs); the LR schedule is unchanged")
+    seed: int = _opt(0, "seed for initialisation, partition, data order and augmentation")
+    # --- runtime -----------------------------------------------------------------
+    transport: str = _opt("tcp", "tcp: TensorPipe over TCP sockets even on one host; auto: TensorPipe's own choice", TRANSPORTS)
+    rpc_timeout: float = _opt(60.0, "seconds before an unanswered RPC (or a silent peer) is an error")
+    setup_timeout: float = _opt(900.0, "seconds every party may take to prepare its data and join")
+    rpc_threads: int = _opt(16, "TensorPipe worker threads per process")
+    threads: int = _opt(0, "torch intra-op threads per process (0 = cores / local processes)")
+    dtype: str = _opt("float32", "floating-point type of weights and activations (float64 for equivalence checks)", DTYPES)
+    device: str = _opt("cpu", "compute device; tensors cross RPC on the CPU", DEVICES)
+    eval_every: int = _opt(1, "evaluate every n epochs (and always after the last)")
+    log_every: int = _opt(20, "print progress every n steps")
+    record_step_losses: bool = _opt(False, "store every step's training loss in the run record")
+    save_dir: str = _opt("", "each party writes its final weights here (server: trunk, hospital i: its L1)")
+    out: str = _opt("", "append the run record (one JSON line) to this file")
+    tag: str = _opt("", "free-form label stored in the run record")
+    config: str = _opt("", "TOML file with any of these options; flags override it")
+
+    # ------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        """Processes a run needs: the server plus N hospitals, N DDP ranks, or one."""
+        return {"split": self.hospitals + 1, "ddp": self.hospitals, "local": 1}[self.method]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    def replace(self, **changes) -> "Config":
+        return validate(dataclasses.replace(self, **changes))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value):
+    """Convert a TOML or flag value to the field's type, or raise UserError."""
+    f = FIELDS[name]
+    kind = type(f.default)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is tuple:
+            items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+            return tuple(float(v) for v in items if str(v).strip() != "")
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--{name.replace('_', '-')}: expected {kind.__name__}, got {value!r}") from None
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"--config: no such file: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"--config {path}: not valid TOML ({exc})") from None
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS or name == "config":
+            raise UserError(f"--config {path}: unknown option {key!r}")
+        values[name] = _coerce(name, value)
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splitrpc-train",
+        description="Split learning across hospitals over torch.distributed.rpc (launch with torchrun, "
+        "or run directly and let splitrpc start torchrun for you).",
+    )
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        if type(f.default) is bool:
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=f"{meta['help']} (default: {f.default})")
+        else:
+            default = ",".join(str(m) for m in f.default) if type(f.default) is tuple else f.default
+            metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else f.name.upper()
+            parser.add_argument(flag, dest=f.name, default=None, metavar=metavar,
+                                help=f"{meta['help']} (default: {default if default != '' else 'none'})")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Defaults < TOML file < flags, then validation. Errors are UserError."""
+    parser = build_parser()
+
+    def fail(message):
+        raise UserError(message)
+
+    parser.error = fail  # one clear line instead of argparse's usage dump
+    args = parser.parse_args(argv)
+    values: dict = {}
+    if args.config:
+        values.update(load_toml(args.config))
+        values["config"] = args.config
+    for name, value in vars(args).items():
+        if value is not None and name != "config":
+            values[name] = _coerce(name, value)
+    return validate(Config(**values))
+
+
+def from_dict(values: dict) -> Config:
+    """Rebuild a Config from a run record's ``config`` (or a harness matrix entry)."""
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise UserError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    return validate(Config(**{k: _coerce(k, v) for k, v in values.items()}))
+
+
+def validate(cfg: Config) -> Config:
+    for name, f in FIELDS.items():
+        choices = f.metadata["choices"]
+        value = getattr(cfg, name)
+        if choices and value not in choices:
+            raise UserError(f"--{name.replace('_', '-')}: unknown value {value!r} (choose from {', '.join(choices)})")
+    positive = ("hospitals", "batch_size", "eval_batch_size", "epochs", "l1_sync_every", "rpc_threads",
+                "eval_every", "log_every", "synthetic_train", "synthetic_test")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    non_negative = ("max_steps", "limit_train", "limit_test", "threads", "warmup_epochs", "weight_decay", "momentum")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    for name in ("width", "lr", "alpha", "rpc_timeout", "setup_timeout", "gamma"):
+        value = getattr(cfg, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if cfg.num_classes < 0:
+        raise UserError(f"--num-classes must not be negative, got {cfg.num_classes}")
+    if cfg.num_classes == 0:
+        cfg = dataclasses.replace(cfg, num_classes=100 if cfg.dataset == "cifar100" else 10)
+    if cfg.cut < 1:
+        raise UserError(f"--cut must be at least 1, got {cfg.cut}")
+    from splitrpc.models import check_cut, stage_count  # models imports torch; config stays light until here
+
+    check_cut(stage_count(cfg.model), cfg.cut, cfg.model)
+    if any(not 0 < m < 1 for m in cfg.milestones) or list(cfg.milestones) != sorted(cfg.milestones):
+        raise UserError(f"--milestones must be increasing fractions in (0, 1), got {list(cfg.milestones)}")
+    if cfg.rpc_threads < 4:
+        raise UserError("--rpc-threads must be at least 4 (requests, backward passes and steps share them)")
+    if cfg.method == "split" and cfg.world_size < 2:
+        raise UserError("--method split needs at least one hospital")
+    return cfg
+
+
+def expand_path(path: str) -> Path:
+    return Path(path).expanduser()

@@ -1,0 +1,153 @@
+"""Code that runs on a hospital (ranks 1..N).
+
+The server creates one ``Hospital`` on each hospital with ``rpc.remote`` and
+drives it through its RRef. Raw images, the shard's indices and the L1
+weights never leave this process: ``forward`` returns L1 activations and
+labels, distributed autograd brings back only the gradient of those
+activations, and ``step`` applies it here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed.autograd as dist_autograd
+import torch.distributed.rpc as rpc
+
+from splitrpc import data, transport
+from splitrpc.errors import PeerError
+from splitrpc.models import model_for, split_model
+from splitrpc.optim import apply_gradients, make_optimizer
+
+LABEL_DTYPE = torch.uint8  # labels cross the wire as one byte when the classes fit
+FINISH_POLL_S = 0.2
+
+
+def label_dtype(num_classes: int) -> torch.dtype:
+    return LABEL_DTYPE if num_classes <= 256 else torch.int64
+
+
+class Hospital:
+    """One hospital's data shard, its L1 (the model's first ``cut`` stages) and L1's optimizer."""
+
+    def __init__(self, cfg, index: int):
+        self.cfg, self.index = cfg, index
+        self.device = transport.compute_device(cfg)
+        self.shard = data.load_shard(cfg, index)
+        self.test = data.load_test(cfg)
+        # Every party builds the full model from the same seed and keeps its part,
+        # so every L1 starts equal to the L1 of the local reference.
+        self.head, _ = split_model(model_for(cfg), cfg.cut)
+        self.head.to(self.device)
+        self.optimizer = make_optimizer(cfg, self.head.parameters())
+        self.label_dtype = label_dtype(cfg.num_classes)
+        # RPC handlers run on a thread pool; BatchNorm's running statistics are
+        # state that forward mutates, so one forward at a time.
+        self.lock = threading.Lock()
+
+    def describe(self) -> dict:
+        """Sizes the server needs to plan steps. No sample or index leaves."""
+        return {
+            "name": transport.hospital_name(self.index),
+            "train_samples": len(self.shard),
+            "train_batches": self.shard.num_batches,
+            "test_samples": len(self.test.labels),
+            "test_batches": self.test.num_batches,
+            "label_histogram": data.label_histogram(self.shard.labels, self.cfg.num_classes),
+        }
+
+    def forward(self, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """L1 activations and labels of training batch ``batch`` of ``epoch``.
+
+        Called inside the server's distributed-autograd context, so the graph
+        of this forward stays here and the backward pass arrives for it.
+        """
+        images, labels = self.shard.batch(epoch, batch)
+        with self.lock:
+            self.head.train()
+            activations = self.head(images.to(self.device))
+        return activations.cpu(), labels.to(self.label_dtype)
+
+    def step(self, context_id: int, lr: float, grad_scale: float) -> None:
+        """Apply the L1 gradient that the backward pass of ``context_id`` left here."""
+        grads = dist_autograd.get_gradients(context_id)
+        with self.lock:
+            apply_gradients(self.optimizer, grads, lr, grad_scale)
+
+    @torch.no_grad()
+    def eval_forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.test.batch(batch)
+        with self.lock:
+            self.head.eval()
+            activations = self.head(images.to(self.device))
+            self.head.train()
+        return activations.cpu(), labels.to(self.label_dtype)
+
+    @torch.no_grad()
+    def average_l1(self) -> None:
+        """Average L1 weights and BatchNorm statistics with the other hospitals.
+
+        An all-reduce among the hospitals' own process group: the server,
+        which triggers it, never sees L1 weights.
+        """
+        with self.lock:
+            tensors = [t for t in list(self.head.parameters()) + list(self.head.buffers()) if t.is_floating_point()]
+            flat = torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
+            dist.all_reduce(flat)
+            flat /= self.cfg.hospitals
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def save(self, path: str) -> None:
+        torch.save({k: v.cpu() for k, v in self.head.state_dict().items()}, path)
+
+
+def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
+    """Main thread of a hospital process: prepare data, serve the server, leave when it is done."""
+    try:
+        data.prepare(cfg)
+    except BaseException as exc:
+        exc.first_failure = coordinator.fail(transport.hospital_name(rank), str(exc))
+        raise
+    coordinator.mark_ready()
+    coordinator.wait_all_ready(cfg.setup_timeout)
+    if cfg.l1 == "average":
+        # The hospitals' own group, for averaging L1; the server is not a member.
+        dist.init_process_group("gloo", store=dist.PrefixStore("hospitals", coordinator.store),
+                                rank=rank - 1, world_size=cfg.hospitals)
+    transport.start_rpc(cfg, rank, cfg.world_size)
+    print(f"[{transport.hospital_name(rank)}] pid {os.getpid()} joined; data stays here", flush=True)
+    beat_every = min(5.0, cfg.rpc_timeout / 4)
+    last_beat = 0.0
+    try:
+        # The server drives everything through RPC handler threads; this thread
+        # only watches that the server is alive until it says it has finished.
+        while not coordinator.finished():
+            failure = coordinator.failure()
+            if failure:
+                raise PeerError(f"run stopped: {failure}", consequence=True)
+            if time.monotonic() - last_beat >= beat_every:
+                try:
+                    rpc.rpc_sync(transport.SERVER, transport.heartbeat, timeout=cfg.rpc_timeout)
+                except Exception as exc:
+                    if coordinator.finished():
+                        break
+                    raise PeerError(f"lost the server: {transport.remote_error_summary(exc)}") from None
+                last_beat = time.monotonic()
+            time.sleep(FINISH_POLL_S)
+    except BaseException as exc:
+        if not getattr(exc, "consequence", False):
+            # Before tearing down, so that peers see the cause rather than our disappearance.
+            exc.first_failure = coordinator.fail(transport.hospital_name(rank), str(exc))
+        transport.stop_rpc(graceful=False, timeout_s=0)
+        raise
+    transport.stop_rpc(graceful=True, timeout_s=cfg.rpc_timeout)
+    if cfg.l1 == "average":
+        dist.destroy_process_group()
+    return 0

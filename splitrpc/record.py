@@ -1,0 +1,113 @@
+"""The run record (one JSON line per run) and progress output."""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+RECORD_VERSION = 1
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("-dirty" if dirty else "")) or None
+
+
+def new_record(cfg) -> dict:
+    return {
+        "record_version": RECORD_VERSION,
+        "run_id": uuid.uuid4().hex[:12],
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "status": "running",
+        "config": cfg.to_dict(),
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "threads_per_process": torch.get_num_threads(),
+        "epochs": [],
+        "comm": None,  # filled by the communication accounting
+    }
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append one line atomically: one write() on an O_APPEND file under an exclusive lock."""
+    if not path:
+        return
+    line = (json.dumps(record, sort_keys=False) + "\n").encode()
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(path).expanduser(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class Progress:
+    """Periodic one-line progress for long runs: epoch, step, loss, lr and throughput."""
+
+    def __init__(self, cfg, steps_per_epoch: int, who: str):
+        self.cfg, self.steps_per_epoch, self.who = cfg, steps_per_epoch, who
+        self.total = steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            self.total = min(self.total, cfg.max_steps)
+        self._t0 = time.perf_counter()
+        self._window_samples, self._window_loss, self._window_steps = 0, 0.0, 0
+        self._window_t = self._t0
+
+    def step(self, global_step: int, epoch: int, loss: float, samples: int, lr: float) -> None:
+        self._window_samples += samples
+        self._window_loss += loss
+        self._window_steps += 1
+        done = global_step + 1
+        if done % self.cfg.log_every == 0 or done == self.total:
+            now = time.perf_counter()
+            rate = self._window_samples / max(now - self._window_t, 1e-9)
+            eta = (now - self._t0) / done * (self.total - done)
+            self.print(f"epoch {epoch + 1}/{self.cfg.epochs} step {done}/{self.total} "
+                       f"loss {self._window_loss / self._window_steps:.4f} lr {lr:.4g} "
+                       f"{rate:.0f} samples/s eta {eta:.0f}s")
+            self._window_samples, self._window_loss, self._window_steps = 0, 0.0, 0
+            self._window_t = now
+
+    def print(self, message: str) -> None:
+        print(f"[{self.who}] {message}", file=sys.stdout, flush=True)
+
+
+def summarize_epoch(epoch: int, losses: list[float], samples: int, seconds: float, lr: float,
+                    accuracies: list[float] | None) -> dict:
+    entry = {
+        "epoch": epoch + 1,
+        "steps": len(losses),
+        "samples": samples,
+        "train_loss": sum(losses) / max(1, len(losses)),
+        "train_time_s": seconds,
+        "lr_end": lr,
+    }
+    if accuracies is not None:
+        entry["test_acc_per_hospital"] = accuracies
+        entry["test_acc_mean"] = sum(accuracies) / len(accuracies)
+        entry["test_acc_min"] = min(accuracies)
+    return entry

@@ -1,0 +1,161 @@
+"""Code that runs on the server (rank 0).
+
+The server owns the trunk (stages ``cut``.. of the model) and drives training.
+It never opens a data set: from each hospital it receives L1 activations and
+labels, and it sends back only the gradient of those activations (through
+distributed autograd). It also drives the one optimizer path: at every step
+it evaluates the learning rate once and hands it to the trunk's optimizer
+and, with the step command, to each participating hospital's L1 optimizer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed.autograd as dist_autograd
+import torch.distributed.rpc as rpc
+import torch.nn.functional as F
+
+from splitrpc import data, loop, record, transport
+from splitrpc.errors import PeerError
+from splitrpc.hospital import Hospital
+from splitrpc.models import model_for, split_model
+from splitrpc.optim import apply_gradients, make_optimizer
+
+
+class Hospitals:
+    """RRefs to the Hospital objects, with every call bounded by --rpc-timeout and
+    every failure turned into one line that names the hospital."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.names = [transport.hospital_name(i) for i in range(1, cfg.hospitals + 1)]
+        self.rrefs = [rpc.remote(name, Hospital, args=(cfg, i), timeout=cfg.setup_timeout)
+                      for i, name in enumerate(self.names, start=1)]
+
+    def call_async(self, index: int, method: str, *args, timeout: float | None = None):
+        """Start ``Hospital.<method>(*args)`` on hospital ``index`` (1-based); returns a future."""
+        proxy = self.rrefs[index - 1].rpc_async(timeout=self.cfg.rpc_timeout if timeout is None else timeout)
+        return getattr(proxy, method)(*args)
+
+    def wait(self, index: int, future):
+        try:
+            return future.wait()
+        except Exception as exc:
+            raise PeerError(f"{self.names[index - 1]}: {transport.remote_error_summary(exc)}") from None
+
+    def call_all(self, indices: Sequence[int], method: str, *args, timeout: float | None = None) -> list:
+        futures = [self.call_async(i, method, *args, timeout=timeout) for i in indices]
+        return [self.wait(i, f) for i, f in zip(indices, futures)]
+
+    @property
+    def all(self) -> list[int]:
+        return list(range(1, self.cfg.hospitals + 1))
+
+
+class Server:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.device = transport.compute_device(cfg)
+        _, self.trunk = split_model(model_for(cfg), cfg.cut)
+        self.trunk.to(self.device)
+        self.optimizer = make_optimizer(cfg, self.trunk.parameters())
+        self.hospitals = Hospitals(cfg)
+        # Construction on a hospital loads its shard; a failure there surfaces here.
+        self.info = self.hospitals.call_all(self.hospitals.all, "describe", timeout=cfg.setup_timeout)
+
+    def train_step(self, epoch: int, index: int, participants: Sequence[tuple[int, int]], lr: float) -> tuple[float, int]:
+        """One optimizer step over the batches of ``participants`` [(hospital, batch), ...]."""
+        hospitals = self.hospitals
+        with dist_autograd.context() as context_id:
+            # Every participating hospital computes its L1 activations at once.
+            futures = [hospitals.call_async(h, "forward", epoch, b) for h, b in participants]
+            received = [hospitals.wait(h, f) for (h, _), f in zip(participants, futures)]
+            activations = torch.cat([a for a, _ in received]) if len(received) > 1 else received[0][0]
+            labels = torch.cat([y for _, y in received]).long()
+            logits = self.trunk(activations.to(self.device))
+            loss = F.cross_entropy(logits, labels.to(self.device))
+            try:
+                dist_autograd.backward(context_id, [loss])  # sends each hospital its activation gradient
+            except Exception as exc:
+                names = ", ".join(hospitals.names[h - 1] for h, _ in participants)
+                raise PeerError(f"backward pass to {names} failed: {transport.remote_error_summary(exc)}") from None
+            # The concatenated loss averages over every participant's samples; scaling a
+            # hospital's L1 gradient by the number of participants makes it the gradient of
+            # that hospital's own batch mean, as in a sequential step.
+            scale = float(len(participants))
+            futures = [hospitals.call_async(h, "step", context_id, lr, scale) for h, _ in participants]
+            apply_gradients(self.optimizer, dist_autograd.get_gradients(context_id), lr)
+            for (h, _), f in zip(participants, futures):
+                hospitals.wait(h, f)
+        return loss.item(), len(labels)
+
+    def after_step(self, global_step: int) -> None:
+        if self.cfg.l1 == "average" and (global_step + 1) % self.cfg.l1_sync_every == 0:
+            self.hospitals.call_all(self.hospitals.all, "average_l1")
+
+    @torch.no_grad()
+    def evaluate(self) -> list[float]:
+        """Each hospital's model (its L1 + the trunk) on the test set, forward only."""
+        self.trunk.eval()
+        accuracies = []
+        try:
+            for h, info in zip(self.hospitals.all, self.info):
+                correct, seen = 0, 0
+                pending = self.hospitals.call_async(h, "eval_forward", 0)
+                for b in range(info["test_batches"]):
+                    activations, labels = self.hospitals.wait(h, pending)
+                    if b + 1 < info["test_batches"]:  # the next batch travels while this one is scored
+                        pending = self.hospitals.call_async(h, "eval_forward", b + 1)
+                    predictions = self.trunk(activations.to(self.device)).argmax(1).cpu()
+                    correct += (predictions == labels.long()).sum().item()
+                    seen += len(labels)
+                accuracies.append(correct / seen)
+        finally:
+            self.trunk.train()
+        return accuracies
+
+    def save(self, directory: str) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.cpu() for k, v in self.trunk.state_dict().items()}, Path(directory) / "trunk.pt")
+        paths = [str(Path(directory).resolve() / f"head-{name}.pt") for name in self.hospitals.names]
+        for h, path in zip(self.hospitals.all, paths):
+            self.hospitals.wait(h, self.hospitals.call_async(h, "save", path))
+
+
+def run(cfg, coordinator: transport.Coordinator) -> int:
+    """Main thread of the server process."""
+    started = time.perf_counter()
+    run_record = record.new_record(cfg)
+    coordinator.mark_ready()
+    coordinator.wait_all_ready(cfg.setup_timeout)
+    transport.start_rpc(cfg, 0, cfg.world_size)
+    print(f"[server] pid {os.getpid()} joined; {cfg.hospitals} hospitals", flush=True)
+    try:
+        server = Server(cfg)
+        run_record["hospitals"] = server.info
+        plan = data.epoch_plan([i["train_batches"] for i in server.info], cfg.schedule)
+        run_record["setup_time_s"] = time.perf_counter() - started
+        run_record.update(loop.run(cfg, plan, server.train_step, server.evaluate, who="server",
+                                   on_step_end=server.after_step))
+        if cfg.save_dir:
+            server.save(cfg.save_dir)
+    except BaseException as exc:
+        if not getattr(exc, "consequence", False):
+            # Before tearing down, so that hospitals see the cause rather than our disappearance.
+            exc.first_failure = coordinator.fail(transport.SERVER, str(exc) or type(exc).__name__)
+        transport.stop_rpc(graceful=False, timeout_s=0)
+        raise
+    run_record["status"] = "ok"
+    run_record["wall_time_s"] = time.perf_counter() - started
+    record.append_jsonl(cfg.out, run_record)
+    print(f"[server] final test accuracy {run_record['final_test_acc']:.4f} "
+          f"(min over hospitals {run_record['final_test_acc_min']:.4f}); wall time {run_record['wall_time_s']:.1f}s",
+          flush=True)
+    coordinator.finish()
+    transport.stop_rpc(graceful=True, timeout_s=cfg.rpc_timeout)
+    return 0

@@ -1,0 +1,97 @@
+"""Entry point: ``python -m splitrpc.train`` (console script ``splitrpc-train``).
+
+Under torchrun each process finds its role from its rank. Run directly,
+``--method local`` trains in this process and the distributed methods
+start their own torchrun group on this host (see ``splitrpc.launch``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+
+from splitrpc import transport
+from splitrpc.config import parse_args
+from splitrpc.errors import PeerError, UserError, report
+
+
+QUIET_EXIT_DELAY_S = 2.0
+
+
+def _quiet_library_warnings() -> None:
+    # Deprecation chatter from torch.distributed that users cannot act on.
+    warnings.filterwarnings("ignore", message=".*Backend.*as a ProcessGroup.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def run_worker(cfg) -> int:
+    """One process of a torchrun group: server or hospital (split), or a DDP rank."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world_size != cfg.world_size:
+        roles = {"split": f"1 server + {cfg.hospitals} hospitals", "ddp": f"{cfg.hospitals} hospitals"}[cfg.method]
+        raise UserError(f"torchrun started {world_size} processes but --method {cfg.method} --hospitals "
+                        f"{cfg.hospitals} needs {cfg.world_size} ({roles}); use --nproc-per-node {cfg.world_size}")
+    transport.set_threads(cfg)
+    coordinator = transport.Coordinator(rank, world_size, cfg.setup_timeout)
+    if cfg.method == "ddp":
+        from splitrpc import ddp
+
+        return ddp.run(cfg, rank, coordinator)
+    if rank == 0:
+        from splitrpc import server
+
+        return server.run(cfg, coordinator)
+    from splitrpc import hospital
+
+    return hospital.run(cfg, rank, coordinator)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_library_warnings()
+    distributed = transport.under_torchrun()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    multinode = os.environ.get("LOCAL_WORLD_SIZE", "1") != os.environ.get("WORLD_SIZE", "1")
+    who = transport.role_name(rank) if distributed else ""
+    try:
+        cfg = parse_args(argv)
+        if distributed and cfg.method == "split":
+            who = transport.role_name(rank)
+        elif distributed:
+            who = f"rank{rank}"
+        if cfg.method == "local":
+            if distributed and int(os.environ["WORLD_SIZE"]) != 1:
+                raise UserError("--method local runs in one process; do not start it with several torchrun processes")
+            from splitrpc import local
+
+            return local.run(cfg)
+        if not distributed:
+            from splitrpc import data, launch
+
+            # Every process of a one-host run reads the same source: decode it (or
+            # fail with one line) here, before any process starts.
+            data.prepare(cfg)
+            return launch.launch(cfg, argv)
+        return run_worker(cfg)
+    except (UserError, PeerError) as exc:
+        # Input errors are the same on every process: one report per host. A
+        # failure is reported by the process where it happened (the first one),
+        # and repeated by rank 0 when that process may be on another host.
+        original = getattr(exc, "first_failure", not getattr(exc, "consequence", False))
+        if isinstance(exc, UserError) and not hasattr(exc, "first_failure"):
+            original = local_rank == 0
+        if original or (rank == 0 and multinode):
+            report(exc, who)
+        elif distributed:
+            # torchrun tears the group down at the first exit; let the reporting process speak first.
+            time.sleep(QUIET_EXIT_DELAY_S)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

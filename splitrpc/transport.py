@@ -1,0 +1,148 @@
+"""Everything that touches torch.distributed: process roles, RPC start and stop,
+the coordination store, liveness. Kept in one module so another transport
+(c10d send/recv, say) could replace TensorPipe without touching the trainers.
+
+Roles under ``--method split``: rank 0 is ``server``, ranks 1..N are
+``hospital1``..``hospitalN``. Every process joins through torchrun's store
+(``env://``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed.rpc as rpc
+
+from splitrpc.errors import PeerError, UserError
+
+SERVER = "server"
+KEY_PREFIX = "splitrpc"
+
+
+def hospital_name(index: int) -> str:
+    return f"hospital{index}"
+
+
+def role_name(rank: int) -> str:
+    return SERVER if rank == 0 else hospital_name(rank)
+
+
+def under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def set_threads(cfg) -> int:
+    """Intra-op threads per process: --threads, else this host's cores shared by its processes."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def compute_device(cfg) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is visible")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class Coordinator:
+    """Set-up, failure and finish signals through torchrun's c10d store.
+
+    RPC cannot carry these: a party that failed while loading data never joins
+    RPC, and hospitals must learn that the server finished without holding an
+    RPC open for the whole run. Keys are scoped to torchrun's restart count.
+    """
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float):
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
+                                           timeout=timedelta(seconds=timeout_s)))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.store = dist.PrefixStore(f"{KEY_PREFIX}/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{attempt}", store)
+        self.rank, self.world_size = rank, world_size
+
+    def mark_ready(self) -> None:
+        self.store.add("ready", 1)
+
+    def fail(self, who: str, message: str) -> bool:
+        """Record a failure; True if it is the run's first (later ones are its consequences)."""
+        value = f"{who}: {message}"
+        return self.store.compare_set("failure", "", value).decode() == value
+
+    def failure(self) -> str | None:
+        if self.store.check(["failure"]):
+            value = self.store.get("failure").decode()
+            return value or None
+        return None
+
+    def wait_all_ready(self, timeout_s: float, poll_s: float = 0.2) -> None:
+        """Block until every process prepared its data, or one reported a failure."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            failure = self.failure()
+            if failure:
+                raise PeerError(f"stopping: {failure}", consequence=True)
+            if int(self.store.add("ready", 0)) >= self.world_size:
+                return
+            if time.monotonic() > deadline:
+                raise PeerError(f"not every party was ready within --setup-timeout {timeout_s:g} s "
+                                f"({int(self.store.add('ready', 0))} of {self.world_size})")
+            time.sleep(poll_s)
+
+    def finish(self) -> None:
+        self.store.set("finished", "1")
+
+    def finished(self) -> bool:
+        return self.store.check(["finished"])
+
+
+def rpc_options(cfg) -> rpc.TensorPipeRpcBackendOptions:
+    kwargs = {}
+    if cfg.transport == "tcp":
+        # On one host TensorPipe would pick shared memory and cross-memory attach,
+        # and no byte would cross a socket; force the TCP transport and the basic
+        # channel so every byte is carried (and counted) by the kernel's TCP stack.
+        kwargs = {"_transports": ["uv"], "_channels": ["basic"]}
+    return rpc.TensorPipeRpcBackendOptions(num_worker_threads=cfg.rpc_threads, rpc_timeout=cfg.rpc_timeout,
+                                           init_method="env://", **kwargs)
+
+
+def start_rpc(cfg, rank: int, world_size: int) -> None:
+    rpc.init_rpc(role_name(rank), rank=rank, world_size=world_size, rpc_backend_options=rpc_options(cfg))
+
+
+def stop_rpc(graceful: bool, timeout_s: float) -> None:
+    """rpc.shutdown, never without a bound: a graceful stop that overruns falls back to a local one."""
+    if graceful:
+        try:
+            rpc.shutdown(graceful=True, timeout=timeout_s)
+            return
+        except Exception:
+            pass
+    try:
+        rpc.shutdown(graceful=False)
+    except Exception:
+        pass
+
+
+def heartbeat() -> int:
+    """Called by hospitals on the server over RPC to tell that it is alive."""
+    return os.getpid()
+
+
+def remote_error_summary(exc: BaseException) -> str:
+    """One line from an exception that crossed RPC (which appends the remote traceback)."""
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("On WorkerInfo(") and i + 1 < len(lines):
+            return lines[i + 1]
+    for line in lines:
+        if "timeout" in line.lower() or "timed out" in line.lower():
+            return line
+    return lines[0] if lines else type(exc).__name__

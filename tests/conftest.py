@@ -1,0 +1,65 @@
+"""Shared helpers: where the real CIFAR-10 archive is, a data cache that
+outlives one session, and a runner for the CLI as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_JPEG = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# Decoded data sets are cached here across test sessions (the archive takes ~15 s to decode).
+CACHE_DIR = Path(os.environ.get("SPLITRPC_TEST_CACHE", REPO / ".cache" / "test-data"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> str:
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    return str(CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg() -> str:
+    if not CIFAR_JPEG.exists():
+        pytest.fail(f"the real CIFAR-10 archive is expected at {CIFAR_JPEG}")
+    return str(CIFAR_JPEG)
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess, out: Path | None):
+        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+        self.out = out
+
+    @property
+    def records(self) -> list[dict]:
+        if self.out is None or not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text().splitlines()]
+
+    def __repr__(self):
+        return f"<rc={self.returncode}\nstdout:\n{self.stdout[-3000:]}\nstderr:\n{self.stderr[-3000:]}>"
+
+
+def run_cli(args: list[str], tmp_path: Path | None = None, timeout: float = 300, env: dict | None = None,
+            module: str = "splitrpc.train") -> Result:
+    """Run ``python -m splitrpc.train <args>`` in a fresh process; a record file goes in tmp_path."""
+    out = None
+    if tmp_path is not None and "--out" not in args:
+        out = tmp_path / "runs.jsonl"
+        args = [*args, "--out", str(out)]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO)
+    return Result(proc, out)
+
+
+@pytest.fixture
+def cli(tmp_path, cache_dir):
+    def _run(*args, timeout: float = 300, env: dict | None = None, out: bool = True):
+        return run_cli([*map(str, args), "--cache-dir", cache_dir], tmp_path if out else None, timeout, env)
+    return _run

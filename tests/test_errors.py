@@ -1,0 +1,153 @@
+"""Bad input and failing peers: one clear line, a non-zero exit, nothing left hanging."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import REPO
+
+SYNTH = ["--dataset", "synthetic", "--model", "resnet20", "--width", "0.25", "--threads", "1"]
+
+
+def assert_one_line(result, pattern):
+    assert result.returncode != 0, result
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result
+    assert re.search(pattern, lines[0]), lines[0]
+    assert lines[0].startswith("splitrpc")
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--model", "vgg99"], r"--model: unknown value 'vgg99'"),
+    (["--dataset", "imagenet"], r"--dataset: unknown value 'imagenet'"),
+    (["--optimizer", "lion"], r"--optimizer: unknown value"),
+    (["--no-such-option"], r"unrecognized arguments: --no-such-option"),
+    (["--model", "resnet20", "--cut", "11"], r"--cut 11 is out of range for resnet20: choose 1..10"),
+    (["--model", "vgg11", "--cut", "9"], r"--cut 9 is out of range for vgg11: choose 1..8"),
+    (["--hospitals", "-2"], r"--hospitals must be at least 1"),
+])
+@pytest.mark.parametrize("method", ["split", "local"])
+def test_bad_options(cli, args, pattern, method):
+    assert_one_line(cli("--method", method, *args, timeout=60), pattern)
+
+
+def test_data_missing_while_offline(cli, tmp_path):
+    result = cli("--method", "split", "--dataset", "cifar10", "--data-dir", tmp_path / "nothing", timeout=60)
+    assert_one_line(result, r"cifar10 not found under --data-dir .*--download")
+    assert result.returncode == 2
+
+
+def test_data_dir_of_neither_format(cli, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "readme.txt").write_text("x")
+    result = cli("--method", "split", "--dataset", "imagefolder", "--data-dir", tmp_path / "d", timeout=60)
+    assert_one_line(result, r"not an ImageFolder tree")
+    (tmp_path / "f.bin").write_bytes(b"\0" * 10)
+    result = cli("--method", "split", "--dataset", "imagefolder", "--data-dir", tmp_path / "f.bin", timeout=60)
+    assert_one_line(result, r"neither a directory with train/ and test/ nor a .tar.gz")
+
+
+def test_port_in_use(cli):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = cli("--method", "split", *SYNTH, env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}, timeout=60)
+    assert_one_line(result, rf"port {port} on 127.0.0.1 is in use")
+
+
+@pytest.mark.distributed
+def test_world_size_mismatch_under_torchrun(cache_dir):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "splitrpc.train",
+                           "--method", "split", "--hospitals", "2", *SYNTH, "--cache-dir", cache_dir],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode != 0
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("splitrpc[")]
+    # torchrun adds its own failure report after our line; ours is said once, by one process.
+    assert ours == ["splitrpc[server]: error: torchrun started 2 processes but --method split --hospitals 2 needs 3 "
+                    "(1 server + 2 hospitals); use --nproc-per-node 3"]
+    assert "splitrpc/" not in proc.stderr  # no traceback through our code
+
+
+class Run:
+    """A split run in the background whose stdout we can wait on."""
+
+    def __init__(self, args, cache_dir):
+        self.proc = subprocess.Popen([sys.executable, "-m", "splitrpc.train", *args, "--cache-dir", cache_dir],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        self.lines: list[str] = []
+        self.stderr = ""
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, pattern, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                m = re.search(pattern, line)
+                if m:
+                    return m
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{pattern!r} never appeared:\n{''.join(self.lines)}\n{self.proc.stderr.read()}")
+
+    def finish(self, timeout):
+        try:
+            self.stderr = self.proc.communicate(timeout=timeout)[1]
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.returncode
+
+
+def _exit_times(pids, deadline):
+    """Seconds until each pid is gone (None if it outlives the deadline)."""
+    start, gone = time.monotonic(), {}
+    while len(gone) < len(pids) and time.monotonic() - start < deadline:
+        for pid in pids:
+            if pid not in gone:
+                try:
+                    os.kill(pid, 0)
+                    with open(f"/proc/{pid}/stat") as fh:
+                        if fh.read().split()[2] == "Z":  # exited, not yet reaped by torchrun's agent
+                            gone[pid] = time.monotonic() - start
+                except (ProcessLookupError, FileNotFoundError):
+                    gone[pid] = time.monotonic() - start
+        time.sleep(0.1)
+    return {pid: gone.get(pid) for pid in pids}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_failed_hospital_does_not_leave_others_hanging(cache_dir, how):
+    rpc_timeout = 8
+    run = Run(["--method", "split", "--hospitals", "2", *SYNTH, "--epochs", "50", "--batch-size", "16",
+               "--log-every", "5", "--rpc-timeout", str(rpc_timeout)], cache_dir)
+    server = int(run.wait_for(r"\[server\] pid (\d+)").group(1))
+    survivor = int(run.wait_for(r"\[hospital1\] pid (\d+)").group(1))
+    victim = int(run.wait_for(r"\[hospital2\] pid (\d+)").group(1))
+    run.wait_for(r"step 10/")
+    os.kill(victim, how)
+    # The server notices within --rpc-timeout (at once for a dead peer) and the other
+    # hospital follows it; both are gone well before a second timeout could pass.
+    times = _exit_times([server, survivor], deadline=rpc_timeout + 20)
+    assert all(t is not None and t < rpc_timeout + 5 for t in times.values()), times
+    # torchrun's agent then ends the group; a stopped process needs its 30 s SIGTERM grace.
+    code = run.finish(timeout=60)
+    assert code != 0
+    assert "Traceback" not in run.stderr, run.stderr
+    assert re.search(r"hospital2|rank 2", run.stderr), run.stderr
+    if how == signal.SIGSTOP:
+        assert re.search(r"splitrpc\[server\]: error: .*hospital2.*timeout", run.stderr), run.stderr
