@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
-from splitrpc import data, transport
+from splitrpc import comm, data, transport
 from splitrpc.errors import PeerError
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
@@ -29,6 +29,15 @@ FINISH_POLL_S = 0.2
 
 def label_dtype(num_classes: int) -> torch.dtype:
     return LABEL_DTYPE if num_classes <= 256 else torch.int64
+
+
+def l1_sync_tensors(head: torch.nn.Module) -> list[torch.Tensor]:
+    """What --l1 average averages: L1's parameters and floating-point buffers (BatchNorm statistics)."""
+    return [t for t in list(head.parameters()) + list(head.buffers()) if t.is_floating_point()]
+
+
+def l1_sync_numel(head: torch.nn.Module) -> int:
+    return sum(t.numel() for t in l1_sync_tensors(head))
 
 
 class Hospital:
@@ -45,6 +54,7 @@ class Hospital:
         self.head.to(self.device)
         self.optimizer = make_optimizer(cfg, self.head.parameters())
         self.label_dtype = label_dtype(cfg.num_classes)
+        self.ledger = comm.Ledger(transport.hospital_name(index))
         # RPC handlers run on a thread pool; BatchNorm's running statistics are
         # state that forward mutates, so one forward at a time.
         self.lock = threading.Lock()
@@ -69,8 +79,12 @@ class Hospital:
         images, labels = self.shard.batch(epoch, batch)
         with self.lock:
             self.head.train()
-            activations = self.head(images.to(self.device))
-        return activations.cpu(), labels.to(self.label_dtype)
+            activations = self.head(images.to(self.device)).cpu()
+        labels = labels.to(self.label_dtype)
+        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(activations, labels))
+        # Fires when distributed autograd delivers the activation gradient from the server.
+        activations.register_hook(lambda grad: self.ledger.add(transport.SERVER, "received", comm.tensor_bytes(grad)))
+        return activations, labels
 
     def step(self, context_id: int, lr: float, grad_scale: float) -> None:
         """Apply the L1 gradient that the backward pass of ``context_id`` left here."""
@@ -83,9 +97,11 @@ class Hospital:
         images, labels = self.test.batch(batch)
         with self.lock:
             self.head.eval()
-            activations = self.head(images.to(self.device))
+            activations = self.head(images.to(self.device)).cpu()
             self.head.train()
-        return activations.cpu(), labels.to(self.label_dtype)
+        labels = labels.to(self.label_dtype)
+        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(activations, labels))
+        return activations, labels
 
     @torch.no_grad()
     def average_l1(self) -> None:
@@ -95,14 +111,23 @@ class Hospital:
         which triggers it, never sees L1 weights.
         """
         with self.lock:
-            tensors = [t for t in list(self.head.parameters()) + list(self.head.buffers()) if t.is_floating_point()]
+            tensors = l1_sync_tensors(self.head)
             flat = torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
+            ring = comm.ring_allreduce_bytes(comm.tensor_bytes(flat), self.cfg.hospitals)
+            self.ledger.add("hospitals", "sent", ring)
+            self.ledger.add("hospitals", "received", ring)
             dist.all_reduce(flat)
             flat /= self.cfg.hospitals
             offset = 0
             for t in tensors:
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
                 offset += t.numel()
+
+    def switch_phase(self, phase: str) -> None:
+        self.ledger.switch(phase)
+
+    def comm_report(self) -> dict:
+        return self.ledger.report()
 
     def save(self, path: str) -> None:
         torch.save({k: v.cpu() for k, v in self.head.state_dict().items()}, path)

@@ -71,6 +71,5 @@ def run(cfg) -> int:
     run_record["status"] = "ok"
     run_record["wall_time_s"] = time.perf_counter() - started
     record.append_jsonl(cfg.out, run_record)
-    print(f"[local] final test accuracy {run_record['final_test_acc']:.4f}; wall time {run_record['wall_time_s']:.1f}s",
-          flush=True)
+    record.print_summary(run_record, "local")
     return 0

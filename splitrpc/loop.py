@@ -18,30 +18,45 @@ TrainStep = Callable[[int, int, Sequence, float], tuple[float, int]]
 Evaluate = Callable[[], list]
 
 
+def _nothing(*_):
+    return None
+
+
 def run(cfg, plan: list, train_step: TrainStep, evaluate: Evaluate, who: str,
-        lr_schedule: LRSchedule | None = None, on_step_end: Callable[[int], None] | None = None) -> dict:
-    """Train for cfg.epochs over ``plan`` (the steps of one epoch); return the record's training part."""
+        lr_schedule: LRSchedule | None = None, on_step_end: Callable[[int], None] = _nothing,
+        switch_phase: Callable[[str], None] = _nothing,
+        reduce_losses: Callable[[list[float], list[int]], list[float]] | None = None, quiet: bool = False) -> dict:
+    """Train for cfg.epochs over ``plan`` (the steps of one epoch); return the record's training part.
+
+    ``switch_phase("train" | "eval")`` marks where communication accounting
+    changes phase; ``reduce_losses`` turns each step's local loss into the
+    global one (DDP ranks see only their own batch), after the epoch.
+    """
     schedule = lr_schedule or LRSchedule(cfg, len(plan))
-    progress = Progress(cfg, len(plan), who)
+    progress = Progress(cfg, len(plan), who, quiet)
     epochs, step_losses = [], []
     global_step, train_seconds, samples_total = 0, 0.0, 0
     stopped = False
     lr = schedule(0)
     for epoch in range(cfg.epochs):
-        losses, samples, t0 = [], 0, time.perf_counter()
+        switch_phase("train")
+        losses, counts, samples, t0 = [], [], 0, time.perf_counter()
         for index, participants in enumerate(plan):
             lr = schedule(global_step)
             loss, n = train_step(epoch, index, participants, lr)
             losses.append(loss)
+            counts.append(n)
             samples += n
-            if on_step_end is not None:
-                on_step_end(global_step)
+            on_step_end(global_step)
             progress.step(global_step, epoch, loss, n, lr)
             global_step += 1
             if cfg.max_steps and global_step >= cfg.max_steps:
                 stopped = True
                 break
         seconds = time.perf_counter() - t0
+        switch_phase("eval")
+        if reduce_losses is not None:
+            losses = reduce_losses(losses, counts)
         train_seconds += seconds
         samples_total += samples
         step_losses.extend(losses)

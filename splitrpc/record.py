@@ -68,8 +68,8 @@ def append_jsonl(path: str, record: dict) -> None:
 class Progress:
     """Periodic one-line progress for long runs: epoch, step, loss, lr and throughput."""
 
-    def __init__(self, cfg, steps_per_epoch: int, who: str):
-        self.cfg, self.steps_per_epoch, self.who = cfg, steps_per_epoch, who
+    def __init__(self, cfg, steps_per_epoch: int, who: str, quiet: bool = False):
+        self.cfg, self.steps_per_epoch, self.who, self.quiet = cfg, steps_per_epoch, who, quiet
         self.total = steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             self.total = min(self.total, cfg.max_steps)
@@ -93,7 +93,8 @@ class Progress:
             self._window_t = now
 
     def print(self, message: str) -> None:
-        print(f"[{self.who}] {message}", file=sys.stdout, flush=True)
+        if not self.quiet:
+            print(f"[{self.who}] {message}", file=sys.stdout, flush=True)
 
 
 def summarize_epoch(epoch: int, losses: list[float], samples: int, seconds: float, lr: float,
@@ -111,3 +112,21 @@ def summarize_epoch(epoch: int, losses: list[float], samples: int, seconds: floa
         entry["test_acc_mean"] = sum(accuracies) / len(accuracies)
         entry["test_acc_min"] = min(accuracies)
     return entry
+
+
+def print_summary(run: dict, who: str) -> None:
+    """The run's result in a few lines: accuracy, time, bytes."""
+    from splitrpc.comm import human_bytes
+
+    acc = run.get("final_test_acc")
+    line = f"final test accuracy {acc:.4f}" if acc is not None else "no evaluation"
+    if run.get("final_test_acc_min") is not None and run["final_test_acc_min"] != acc:
+        line += f" (min over hospitals {run['final_test_acc_min']:.4f})"
+    line += f"; wall time {run.get('wall_time_s', 0):.1f}s"
+    print(f"[{who}] {line}", flush=True)
+    comm = run.get("comm")
+    if comm:
+        train = comm["phases"]["train"]
+        parts = [f"{kind} {human_bytes(train[f'{kind}_bytes']['total'])}" for kind in ("analytic", "payload", "tcp")
+                 if train.get(f"{kind}_bytes")]
+        print(f"[{who}] training traffic over {comm['measured_steps']} steps: {', '.join(parts)}", flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
@@ -20,10 +21,10 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
-from splitrpc import data, loop, record, transport
+from splitrpc import comm, data, loop, record, transport
 from splitrpc.errors import PeerError
-from splitrpc.hospital import Hospital
-from splitrpc.models import model_for, split_model
+from splitrpc.hospital import Hospital, label_dtype, l1_sync_numel
+from splitrpc.models import activation_shape, model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
 
 
@@ -61,42 +62,77 @@ class Server:
     def __init__(self, cfg):
         self.cfg = cfg
         self.device = transport.compute_device(cfg)
-        _, self.trunk = split_model(model_for(cfg), cfg.cut)
+        self.ledger = comm.Ledger(transport.SERVER)
+        model = model_for(cfg)
+        self.activation_shape = activation_shape(model, cfg.cut)
+        self.l1_numel = l1_sync_numel(split_model(model, cfg.cut)[0])
+        _, self.trunk = split_model(model, cfg.cut)
         self.trunk.to(self.device)
         self.optimizer = make_optimizer(cfg, self.trunk.parameters())
         self.hospitals = Hospitals(cfg)
         # Construction on a hospital loads its shard; a failure there surfaces here.
         self.info = self.hospitals.call_all(self.hospitals.all, "describe", timeout=cfg.setup_timeout)
+        # Where the server's training time goes (seconds).
+        self.time = defaultdict(float)
+        self.steps_done: list[list[tuple[int, int]]] = []
+        self.l1_syncs = 0
+        self.evaluations = 0
+
+    def switch_phase(self, phase: str) -> None:
+        """Close the current accounting phase on every party at (nearly) the same moment."""
+        self.ledger.switch(phase)
+        self.hospitals.call_all(self.hospitals.all, "switch_phase", phase)
+
+    def _receive(self, hospital: int, activations: torch.Tensor, labels: torch.Tensor) -> None:
+        name = self.hospitals.names[hospital - 1]
+        self.ledger.add(name, "received", comm.tensor_bytes(activations, labels))
+        if activations.requires_grad:  # the gradient distributed autograd will send back
+            activations.register_hook(lambda grad: self.ledger.add(name, "sent", comm.tensor_bytes(grad)))
 
     def train_step(self, epoch: int, index: int, participants: Sequence[tuple[int, int]], lr: float) -> tuple[float, int]:
         """One optimizer step over the batches of ``participants`` [(hospital, batch), ...]."""
-        hospitals = self.hospitals
+        hospitals, clock = self.hospitals, self.time
         with dist_autograd.context() as context_id:
+            t0 = time.perf_counter()
             # Every participating hospital computes its L1 activations at once.
             futures = [hospitals.call_async(h, "forward", epoch, b) for h, b in participants]
             received = [hospitals.wait(h, f) for (h, _), f in zip(participants, futures)]
+            t1 = time.perf_counter()
+            for (h, _), (activations, labels) in zip(participants, received):
+                self._receive(h, activations, labels)
             activations = torch.cat([a for a, _ in received]) if len(received) > 1 else received[0][0]
             labels = torch.cat([y for _, y in received]).long()
             logits = self.trunk(activations.to(self.device))
             loss = F.cross_entropy(logits, labels.to(self.device))
+            t2 = time.perf_counter()
             try:
                 dist_autograd.backward(context_id, [loss])  # sends each hospital its activation gradient
             except Exception as exc:
                 names = ", ".join(hospitals.names[h - 1] for h, _ in participants)
                 raise PeerError(f"backward pass to {names} failed: {transport.remote_error_summary(exc)}") from None
+            t3 = time.perf_counter()
             # The concatenated loss averages over every participant's samples; scaling a
             # hospital's L1 gradient by the number of participants makes it the gradient of
             # that hospital's own batch mean, as in a sequential step.
             scale = float(len(participants))
             futures = [hospitals.call_async(h, "step", context_id, lr, scale) for h, _ in participants]
             apply_gradients(self.optimizer, dist_autograd.get_gradients(context_id), lr)
+            t4 = time.perf_counter()
             for (h, _), f in zip(participants, futures):
                 hospitals.wait(h, f)
+            t5 = time.perf_counter()
+        clock["waiting_for_activations"] += t1 - t0
+        clock["trunk_forward"] += t2 - t1
+        clock["backward_incl_hospitals"] += t3 - t2
+        clock["trunk_optimizer"] += t4 - t3
+        clock["waiting_for_hospital_steps"] += t5 - t4
+        self.steps_done.append(list(participants))
         return loss.item(), len(labels)
 
     def after_step(self, global_step: int) -> None:
         if self.cfg.l1 == "average" and (global_step + 1) % self.cfg.l1_sync_every == 0:
             self.hospitals.call_all(self.hospitals.all, "average_l1")
+            self.l1_syncs += 1
 
     @torch.no_grad()
     def evaluate(self) -> list[float]:
@@ -109,6 +145,7 @@ class Server:
                 pending = self.hospitals.call_async(h, "eval_forward", 0)
                 for b in range(info["test_batches"]):
                     activations, labels = self.hospitals.wait(h, pending)
+                    self._receive(h, activations, labels)
                     if b + 1 < info["test_batches"]:  # the next batch travels while this one is scored
                         pending = self.hospitals.call_async(h, "eval_forward", b + 1)
                     predictions = self.trunk(activations.to(self.device)).argmax(1).cpu()
@@ -117,7 +154,75 @@ class Server:
                 accuracies.append(correct / seen)
         finally:
             self.trunk.train()
+        self.evaluations += 1
         return accuracies
+
+    def analytic(self) -> dict[str, dict]:
+        """Bytes implied by shapes alone, for the steps and evaluations that ran."""
+        cfg = self.cfg
+        numel = 1
+        for d in self.activation_shape:
+            numel *= d
+        element = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
+        label = torch.empty((), dtype=label_dtype(cfg.num_classes)).element_size()
+        up, down = comm.split_step_bytes(cfg.batch_size, numel, element, label)
+        tables = {"train": defaultdict(lambda: defaultdict(float)), "eval": defaultdict(lambda: defaultdict(float))}
+        train = tables["train"]
+        for participants in self.steps_done:
+            for h, _ in participants:
+                name = self.hospitals.names[h - 1]
+                train[name]["sent"] += up
+                train[name]["received"] += down
+                train["server"]["received"] += up
+                train["server"]["sent"] += down
+        if self.l1_syncs:
+            ring = comm.ring_allreduce_bytes(self.l1_numel * element, cfg.hospitals)
+            for name in self.hospitals.names:
+                train[name]["sent"] += self.l1_syncs * ring
+                train[name]["received"] += self.l1_syncs * ring
+        for name, info in zip(self.hospitals.names, self.info):
+            per_eval = info["test_samples"] * (numel * element + label)
+            tables["eval"][name]["sent"] += self.evaluations * per_eval
+            tables["eval"]["server"]["received"] += self.evaluations * per_eval
+        return {phase: comm.party_table(t) for phase, t in tables.items()}
+
+    def communication(self, steps_per_epoch: int, train_seconds: float) -> dict:
+        reports = [self.ledger.report()] + self.hospitals.call_all(self.hospitals.all, "comm_report")
+        analytic = self.analytic()
+        phases = {}
+        for phase in comm.PHASES:
+            payload, tcp, store = comm.phase_tables(reports, phase)
+            phases[phase] = {
+                "seconds": self.ledger.seconds.get(phase, 0.0),
+                "analytic_bytes": analytic.get(phase),
+                "payload_bytes": payload,
+                "tcp_bytes": tcp,
+                "tcp_store_bytes": store,
+                "tcp_over_payload": comm.ratio(tcp and tcp["total"], payload["total"]),
+            }
+        steps = len(self.steps_done)
+
+        def per_epoch(table):
+            """Training bytes per epoch: measured over the steps that ran, scaled to a full epoch."""
+            if table is None or not steps:
+                return None
+            scale = steps_per_epoch / steps
+            per_hospital = [table[n]["sent"] + table[n]["received"] for n in self.hospitals.names]
+            return {"total": table["total"] * scale, "per_hospital": sum(per_hospital) / len(per_hospital) * scale}
+
+        waiting = self.time["waiting_for_activations"] + self.time["waiting_for_hospital_steps"]
+        return {
+            "method": "split",
+            "transport": self.cfg.transport,
+            "phases": phases,
+            "measured_steps": steps,
+            "steps_per_epoch": steps_per_epoch,
+            "extrapolated": steps % steps_per_epoch != 0,
+            "per_epoch": {kind: per_epoch(phases["train"][f"{kind}_bytes"]) for kind in ("analytic", "payload", "tcp")},
+            "server_time_s": dict(self.time),
+            # Time the server sat waiting for hospitals (their compute and the network), as a share of training.
+            "wait_share": waiting / train_seconds if train_seconds else None,
+        }
 
     def save(self, directory: str) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -141,7 +246,9 @@ def run(cfg, coordinator: transport.Coordinator) -> int:
         plan = data.epoch_plan([i["train_batches"] for i in server.info], cfg.schedule)
         run_record["setup_time_s"] = time.perf_counter() - started
         run_record.update(loop.run(cfg, plan, server.train_step, server.evaluate, who="server",
-                                   on_step_end=server.after_step))
+                                   on_step_end=server.after_step, switch_phase=server.switch_phase))
+        server.switch_phase("done")
+        run_record["comm"] = server.communication(len(plan), run_record["train_time_s"])
         if cfg.save_dir:
             server.save(cfg.save_dir)
     except BaseException as exc:
@@ -153,9 +260,7 @@ def run(cfg, coordinator: transport.Coordinator) -> int:
     run_record["status"] = "ok"
     run_record["wall_time_s"] = time.perf_counter() - started
     record.append_jsonl(cfg.out, run_record)
-    print(f"[server] final test accuracy {run_record['final_test_acc']:.4f} "
-          f"(min over hospitals {run_record['final_test_acc_min']:.4f}); wall time {run_record['wall_time_s']:.1f}s",
-          flush=True)
+    record.print_summary(run_record, "server")
     coordinator.finish()
     transport.stop_rpc(graceful=True, timeout_s=cfg.rpc_timeout)
     return 0
