@@ -116,7 +116,7 @@ def _parse_manifest(reader, path: str) -> dict[str, str]:
         if not any(cell.strip() for cell in row):
             continue  # a blank line
         if len(row) <= max(path_column, id_column):
-            raise UserError(f"manifest {path} line {line}: {len(row)} columns, the header has {len(header)}")
+            raise UserError(f"manifest {path} line {line}: the row has {len(row)} fields, too few for the header's columns")
         if not row[path_column].strip():
             raise UserError(f"manifest {path} line {line}: empty path")
         sample, patient = _normal_path(row[path_column]), row[id_column].strip()
