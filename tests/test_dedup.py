@@ -2,6 +2,7 @@
 nothing revealed to the server, and the outcome independent of hospital numbering."""
 
 import base64
+import hashlib
 import itertools
 import pickle
 from collections import Counter
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from splitrpc import data, dedup
-from splitrpc.errors import UserError
+from splitrpc.errors import PeerError, UserError
 
 KEY = bytes(range(32))
 RECORDS = 600
@@ -329,3 +330,112 @@ def test_apply_overlap_skips_records_held_everywhere_and_rejects_bad_input():
     with pytest.raises(UserError, match="at least 2 hospitals"):
         dedup.apply_overlap([np.arange(10)], 0.1, 0)
     assert dedup.overlap_ground_truth([np.arange(3), np.arange(2, 5), np.array([4, 9])]) == {2, 4}
+
+
+# --------------------------------------------------------------------------- keyless variant (DH-based PSI)
+PSI_RECORDS = 45
+PSI_HOSPITALS = 3
+
+
+def floor_pi_times_power_of_two(bits: int) -> int:
+    """floor(2^bits * pi) by Machin's formula in integer arithmetic (64 guard bits)."""
+    guard = 64
+    one = 1 << (bits + guard)
+
+    def arctan_inverse(x: int) -> int:
+        total, term, n, sign = 0, one // x, 1, 1
+        while term:
+            total, term, n, sign = total + sign * (term // n), term // (x * x), n + 2, -sign
+        return total
+
+    return (4 * (4 * arctan_inverse(5) - arctan_inverse(239))) >> guard
+
+
+def test_psi_group_is_rfc3526_group_14():
+    # RFC 3526 defines the prime by this formula; the digits in the module must match it.
+    assert dedup.PSI_PRIME == 2**2048 - 2**1984 - 1 + 2**64 * (floor_pi_times_power_of_two(1918) + 124476)
+    assert pow(2, dedup.PSI_PRIME - 1, dedup.PSI_PRIME) == 1
+    h = dedup.psi_hash_to_group(b"patient:P1")
+    assert 1 < h < dedup.PSI_PRIME - 1 and pow(h, dedup.PSI_ORDER, dedup.PSI_PRIME) == 1  # a square
+    assert h != dedup.psi_hash_to_group(b"patient:P2")
+
+
+class Transcript:
+    """Every value that crosses the RPC boundary, in order."""
+
+    def __init__(self):
+        self.messages: list = []
+
+    def relay(self, hospital: dedup.PsiHospital):
+        def reblind(values):
+            self.messages.append(("to hospital", list(values)))
+            answer = hospital.reblind(values)
+            self.messages.append(("from hospital", answer))
+            return answer
+        return reblind
+
+
+@pytest.fixture(scope="module")
+def psi_run():
+    images = distinct_images(PSI_RECORDS, seed=2)
+    parts = data.partition(np.zeros(PSI_RECORDS, dtype=np.int64), PSI_HOSPITALS, "iid", 0.5, seed=1)
+    parts = {h: part for h, part in enumerate(dedup.apply_overlap(parts, FRACTION, seed=3), start=1)}
+    identities = {h: dedup.pixel_identities(images[part]) for h, part in parts.items()}
+    hospitals = {h: dedup.PsiHospital(ids) for h, ids in identities.items()}
+    transcript = Transcript()
+    first = {h: hospital.first_message() for h, hospital in hospitals.items()}
+    transcript.messages.append(("first messages", first))
+    token_lists = dedup.psi_server_tokens(first, {h: transcript.relay(x) for h, x in hospitals.items()})
+    return parts, identities, hospitals, transcript, token_lists
+
+
+def test_psi_finds_the_known_overlap(psi_run):
+    parts, _, _, _, token_lists = psi_run
+    truth = dedup.overlap_ground_truth(list(parts.values()))
+    assert len(truth) == PSI_HOSPITALS * 3  # 20% of 15 records per hospital
+    drops, stats = dedup.plan_removals(token_lists)
+    kept = sorted(index for _, index in kept_records(parts, drops))
+    assert kept == list(range(PSI_RECORDS))
+    assert sorted(int(parts[h][p]) for h in drops for p in drops[h]) == sorted(truth)
+    assert stats["duplicated_tokens"] == stats["dropped_total"] == len(truth)
+    assert stats["pairs"] == {f"{i}-{j}": len(set(parts[i].tolist()) & set(parts[j].tolist()))
+                              for i, j in itertools.combinations(parts, 2)}
+
+
+def test_psi_tokens_do_not_depend_on_the_relay_order(psi_run):
+    _, _, hospitals, _, token_lists = psi_run
+    values = hospitals[2].first_message()[:3]
+    for order in ([1, 3], [3, 1]):
+        blinded = values
+        for h in order:
+            blinded = hospitals[h].reblind(blinded)
+        assert [hashlib.sha256(v.to_bytes(dedup.PSI_ELEMENT_BYTES, "big")).digest() for v in blinded] == token_lists[2][:3]
+
+
+def test_psi_transcript_reveals_no_identity_and_no_secret(psi_run):
+    _, identities, hospitals, transcript, _ = psi_run
+    blob = pickle.dumps(transcript.messages)
+    all_identities = [i for ids in identities.values() for i in ids]
+    hashed = [dedup.psi_hash_to_group(i) for i in all_identities]
+    for identity in all_identities:
+        for form in encodings(identity):
+            assert form not in blob
+    sent = {v for _, payload in transcript.messages
+            for v in (itertools.chain(*payload.values()) if isinstance(payload, dict) else payload)}
+    assert not sent & set(hashed)  # nothing unblinded crosses the wire
+    for hospital in hospitals.values():
+        secret = hospital._secret
+        assert secret not in sent
+        for form in encodings(secret.to_bytes((secret.bit_length() + 7) // 8, "big")) + [str(secret).encode()]:
+            assert form not in blob
+        pickled_form = secret.to_bytes(secret.bit_length() // 8 + 1, "little", signed=True)  # as pickle stores ints
+        assert pickled_form not in blob
+
+
+def test_psi_rejects_invalid_relayed_values():
+    hospital = dedup.PsiHospital([b"x" * 32])
+    for bad in (0, 1, dedup.PSI_PRIME - 1, dedup.PSI_PRIME, "7"):
+        with pytest.raises(PeerError, match="not a valid group element"):
+            hospital.reblind([bad])
+    with pytest.raises(PeerError, match="hospital 2 returned 0 values for 1"):
+        dedup.psi_server_tokens({1: hospital.first_message(), 2: []}, {1: hospital.reblind, 2: lambda values: []})
