@@ -93,6 +93,7 @@ class Config:
     save_dir: str = _opt("", "each party writes its final weights here (server: trunk, hospital i: its L1)")
     out: str = _opt("", "append the run record (one JSON line) to this file")
     tag: str = _opt("", "free-form label stored in the run record")
+    run_key: str = _opt("", "identifier of a run in a benchmark matrix (set by `python -m bench`)")
     config: str = _opt("", "TOML file with any of these options; flags override it")
 
     # ------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Benchmark harness: matrices of runs from TOML, and pytest-benchmark regression checks."""

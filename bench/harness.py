@@ -1,0 +1,209 @@
+"""Run a matrix of training runs, one process group per run, resumably.
+
+    python -m bench run bench/configs/<name>.toml     # results/<name>.jsonl
+    python -m bench list bench/configs/<name>.toml    # what would run, and what is done
+
+A config file has ``[base]`` options shared by every run, a ``[matrix]`` whose
+keys each list values (a value may be a table of several options that go
+together), and optional ``[[include]]`` extra runs and ``[[exclude]]`` rules.
+Top-level keys: ``name`` (results file stem), ``timeout`` (seconds per run),
+``description``.
+
+Each run is ``python -m splitrpc.train`` in its own process (which starts its
+own torchrun group) with ``--run-key``: a hash of its options. Runs already
+in the results file with status "ok" are skipped, so an interrupted matrix
+resumes where it stopped. A failed or timed-out run is recorded with its
+error and the matrix goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections import deque
+from pathlib import Path
+
+from splitrpc.config import from_dict
+from splitrpc.errors import UserError, report
+from splitrpc.record import append_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TIMEOUT_S = 3600
+ERROR_TAIL_LINES = 5
+
+
+def load(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            spec = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"no such benchmark config: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from None
+    unknown = set(spec) - {"name", "timeout", "description", "base", "matrix", "include", "exclude"}
+    if unknown:
+        raise UserError(f"{path}: unknown top-level keys {sorted(unknown)}")
+    spec.setdefault("name", Path(path).stem)
+    return spec
+
+
+def _norm(options: dict) -> dict:
+    return {k.replace("-", "_"): v for k, v in options.items()}
+
+
+def expand(spec: dict) -> list[dict]:
+    """Every run's options (explicit ones only), in matrix order, validated."""
+    base = _norm(spec.get("base", {}))
+    matrix = spec.get("matrix", {})
+    axes = []
+    for key, values in matrix.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"[matrix] {key}: expected a non-empty list")
+        axes.append([_norm(v) if isinstance(v, dict) else {key.replace("-", "_"): v} for v in values])
+    runs = []
+    for combo in itertools.product(*axes) if axes else [()]:
+        options = dict(base)
+        for part in combo:
+            options.update(part)
+        runs.append(options)
+    runs += [{**base, **_norm(extra)} for extra in spec.get("include", [])]
+    excludes = [_norm(rule) for rule in spec.get("exclude", [])]
+    runs = [r for r in runs if not any(all(r.get(k) == v for k, v in rule.items()) for rule in excludes)]
+    seen, unique = set(), []
+    for options in runs:
+        key = run_key(options)
+        if key not in seen:
+            from_dict(options)  # a bad option stops the matrix before anything runs
+            seen.add(key)
+            unique.append(options)
+    return unique
+
+
+def run_key(options: dict) -> str:
+    canonical = json.dumps({k: options[k] for k in sorted(options)}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def done_keys(results: Path) -> set[str]:
+    if not results.exists():
+        return set()
+    keys = set()
+    for line in results.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn line from a crash is ignored, not fatal
+        if record.get("status") == "ok":
+            keys.add(record.get("config", {}).get("run_key"))
+    return keys
+
+
+def flags(options: dict) -> list[str]:
+    out = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            out += [flag, ",".join(map(str, value))]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def describe(options: dict, base: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in options.items() if base.get(k) != v or k in ("method",)) or "base"
+
+
+def execute(options: dict, key: str, results: Path, log: Path, timeout: float) -> tuple[bool, str]:
+    """One run in its own process group; True if it wrote its record."""
+    cmd = [sys.executable, "-m", "splitrpc.train", *flags(options), "--run-key", key, "--out", str(results)]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    tail: deque[str] = deque(maxlen=ERROR_TAIL_LINES)
+    with open(log, "w") as fh:
+        fh.write(" ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return False, f"timed out after {timeout:g} s"
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)  # Ctrl-C: leave no worker behind
+            raise
+        fh.write(err)
+    for line in err.splitlines():
+        if line.strip():
+            tail.append(line.strip())
+    if proc.returncode == 0:
+        return True, ""
+    errors = [ln for ln in tail if "error" in ln.lower()] or list(tail)
+    return False, errors[-1] if errors else f"exit code {proc.returncode}"
+
+
+def run_matrix(config_path: str, results_dir: str = "results", dry_run: bool = False) -> int:
+    spec = load(config_path)
+    runs = expand(spec)
+    results = Path(results_dir) / f"{spec['name']}.jsonl"
+    timeout = float(spec.get("timeout", DEFAULT_TIMEOUT_S))
+    done = done_keys(results)
+    todo = [(run_key(o), o) for o in runs if run_key(o) not in done]
+    base = _norm(spec.get("base", {}))
+    print(f"[bench] {spec['name']}: {len(runs)} runs, {len(runs) - len(todo)} already in {results}, "
+          f"{len(todo)} to run", flush=True)
+    if dry_run:
+        for key, options in todo:
+            print(f"[bench]   {key} {describe(options, base)}")
+        return 0
+    failures, durations = 0, []
+    for i, (key, options) in enumerate(todo, start=1):
+        eta = ""
+        if durations:
+            left = sum(durations) / len(durations) * (len(todo) - i + 1)
+            eta = f", eta {datetime.timedelta(seconds=int(left))}"
+        print(f"[bench] run {i}/{len(todo)} ({len(todo) - i} left after this{eta}): {describe(options, base)}",
+              flush=True)
+        started = time.perf_counter()
+        ok, error = execute(options, key, results, Path(results_dir) / "logs" / spec["name"] / f"{key}.log", timeout)
+        seconds = time.perf_counter() - started
+        durations.append(seconds)
+        if ok:
+            print(f"[bench]   done in {seconds:.0f}s", flush=True)
+            continue
+        failures += 1
+        print(f"[bench]   FAILED after {seconds:.0f}s: {error}", flush=True)
+        append_jsonl(str(results), {
+            "record_version": 1, "status": "failed", "error": error, "wall_time_s": seconds,
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": {**options, "run_key": key},
+        })
+    print(f"[bench] {spec['name']}: {len(todo) - failures} ran, {failures} failed; results in {results}", flush=True)
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "list"])
+    parser.add_argument("config", help="bench/configs/<name>.toml")
+    parser.add_argument("--results-dir", default="results")
+    args = parser.parse_args(argv)
+    try:
+        return run_matrix(args.config, args.results_dir, dry_run=args.command == "list")
+    except UserError as exc:
+        return report(exc)
+    except KeyboardInterrupt:
+        print("[bench] interrupted; finished runs are kept and will be skipped next time", file=sys.stderr)
+        return 130
