@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ import time
 from collections import defaultdict
 
 SS_TIMEOUT_S = 10
-PHASES = ("setup", "train", "eval")
+PHASES = ("setup", "dedup", "train", "eval")
 _SOCKET_LINE = re.compile(r"^\S+\s+\d+\s+\d+\s+(?P<local>\S+)\s+(?P<peer>\S+)\s+(?P<users>users:.*)$")
 _PIDS = re.compile(r"pid=(\d+)")
 _COUNTER = re.compile(r"\b(bytes_sent|bytes_received):(\d+)")
@@ -117,6 +118,11 @@ class Ledger:
             "tcp": {phase: dict(v) for phase, v in self.tcp.items()},
             "payload": {phase: {peer: dict(d) for peer, d in v.items()} for phase, v in self.payload.items()},
         }
+
+
+def pickled_bytes(obj) -> int:
+    """Size of a non-tensor RPC argument or result as RPC's pickler serialises it."""
+    return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def tensor_bytes(*tensors) -> int:

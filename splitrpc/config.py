@@ -23,6 +23,7 @@ NORMS = ("batch", "group", "none")
 PARTITIONS = ("iid", "dirichlet")
 SCHEDULES = ("sequential", "parallel")
 L1_MODES = ("independent", "average")
+DEDUP_MODES = ("none", "hmac", "psi")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine", "multistep", "onecycle")
 TRANSPORTS = ("tcp", "auto")
@@ -51,6 +52,7 @@ class Config:
     cache_dir: str = _opt("~/.cache/splitrpc", "where decoded uint8 tensors are cached, keyed by source")
     partition: str = _opt("iid", "how the training set is split over hospitals", PARTITIONS)
     alpha: float = _opt(0.5, "Dirichlet concentration for --partition dirichlet (smaller = more label skew)")
+    overlap: float = _opt(0.0, "copy this fraction of each hospital's records to another hospital (duplicates, for experiments)")
     limit_train: int = _opt(0, "use only the first n training samples (0 = all)")
     limit_test: int = _opt(0, "use only the first n test samples (0 = all)")
     augment: bool = _opt(True, "random crop (4-pixel padding) and horizontal flip on training batches")
@@ -61,6 +63,11 @@ class Config:
     schedule: str = _opt("sequential", "sequential: hospitals take turns; parallel: all hospitals per step", SCHEDULES)
     l1: str = _opt("independent", "each hospital keeps its own L1, or hospitals average L1 weights", L1_MODES)
     l1_sync_every: int = _opt(1, "steps between L1 averages under --l1 average")
+    dedup: str = _opt("none", "remove records duplicated across hospitals before training: keyed tokens (hmac) "
+                      "or a keyless Diffie-Hellman set intersection (psi)", DEDUP_MODES)
+    dedup_key_file: str = _opt("", "--dedup hmac: the secret shared by the hospitals only (never read by the server); "
+                               "{hospital} in the path is replaced by the hospital's number")
+    dedup_manifest: str = _opt("", "CSV path,patient_id: images of one patient count as one record (imagefolder)")
     # --- optimisation -------------------------------------------------------------
     epochs: int = _opt(1, "training epochs")
     batch_size: int = _opt(128, "batch size per hospital")
@@ -238,6 +245,15 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"--milestones must be increasing fractions in (0, 1), got {list(cfg.milestones)}")
     if cfg.rpc_threads < 4:
         raise UserError("--rpc-threads must be at least 4 (requests, backward passes and steps share them)")
+    if not 0 <= cfg.overlap < 1:
+        raise UserError(f"--overlap must be in [0, 1), got {cfg.overlap}")
+    if cfg.dedup != "none" and cfg.method != "split":
+        raise UserError("--dedup needs --method split: the server runs the protocol")
+    if cfg.dedup == "hmac" and not cfg.dedup_key_file:
+        raise UserError("--dedup hmac needs --dedup-key-file (a secret shared by the hospitals, e.g. from "
+                        "`python -c 'import secrets; print(secrets.token_hex(32))'`)")
+    if cfg.dedup_manifest and cfg.dataset != "imagefolder":
+        raise UserError("--dedup-manifest refers to ImageFolder paths; it needs --dataset imagefolder")
     if cfg.method == "split" and cfg.world_size < 2:
         raise UserError("--method split needs at least one hospital")
     return cfg

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from splitrpc.errors import UserError
 
 IMAGE_SIZE = 32
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a names array (relative paths) beside images and labels
 # Per-channel mean/std of the training sets (the ImageFolder default is CIFAR-10's).
 NORMALIZATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -41,15 +41,22 @@ DIRICHLET_MAX_DRAWS = 1000
 
 @dataclass
 class Arrays:
-    """A split of a data set: uint8 images (N, H, W, 3) and int64 labels.
+    """A split of a data set: uint8 images (N, H, W, 3), int64 labels and a name per sample.
 
     Freshly decoded, ``images`` is an array; from ``load_split`` it is a
-    ``RowView`` of the memory-mapped cache, read only where indexed.
+    ``RowView`` of the memory-mapped cache, read only where indexed. Names are
+    the relative paths of ImageFolder files (``train/<class>/<file>``, which a
+    deduplication manifest refers to) and ``<split>/<index>`` otherwise.
     """
 
     images: "np.ndarray | RowView"
     labels: np.ndarray
     num_classes: int
+    names: np.ndarray
+
+
+def index_names(split: str, n: int) -> np.ndarray:
+    return np.array([f"{split}/{i}" for i in range(n)])
 
 
 # --------------------------------------------------------------------------- sources
@@ -121,7 +128,8 @@ def _collect_imagefolder(entries) -> dict[str, Arrays]:
         items.sort(key=lambda t: (index[t[0]], t[1]))
         images = np.stack([_decode_image(read(), f"{split}/{c}/{f}") for c, f, read in items])
         labels = np.array([index[c] for c, _, _ in items], dtype=np.int64)
-        out[split] = Arrays(images, labels, len(classes))
+        names = np.array([f"{split}/{c}/{f}" for c, f, _ in items])
+        out[split] = Arrays(images, labels, len(classes), names)
     return out
 
 
@@ -162,7 +170,7 @@ def _read_torchvision(cfg) -> dict[str, Arrays]:
         except OSError as exc:  # URLError and socket errors while downloading
             raise UserError(f"could not download {cfg.dataset} into {cfg.data_dir}: {exc}") from None
         out[split] = Arrays(np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64),
-                            len(ds.classes))
+                            len(ds.classes), index_names(split, len(ds.targets)))
     return out
 
 
@@ -175,7 +183,7 @@ def _make_synthetic(cfg) -> dict[str, Arrays]:
         labels = rng.integers(0, cfg.num_classes, size=n).astype(np.int64)
         noise = rng.integers(0, 256, size=(n, IMAGE_SIZE, IMAGE_SIZE, 3))
         images = ((prototypes[labels] + noise) // 2).astype(np.uint8)
-        out[split] = Arrays(images, labels, cfg.num_classes)
+        out[split] = Arrays(images, labels, cfg.num_classes, index_names(split, n))
     return out
 
 
@@ -198,12 +206,15 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+CACHED_PARTS = ("images", "labels", "names")
+
+
 def _cache_paths(cfg) -> dict[str, Path]:
     name, digest = _source_key(cfg)
     root = Path(cfg.cache_dir).expanduser()
     stem = f"{name}-{digest}"
     return {f"{split}.{part}": root / f"{stem}.{split}.{part}.npy"
-            for split in ("train", "test") for part in ("images", "labels")} | {"lock": root / f"{stem}.lock"}
+            for split in ("train", "test") for part in CACHED_PARTS} | {"lock": root / f"{stem}.lock"}
 
 
 def prepare(cfg) -> None:
@@ -216,7 +227,8 @@ def prepare(cfg) -> None:
             return
         decoded = _decode_source(cfg)
         for split, arrays in decoded.items():
-            for part, array in (("images", arrays.images), ("labels", arrays.labels)):
+            for part in CACHED_PARTS:
+                array = getattr(arrays, part)
                 final = paths[f"{split}.{part}"]
                 tmp = final.with_suffix(f".tmp{os.getpid()}.npy")
                 np.save(tmp, array)
@@ -229,6 +241,7 @@ def load_split(cfg, split: str) -> Arrays:
     paths = _cache_paths(cfg)
     images = np.load(paths[f"{split}.images"], mmap_mode="r")
     labels = np.load(paths[f"{split}.labels"])
+    names = np.load(paths[f"{split}.names"])
     found = int(labels.max()) + 1 if len(labels) else 0
     if found > cfg.num_classes:
         raise UserError(f"{cfg.dataset} at {cfg.data_dir} has {found} classes but the model has {cfg.num_classes} "
@@ -238,8 +251,8 @@ def load_split(cfg, split: str) -> Arrays:
         if limit > len(labels):
             raise UserError(f"--limit-{split} {limit} exceeds the {len(labels)} {split} samples")
         order = np.sort(np.random.default_rng(LIMIT_ORDER_SEED).permutation(len(labels))[:limit])
-        return Arrays(RowView(images, order), labels[order], cfg.num_classes)
-    return Arrays(RowView(images, np.arange(len(labels))), labels, cfg.num_classes)
+        return Arrays(RowView(images, order), labels[order], cfg.num_classes, names[order])
+    return Arrays(RowView(images, np.arange(len(labels))), labels, cfg.num_classes, names)
 
 
 class RowView:
@@ -322,14 +335,25 @@ class Normalizer:
 class Shard:
     """One hospital's training shard in memory, and its deterministic batches."""
 
-    def __init__(self, cfg, hospital: int, images: np.ndarray, labels: np.ndarray):
+    def __init__(self, cfg, hospital: int, images: np.ndarray, labels: np.ndarray, names: np.ndarray):
         self.cfg, self.hospital = cfg, hospital
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
         self.labels = torch.from_numpy(labels)
+        self.names = names
         self.normalize = Normalizer(cfg)
-        if len(self.labels) < cfg.batch_size:
-            raise UserError(f"hospital{hospital} holds {len(self.labels)} training samples, fewer than "
-                            f"--batch-size {cfg.batch_size}; lower it or give hospitals more data")
+        self._check_size()
+
+    def _check_size(self) -> None:
+        if len(self.labels) < self.cfg.batch_size:
+            raise UserError(f"hospital{self.hospital} holds {len(self.labels)} training samples, fewer than "
+                            f"--batch-size {self.cfg.batch_size}; lower it or give hospitals more data")
+
+    def drop(self, positions: list[int]) -> None:
+        """Remove records (deduplication); batches are then drawn from what remains."""
+        keep = np.setdiff1d(np.arange(len(self.labels)), np.asarray(positions, dtype=np.int64))
+        index = torch.from_numpy(keep)
+        self.images, self.labels, self.names = self.images[index], self.labels[index], self.names[keep]
+        self._check_size()
 
     def __len__(self):
         return len(self.labels)
@@ -366,12 +390,21 @@ class TestSet:
         return self.normalize(self.images[s]), self.labels[s]
 
 
+def shard_indices(cfg, labels: np.ndarray) -> list[np.ndarray]:
+    """Every hospital's training indices: the partition, then --overlap's copies (duplicates)."""
+    parts = partition(labels, cfg.hospitals, cfg.partition, cfg.alpha, cfg.seed)
+    if cfg.overlap > 0:
+        from splitrpc.dedup import apply_overlap
+
+        parts = apply_overlap(parts, cfg.overlap, cfg.seed)
+    return parts
+
+
 def load_shard(cfg, hospital: int) -> Shard:
     """Hospital ``hospital`` (1-based) materialises only its own rows of the training set."""
     train = load_split(cfg, "train")
-    parts = partition(train.labels, cfg.hospitals, cfg.partition, cfg.alpha, cfg.seed)
-    mine = parts[hospital - 1]
-    return Shard(cfg, hospital, train.images.take(mine), train.labels[mine])
+    mine = shard_indices(cfg, train.labels)[hospital - 1]
+    return Shard(cfg, hospital, train.images.take(mine), train.labels[mine], train.names[mine])
 
 
 def load_test(cfg) -> TestSet:

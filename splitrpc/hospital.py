@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
-from splitrpc import comm, data, transport
+from splitrpc import comm, data, dedup, transport
 from splitrpc.errors import PeerError
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
@@ -29,6 +29,11 @@ FINISH_POLL_S = 0.2
 
 def label_dtype(num_classes: int) -> torch.dtype:
     return LABEL_DTYPE if num_classes <= 256 else torch.int64
+
+
+def key_file(cfg, index: int) -> str:
+    """This hospital's copy of the shared key; ``{hospital}`` in the path lets one host simulate several sites."""
+    return cfg.dedup_key_file.replace("{hospital}", str(index))
 
 
 def l1_sync_tensors(head: torch.nn.Module) -> list[torch.Tensor]:
@@ -122,6 +127,42 @@ class Hospital:
             for t in tensors:
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
                 offset += t.numel()
+
+    # --- deduplication, before training -------------------------------------------
+    def _identities(self) -> list[bytes]:
+        """A record's identity: its patient from the manifest, else the digest of its decoded pixels."""
+        if self.cfg.dedup_manifest:
+            manifest = dedup.read_manifest(self.cfg.dedup_manifest)
+            return dedup.manifest_identities([str(n) for n in self.shard.names], manifest)
+        return dedup.pixel_identities(self.shard.images.numpy())
+
+    def dedup_message(self) -> dict:
+        """Keyed tokens of this shard's records and the key check: all the server gets (no key, no identity)."""
+        message = dedup.hospital_message(dedup.load_key(key_file(self.cfg, self.index)), self._identities())
+        self.ledger.add(transport.SERVER, "sent", comm.pickled_bytes(message))
+        return message
+
+    def psi_first(self) -> list[int]:
+        """Keyless variant: this shard's identities blinded by this hospital's secret exponent."""
+        self.psi = dedup.PsiHospital(self._identities())
+        values = self.psi.first_message()
+        self.ledger.add(transport.SERVER, "sent", comm.pickled_bytes(values))
+        return values
+
+    def psi_reblind(self, values: list[int]) -> list[int]:
+        """Keyless variant: add this hospital's blinding to another hospital's list, relayed by the server."""
+        self.ledger.add(transport.SERVER, "received", comm.pickled_bytes(values))
+        blinded = self.psi.reblind(values)
+        self.ledger.add(transport.SERVER, "sent", comm.pickled_bytes(blinded))
+        return blinded
+
+    def dedup_drop(self, positions: list[int]) -> dict:
+        """Drop the copies the server assigned elsewhere; return the new sizes."""
+        self.ledger.add(transport.SERVER, "received", comm.pickled_bytes(positions))
+        with self.lock:
+            self.shard.drop(positions)
+        self.psi = None
+        return self.describe()
 
     def switch_phase(self, phase: str) -> None:
         self.ledger.switch(phase)

@@ -38,8 +38,9 @@ def launch(cfg, argv: list[str], max_restarts: int = 0) -> int:
     port = int(os.environ.get("MASTER_PORT", "0"))  # 0: the store picks a free port
     if port:
         _check_port_free(host, port)
-    # The agent's own INFO/WARNING lines (closing signals, restarts) say nothing a user needs.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # The agent's own log lines (closing signals, the failed worker's exit code) repeat what
+    # the workers report themselves, or what this launcher says below.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size,
         run_id=f"splitrpc-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d", rdzv_endpoint=f"{host}:{port}",
@@ -52,10 +53,13 @@ def launch(cfg, argv: list[str], max_restarts: int = 0) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "splitrpc.train", *argv)
     except ChildFailedError as exc:
-        ranks = sorted(exc.failures)
-        first = exc.failures[ranks[0]]
-        code = first.exitcode if first.exitcode and first.exitcode > 0 else 1
-        print(f"splitrpc: run failed (rank {', '.join(map(str, ranks))} exited with code {first.exitcode})",
-              file=sys.stderr, flush=True)
-        return code
+        rank, first = exc.get_first_failure()
+        if first.exitcode is None or first.exitcode < 0:
+            # The first worker to fail was ended by a signal and said nothing itself (the
+            # others were then stopped by the agent). A worker that exits with a code has
+            # already printed its one line.
+            signal_text = f" by signal {-first.exitcode}" if first.exitcode else ""
+            print(f"splitrpc: run failed: rank {rank} was killed{signal_text}", file=sys.stderr, flush=True)
+            return 1
+        return first.exitcode
     return 0

@@ -21,7 +21,7 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
-from splitrpc import comm, data, loop, record, transport
+from splitrpc import comm, data, dedup, loop, record, transport
 from splitrpc.errors import PeerError
 from splitrpc.hospital import Hospital, label_dtype, l1_sync_numel
 from splitrpc.models import activation_shape, model_for, split_model
@@ -72,6 +72,7 @@ class Server:
         self.hospitals = Hospitals(cfg)
         # Construction on a hospital loads its shard; a failure there surfaces here.
         self.info = self.hospitals.call_all(self.hospitals.all, "describe", timeout=cfg.setup_timeout)
+        self.element_size = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
         # Where the server's training time goes (seconds).
         self.time = defaultdict(float)
         self.steps_done: list[list[tuple[int, int]]] = []
@@ -82,6 +83,54 @@ class Server:
         """Close the current accounting phase on every party at (nearly) the same moment."""
         self.ledger.switch(phase)
         self.hospitals.call_all(self.hospitals.all, "switch_phase", phase)
+
+    def deduplicate(self) -> dict:
+        """Before training: keep exactly one copy of every record that several hospitals hold.
+
+        The server sees keyed tokens (or, keyless, doubly blinded group values)
+        and decides which copies go; it never sees an identity, a pixel or a key.
+        """
+        cfg, hospitals, ids = self.cfg, self.hospitals, self.hospitals.all
+        started = time.perf_counter()
+        self.switch_phase("dedup")
+        before = [i["train_samples"] for i in self.info]
+
+        def call(h, method, *args):
+            # Bounded by --setup-timeout: tokens for a large shard take a while to compute.
+            self.ledger.add(hospitals.names[h - 1], "sent", comm.pickled_bytes(args))
+            reply = hospitals.wait(h, hospitals.call_async(h, method, *args, timeout=cfg.setup_timeout))
+            self.ledger.add(hospitals.names[h - 1], "received", comm.pickled_bytes(reply))
+            return reply
+
+        if cfg.dedup == "hmac":
+            futures = {h: hospitals.call_async(h, "dedup_message", timeout=cfg.setup_timeout) for h in ids}
+            messages = {h: hospitals.wait(h, f) for h, f in futures.items()}
+            for h, message in messages.items():
+                self.ledger.add(hospitals.names[h - 1], "received", comm.pickled_bytes(message))
+            drops, stats = dedup.server_plan(messages)
+        else:
+            firsts = {h: call(h, "psi_first") for h in ids}
+            tokens = dedup.psi_server_tokens(firsts, {h: (lambda values, h=h: call(h, "psi_reblind", values))
+                                                      for h in ids})
+            drops, stats = dedup.plan_removals(tokens)
+        self.info = [call(h, "dedup_drop", drops.get(h, [])) for h in ids]
+        self.switch_phase("setup")
+        numel = 1
+        for d in self.activation_shape:
+            numel *= d
+        label = torch.empty((), dtype=label_dtype(cfg.num_classes)).element_size()
+        per_sample = 2 * numel * self.element_size + label  # activation and label up, gradient down
+        dropped = sum(before) - sum(i["train_samples"] for i in self.info)
+        return {
+            "mode": cfg.dedup,
+            "identity": "manifest" if cfg.dedup_manifest else "pixels",
+            "records_before": before,
+            "records_after": [i["train_samples"] for i in self.info],
+            "dropped": dropped,
+            "stats": stats,
+            "seconds": time.perf_counter() - started,
+            "training_bytes_saved_per_epoch": dropped * per_sample,
+        }
 
     def _receive(self, hospital: int, activations: torch.Tensor, labels: torch.Tensor) -> None:
         name = self.hospitals.names[hospital - 1]
@@ -163,10 +212,13 @@ class Server:
         numel = 1
         for d in self.activation_shape:
             numel *= d
-        element = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
+        element = self.element_size
         label = torch.empty((), dtype=label_dtype(cfg.num_classes)).element_size()
         up, down = comm.split_step_bytes(cfg.batch_size, numel, element, label)
         tables = {"train": defaultdict(lambda: defaultdict(float)), "eval": defaultdict(lambda: defaultdict(float))}
+        for table in tables.values():
+            for name in [transport.SERVER, *self.hospitals.names]:  # every party, even one that never took part
+                table[name]["sent"] += 0
         train = tables["train"]
         for participants in self.steps_done:
             for h, _ in participants:
@@ -242,6 +294,8 @@ def run(cfg, coordinator: transport.Coordinator) -> int:
     print(f"[server] pid {os.getpid()} joined; {cfg.hospitals} hospitals", flush=True)
     try:
         server = Server(cfg)
+        if cfg.dedup != "none":
+            run_record["dedup"] = server.deduplicate()
         run_record["hospitals"] = server.info
         plan = data.epoch_plan([i["train_batches"] for i in server.info], cfg.schedule)
         run_record["setup_time_s"] = time.perf_counter() - started

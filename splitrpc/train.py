@@ -72,8 +72,19 @@ def main(argv: list[str] | None = None) -> int:
             from splitrpc import data, launch
 
             # Every process of a one-host run reads the same source: decode it (or
-            # fail with one line) here, before any process starts.
+            # fail with one line) here, before any process starts; likewise the
+            # hospitals' deduplication key and manifest (read here, not by the server).
             data.prepare(cfg)
+            if cfg.dedup == "hmac":
+                from splitrpc.dedup import load_key
+                from splitrpc.hospital import key_file
+
+                for index in range(1, cfg.hospitals + 1):
+                    load_key(key_file(cfg, index))
+            if cfg.dedup_manifest:
+                from splitrpc.dedup import read_manifest
+
+                read_manifest(cfg.dedup_manifest)
             return launch.launch(cfg, argv)
         return run_worker(cfg)
     except (UserError, PeerError) as exc:

@@ -1,0 +1,5 @@
+import sys
+
+from plots.figures import main
+
+sys.exit(main())

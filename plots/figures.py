@@ -1,0 +1,263 @@
+"""Figures and the summary table, from the committed raw results only.
+
+    python -m plots            # (make plots) results/*.jsonl -> plots/figures/*.{png,pdf}, plots/summary.md
+
+Every number drawn here is read from a run record; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+METHOD_STYLE = {"local": ("tab:gray", "s"), "split": ("tab:blue", "o"), "ddp": ("tab:orange", "^")}
+METHOD_LABEL = {"local": "local (centralized)", "split": "split learning", "ddp": "DDP (sync. SGD)"}
+GB = 1e9
+
+
+# --------------------------------------------------------------------------- loading
+def load_results(results_dir: Path) -> dict[str, list[dict]]:
+    """{experiment name: [successful run records]}; failed runs and torn lines are skipped."""
+    experiments = {}
+    for path in sorted(results_dir.glob("*.jsonl")):
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("status") == "ok":
+                records.append(record)
+        if records:
+            experiments[path.stem] = records
+    return experiments
+
+
+def model_label(cfg: dict) -> str:
+    width = f" x{cfg['width']:g}" if cfg.get("width", 1.0) != 1.0 else ""
+    data = {"imagefolder": "CIFAR-10 (JPEG)", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}.get(
+        cfg["dataset"], f"CIFAR-{cfg['num_classes']} shapes")
+    return f"{cfg['model']}{width}, {data}"
+
+
+def train_bytes_per_hospital_epoch(record: dict, kind: str = "tcp") -> float | None:
+    comm = record.get("comm")
+    if not comm:
+        return None
+    entry = comm["per_epoch"].get(kind)
+    return entry and entry["per_hospital"]
+
+
+def save(fig, name: str, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    for p in paths:
+        fig.savefig(p, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
+    plt.close(fig)
+    return paths
+
+
+# --------------------------------------------------------------------------- figures
+def fig_comm_vs_hospitals(records: list[dict], out_dir: Path, name: str, note: str) -> list[Path]:
+    """Training bytes per hospital per epoch vs number of hospitals, split vs DDP, a panel per model."""
+    panels = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        cfg = r["config"]
+        if cfg["method"] in ("split", "ddp") and r.get("comm"):
+            panels[model_label(cfg)][cfg["method"]].append(r)
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.2), squeeze=False,
+                             constrained_layout=True)
+    extrapolated = False
+    for ax, (label, methods) in zip(axes[0], sorted(panels.items())):
+        for method, runs in sorted(methods.items()):
+            runs = sorted(runs, key=lambda r: r["config"]["hospitals"])
+            n = [r["config"]["hospitals"] for r in runs]
+            color, marker = METHOD_STYLE[method]
+            tcp = [train_bytes_per_hospital_epoch(r, "tcp") for r in runs]
+            analytic = [train_bytes_per_hospital_epoch(r, "analytic") for r in runs]
+            ax.plot(n, [b / GB for b in tcp], marker=marker, color=color, label=f"{METHOD_LABEL[method]}, TCP measured")
+            ax.plot(n, [b / GB for b in analytic], linestyle=":", color=color, label=f"{METHOD_LABEL[method]}, analytic")
+            extrapolated |= any(r["comm"]["extrapolated"] for r in runs)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({r["config"]["hospitals"] for rs in methods.values() for r in rs}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_yaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.get_yaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("hospitals N")
+        ax.set_ylabel("training traffic per hospital per epoch (GB)")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    caption = note + (" Per-epoch bytes extrapolated from the steps measured (bytes do not depend on image "
+                      "content)." if extrapolated else "")
+    fig.supxlabel(caption, fontsize=8)
+    return save(fig, name, out_dir)
+
+
+def _grid(keys):
+    models = sorted({k[0] for k in keys})
+    ns = sorted({k[1] for k in keys})
+    return models, ns
+
+
+def fig_accuracy_vs_epoch(records: list[dict], out_dir: Path, name: str) -> list[Path]:
+    runs = defaultdict(dict)
+    for r in records:
+        cfg = r["config"]
+        runs[(model_label(cfg), cfg["hospitals"])][cfg["method"]] = r
+    if not runs:
+        return []
+    models, ns = _grid(runs)
+    fig, axes = plt.subplots(len(models), len(ns), figsize=(4 * len(ns), 3.2 * len(models)), squeeze=False,
+                             constrained_layout=True)
+    for i, model in enumerate(models):
+        for j, n in enumerate(ns):
+            ax = axes[i][j]
+            for method, r in sorted(runs.get((model, n), {}).items()):
+                epochs = [e for e in r["epochs"] if "test_acc_mean" in e]
+                color, marker = METHOD_STYLE[method]
+                ax.plot([e["epoch"] for e in epochs], [e["test_acc_mean"] for e in epochs], marker=marker,
+                        color=color, label=METHOD_LABEL[method])
+                if method == "split":  # the worst hospital's model, for split learning's independent L1s
+                    ax.plot([e["epoch"] for e in epochs], [e["test_acc_min"] for e in epochs], linestyle="--",
+                            color=color, alpha=0.6, label="split, worst hospital")
+            ax.set_title(f"{model}, N={n}", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("test accuracy")
+            ax.grid(True, alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    return save(fig, name, out_dir)
+
+
+def fig_accuracy_vs_bytes(records: list[dict], out_dir: Path, name: str) -> list[Path]:
+    """Test accuracy against cumulative training bytes on the wire (epochs x measured bytes per epoch)."""
+    panels = defaultdict(list)
+    for r in records:
+        if r["config"]["method"] in ("split", "ddp") and r.get("comm"):
+            panels[model_label(r["config"])].append(r)
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.2), squeeze=False,
+                             constrained_layout=True)
+    for ax, (label, runs) in zip(axes[0], sorted(panels.items())):
+        for r in sorted(runs, key=lambda r: (r["config"]["method"], r["config"]["hospitals"])):
+            cfg = r["config"]
+            per_epoch = r["comm"]["per_epoch"]["tcp"]["total"]
+            epochs = [e for e in r["epochs"] if "test_acc_mean" in e]
+            color, marker = METHOD_STYLE[cfg["method"]]
+            alpha = {2: 1.0, 4: 0.7, 8: 0.45}.get(cfg["hospitals"], 0.3)
+            ax.plot([e["epoch"] * per_epoch / GB for e in epochs], [e["test_acc_mean"] for e in epochs],
+                    marker=marker, color=color, alpha=alpha, label=f"{cfg['method']} N={cfg['hospitals']}")
+        ax.set_xscale("log")
+        ax.set_xlabel("cumulative training traffic, all parties (GB, TCP)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    return save(fig, name, out_dir)
+
+
+def fig_three_ways(records: list[dict], out_dir: Path, name: str) -> list[Path]:
+    """TCP-measured and payload bytes of the training phase, relative to the analytic count."""
+    rows = []
+    for r in records:
+        phases = (r.get("comm") or {}).get("phases", {})
+        train = phases.get("train", {})
+        if train.get("analytic_bytes") and train.get("tcp_bytes"):
+            cfg = r["config"]
+            a = train["analytic_bytes"]["total"]
+            rows.append((f"{cfg['method']} {cfg['model']} N={cfg['hospitals']}", train["payload_bytes"]["total"] / a,
+                         train["tcp_bytes"]["total"] / a))
+    if not rows:
+        return []
+    rows.sort()
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows)), 4))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r[1] for r in rows], width=0.4, label="payload counted in code / analytic")
+    ax.bar([i + 0.2 for i in x], [r[2] for r in rows], width=0.4, label="kernel TCP bytes / analytic")
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    lo = min(min(r[1], r[2]) for r in rows)
+    hi = max(max(r[1], r[2]) for r in rows)
+    ax.set_ylim(min(0.99, lo - 0.005), hi + 0.01)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([r[0] for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("ratio to analytic bytes (training phase)")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return save(fig, name, out_dir)
+
+
+# --------------------------------------------------------------------------- summary
+def _gb(x):
+    return "" if x is None else f"{x / GB:.3f}"
+
+
+def summary_table(experiments: dict[str, list[dict]]) -> str:
+    lines = ["# Results summary", "",
+             "Generated by `make plots` from `results/*.jsonl`; do not edit by hand.", ""]
+    for name, records in sorted(experiments.items()):
+        lines += [f"## {name}", "",
+                  "| method | model | N | batch/hospital | epochs | steps | final acc (mean / min) | "
+                  "train GB per hospital per epoch (tcp) | train GB per epoch, all (tcp) | tcp/payload | "
+                  "wall time (s) | samples/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(records, key=lambda r: (model_label(r["config"]), r["config"]["hospitals"],
+                                                r["config"]["method"])):
+            cfg, comm = r["config"], r.get("comm") or {}
+            per_epoch = (comm.get("per_epoch") or {}).get("tcp") or {}
+            train = (comm.get("phases") or {}).get("train") or {}
+            acc = r.get("final_test_acc")
+            acc_text = "" if acc is None else f"{acc:.4f} / {r.get('final_test_acc_min', acc):.4f}"
+            ratio = train.get("tcp_over_payload")
+            extrapolated = " (extrapolated)" if comm.get("extrapolated") else ""
+            lines.append(
+                f"| {cfg['method']} | {model_label(cfg)} | {cfg['hospitals']} | {cfg['batch_size']} | "
+                f"{cfg['epochs']} | {r.get('steps')} | {acc_text} | {_gb(per_epoch.get('per_hospital'))}{extrapolated} | "
+                f"{_gb(per_epoch.get('total'))} | {'' if ratio is None else f'{ratio:.4f}'} | "
+                f"{r.get('wall_time_s', 0):.0f} | {r.get('samples_per_s') or 0:.0f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m plots", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", default=str(REPO / "results"))
+    parser.add_argument("--out-dir", default=str(REPO / "plots" / "figures"))
+    parser.add_argument("--summary", default=str(REPO / "plots" / "summary.md"))
+    args = parser.parse_args(argv)
+    experiments = load_results(Path(args.results_dir))
+    if not experiments:
+        print(f"plots: error: no successful runs in {args.results_dir}/*.jsonl", file=sys.stderr)
+        return 2
+    out = Path(args.out_dir)
+    written = []
+    if "cpu" in experiments:
+        cpu = experiments["cpu"]
+        written += fig_accuracy_vs_epoch(cpu, out, "accuracy_vs_epoch")
+        written += fig_accuracy_vs_bytes(cpu, out, "accuracy_vs_bytes")
+        written += fig_comm_vs_hospitals(cpu, out, "comm_vs_hospitals_cpu",
+                                         "CPU runs: narrow models, CIFAR-10 JPEG, effective batch 256.")
+    if "paper_comm" in experiments:
+        written += fig_comm_vs_hospitals(experiments["paper_comm"], out, "comm_vs_hospitals",
+                                         "Paper scale: full-width models, batch 128 per hospital, over TCP.")
+    every = [r for records in experiments.values() for r in records]
+    written += fig_three_ways(every, out, "bytes_three_ways")
+    Path(args.summary).write_text(summary_table(experiments))
+    for path in written:
+        print(f"plots: wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    print(f"plots: wrote {args.summary}")
+    return 0
