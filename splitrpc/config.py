@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ PARTITIONS = ("iid", "dirichlet")
 SCHEDULES = ("sequential", "parallel")
 L1_MODES = ("independent", "average")
 DEDUP_MODES = ("none", "hmac", "psi")
+FAILURE_MODES = ("abort", "continue")
+FAULT_KINDS = ("nan", "inf", "shape", "dtype", "labels")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine", "multistep", "onecycle")
 TRANSPORTS = ("tcp", "auto")
@@ -97,6 +100,17 @@ class Config:
     eval_every: int = _opt(1, "evaluate every n epochs (and always after the last)")
     log_every: int = _opt(20, "print progress every n steps")
     record_step_losses: bool = _opt(False, "store every step's training loss in the run record")
+    checkpoint_dir: str = _opt("", "each party saves its own state under step-<n>/ here (server: trunk, optimizer, "
+                               "loop; hospital: L1, optimizer, dropped duplicates)")
+    checkpoint_every: str = _opt("", "checkpoint every N steps ('500') or N epochs ('2e'); empty: only at the end")
+    checkpoint_keep: int = _opt(2, "checkpoints each party keeps (older ones are deleted)")
+    resume: bool = _opt(False, "continue from the newest step for which every party has a checkpoint")
+    max_restarts: int = _opt(0, "run directly: torchrun restarts the group this many times after a failure "
+                              "(each restart resumes from the newest checkpoint)")
+    on_hospital_failure: str = _opt("abort", "a hospital dies, hangs or sends an invalid message: stop (abort) "
+                                    "or go on with the others (continue)", FAILURE_MODES)
+    fault: str = _opt("", "testing: make a hospital misbehave, e.g. 'hospital2:nan@5' (from its 5th batch); "
+                      "kinds: nan, inf, shape, dtype, labels")
     save_dir: str = _opt("", "each party writes its final weights here (server: trunk, hospital i: its L1)")
     out: str = _opt("", "append the run record (one JSON line) to this file")
     tag: str = _opt("", "free-form label stored in the run record")
@@ -254,6 +268,25 @@ def validate(cfg: Config) -> Config:
                         "`python -c 'import secrets; print(secrets.token_hex(32))'`)")
     if cfg.dedup_manifest and cfg.dataset != "imagefolder":
         raise UserError("--dedup-manifest refers to ImageFolder paths; it needs --dataset imagefolder")
+    if (cfg.checkpoint_dir or cfg.resume) and cfg.method != "split":
+        raise UserError("--checkpoint-dir and --resume are implemented for --method split")
+    if (cfg.resume or cfg.checkpoint_every) and not cfg.checkpoint_dir:
+        raise UserError("--resume and --checkpoint-every need --checkpoint-dir")
+    if cfg.checkpoint_every and not re.fullmatch(r"\d+\s*(e|ep|epoch|epochs)?", cfg.checkpoint_every.strip().lower()):
+        raise UserError(f"--checkpoint-every: expected a number of steps or epochs like '500' or '2e', "
+                        f"got {cfg.checkpoint_every!r}")
+    if cfg.checkpoint_keep < 1:
+        raise UserError(f"--checkpoint-keep must be at least 1, got {cfg.checkpoint_keep}")
+    if cfg.max_restarts < 0:
+        raise UserError(f"--max-restarts must not be negative, got {cfg.max_restarts}")
+    if cfg.on_hospital_failure == "continue" and cfg.l1 == "average":
+        raise UserError("--on-hospital-failure continue cannot be combined with --l1 average "
+                        "(the hospitals' all-reduce group cannot lose a member)")
+    if cfg.fault:
+        m = re.fullmatch(r"hospital(\d+):(\w+)@(\d+)", cfg.fault)
+        if not m or m.group(2) not in FAULT_KINDS or not 1 <= int(m.group(1)) <= cfg.hospitals:
+            raise UserError(f"--fault: expected hospital<i>:<kind>@<batch> with kind in {', '.join(FAULT_KINDS)} "
+                            f"and i in 1..{cfg.hospitals}, got {cfg.fault!r}")
     if cfg.method == "split" and cfg.world_size < 2:
         raise UserError("--method split needs at least one hospital")
     return cfg

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
-from splitrpc import comm, data, dedup, transport
+from splitrpc import checkpoint, comm, data, dedup, transport
 from splitrpc.errors import PeerError
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
@@ -60,6 +60,9 @@ class Hospital:
         self.optimizer = make_optimizer(cfg, self.head.parameters())
         self.label_dtype = label_dtype(cfg.num_classes)
         self.ledger = comm.Ledger(transport.hospital_name(index))
+        self.dropped: list[int] = []  # positions removed by deduplication, kept for checkpoints
+        self.forwards = 0
+        self.fault = parse_fault(cfg.fault, index)
         # RPC handlers run on a thread pool; BatchNorm's running statistics are
         # state that forward mutates, so one forward at a time.
         self.lock = threading.Lock()
@@ -85,7 +88,10 @@ class Hospital:
         with self.lock:
             self.head.train()
             activations = self.head(images.to(self.device)).cpu()
+            self.forwards += 1
         labels = labels.to(self.label_dtype)
+        if self.fault and self.forwards >= self.fault[1]:
+            activations, labels = inject_fault(self.fault[0], activations, labels, self.cfg.num_classes)
         self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(activations, labels))
         # Fires when distributed autograd delivers the activation gradient from the server.
         activations.register_hook(lambda grad: self.ledger.add(transport.SERVER, "received", comm.tensor_bytes(grad)))
@@ -161,6 +167,7 @@ class Hospital:
         self.ledger.add(transport.SERVER, "received", comm.pickled_bytes(positions))
         with self.lock:
             self.shard.drop(positions)
+            self.dropped = list(positions)
         self.psi = None
         return self.describe()
 
@@ -172,6 +179,66 @@ class Hospital:
 
     def save(self, path: str) -> None:
         torch.save({k: v.cpu() for k, v in self.head.state_dict().items()}, path)
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def checkpoint_steps(self) -> list[int]:
+        return checkpoint.available_steps(self.cfg.checkpoint_dir, transport.hospital_name(self.index))
+
+    def save_checkpoint(self, step: int) -> None:
+        """This hospital's state after ``step`` steps, on this hospital's disk; nothing crosses the network."""
+        name = transport.hospital_name(self.index)
+        with self.lock:
+            state = {
+                "fingerprint": checkpoint.fingerprint(self.cfg), "step": step, "party": name,
+                "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "dropped": self.dropped, "rng": torch.get_rng_state(),
+            }
+            checkpoint.save(self.cfg.checkpoint_dir, step, name, state)
+        checkpoint.prune(self.cfg.checkpoint_dir, name, self.cfg.checkpoint_keep)
+
+    def load_checkpoint(self, step: int) -> dict:
+        """Restore L1, its optimizer and the deduplicated shard; the data order follows from the step."""
+        name = transport.hospital_name(self.index)
+        state = checkpoint.load(self.cfg.checkpoint_dir, step, name, checkpoint.fingerprint(self.cfg))
+        with self.lock:
+            self.head.load_state_dict(state["head"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            if state["dropped"]:
+                self.shard.drop(state["dropped"])
+                self.dropped = list(state["dropped"])
+        return self.describe()
+
+
+def parse_fault(spec: str, index: int) -> tuple[str, int] | None:
+    """--fault hospital<i>:<kind>@<n>: (kind, n) if it names this hospital."""
+    if not spec:
+        return None
+    who, rest = spec.split(":", 1)
+    kind, start = rest.split("@")
+    return (kind, int(start)) if who == transport.hospital_name(index) else None
+
+
+def inject_fault(kind: str, activations: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """Testing: corrupt what this hospital sends, as a faulty or malicious site would."""
+    if kind in ("nan", "inf"):
+        activations = activations.clone()  # in place on a copy, so the graph to L1 stays intact
+        activations[(0 if kind == "nan" else -1,) * activations.dim()] = float(kind)
+    elif kind == "shape":
+        activations = activations[:, :-1]
+    elif kind == "dtype":
+        activations = activations.to(torch.float16)
+    elif kind == "labels":
+        labels = labels.clone()
+        labels[0] = num_classes
+    return activations, labels
+
+
+def _finished(coordinator: transport.Coordinator) -> bool:
+    try:
+        return coordinator.finished()
+    except Exception:
+        raise PeerError("lost the server: the coordination store is gone") from None
 
 
 def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
@@ -194,7 +261,7 @@ def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
     try:
         # The server drives everything through RPC handler threads; this thread
         # only watches that the server is alive until it says it has finished.
-        while not coordinator.finished():
+        while not _finished(coordinator):
             failure = coordinator.failure()
             if failure:
                 raise PeerError(f"run stopped: {failure}", consequence=True)
@@ -207,13 +274,15 @@ def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
                     raise PeerError(f"lost the server: {transport.remote_error_summary(exc)}") from None
                 last_beat = time.monotonic()
             time.sleep(FINISH_POLL_S)
+        coordinator.acknowledge_finish()
     except BaseException as exc:
         if not getattr(exc, "consequence", False):
             # Before tearing down, so that peers see the cause rather than our disappearance.
             exc.first_failure = coordinator.fail(transport.hospital_name(rank), str(exc))
         transport.stop_rpc(graceful=False, timeout_s=0)
         raise
-    transport.stop_rpc(graceful=True, timeout_s=cfg.rpc_timeout)
+    # A graceful stop waits for every party; with a hospital lost on the way it cannot complete.
+    transport.stop_rpc(graceful=not coordinator.lost(), timeout_s=cfg.rpc_timeout)
     if cfg.l1 == "average":
         dist.destroy_process_group()
     return 0

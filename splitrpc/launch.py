@@ -1,23 +1,42 @@
-"""Start a one-host run under torchrun's elastic agent, with the right number of processes.
+"""Start a run under torchrun's elastic agent with the right number of processes.
 
-``splitrpc-train --method split --hospitals 3 ...`` run outside torchrun
-comes here: it starts 1 server + 3 hospitals (or N DDP ranks) on this host
-through torch's elastic launcher, on a free rendezvous port unless
-MASTER_PORT names one, and turns a failed worker into one line instead of
-torchrun's error report.
+One host (``launch/local.sh``, or ``splitrpc-train`` run directly)::
+
+    python -m splitrpc.launch local --method split --hospitals 3 ...
+
+starts 1 server + 3 hospitals (or N DDP ranks, or one local process) through
+torch's elastic launcher (the engine behind ``torchrun``), on a free
+rendezvous port unless MASTER_PORT names one.
+
+Several hosts (``launch/multinode.sh``), one command per host::
+
+    python -m splitrpc.launch multinode --nnodes 4 --node-rank R --master-addr HOST --master-port PORT -- <train options>
+
+uses torchrun's static rendezvous: node ranks fix the layout. Under
+``--method split`` node 0 runs the server alone (rank 0) and every other node
+runs ``--nproc-per-node`` hospitals; under ``--method ddp`` every node runs
+hospitals. ``--print-torchrun`` prints the equivalent torchrun command
+instead of running it.
+
+Either way a failed worker is reported in one line instead of torchrun's
+error report, and a rendezvous that never completes ends with one line after
+``--rdzv-timeout`` seconds.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import shlex
 import socket
 import sys
 import uuid
 
-from splitrpc.errors import UserError
+from splitrpc.errors import UserError, report
 
 SHUTDOWN_GRACE_S = 5  # after one worker fails, the others get this long to exit before SIGKILL
+DEFAULT_RDZV_TIMEOUT_S = 120
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -29,27 +48,26 @@ def _check_port_free(host: str, port: int) -> None:
                             f"or unset it to let splitrpc pick one") from None
 
 
-def launch(cfg, argv: list[str], max_restarts: int = 0) -> int:
-    """Run ``python -m splitrpc.train <argv>`` in cfg.world_size processes on this host."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = int(os.environ.get("MASTER_PORT", "0"))  # 0: the store picks a free port
-    if port:
-        _check_port_free(host, port)
+def _worker_environment() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # splitrpc sets torch's threads itself
+    # Workers host their own store rather than sharing the agent's: after a restart the
+    # new group then starts from an empty store, where RPC's rendezvous keys (which carry
+    # no attempt number) cannot point at the dead processes' ports (pytorch/pytorch#135712).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # TensorPipe logs every pipe that a failed peer closes, and the release of every
+    # distributed-autograd context that can no longer reach it: consequences of a
+    # failure that the workers report themselves in one line. TORCH_CPP_LOG_LEVEL=INFO
+    # brings them back.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     # The agent's own log lines (closing signals, the failed worker's exit code) repeat what
     # the workers report themselves, or what this launcher says below.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size,
-        run_id=f"splitrpc-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d", rdzv_endpoint=f"{host}:{port}",
-        max_restarts=max_restarts, monitor_interval=0.2, start_method="spawn",
-        shutdown_timeout=SHUTDOWN_GRACE_S,
-    )
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # splitrpc sets torch's threads itself
-    # TensorPipe warns on every pipe a failed peer closes; its errors still show.
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
+def _run_agent(config, argv: list[str], rendezvous: str) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "splitrpc.train", *argv)
     except ChildFailedError as exc:
@@ -62,4 +80,129 @@ def launch(cfg, argv: list[str], max_restarts: int = 0) -> int:
             print(f"splitrpc: run failed: rank {rank} was killed{signal_text}", file=sys.stderr, flush=True)
             return 1
         return first.exitcode
+    except Exception as exc:  # the agent's own failures: rendezvous timeouts, unreachable store
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "time" in text.lower() and "out" in text.lower():
+            raise UserError(f"rendezvous at {rendezvous} did not complete within --rdzv-timeout "
+                            f"{config.rdzv_configs.get('timeout')} s ({text}); check that every node runs with the "
+                            f"same --nnodes and can reach that address") from None
+        raise UserError(f"torchrun's agent failed at rendezvous {rendezvous}: {text}") from None
     return 0
+
+
+def launch(cfg, argv: list[str], max_restarts: int = 0) -> int:
+    """Run ``python -m splitrpc.train <argv>`` in cfg.world_size processes on this host."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT", "0"))  # 0: the store picks a free port
+    if port:
+        _check_port_free(host, port)
+    _worker_environment()
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size,
+        run_id=f"splitrpc-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d", rdzv_endpoint=f"{host}:{port}",
+        max_restarts=max_restarts, monitor_interval=0.2, start_method="spawn",
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+    )
+    return _run_agent(config, argv, f"{host}:{port}")
+
+
+def node_processes(cfg, nnodes: int, node_rank: int, per_node: int) -> int:
+    """Processes this node starts: the server alone on node 0 under split, else ``per_node`` hospitals."""
+    if not 0 <= node_rank < nnodes:
+        raise UserError(f"--node-rank {node_rank} is outside 0..{nnodes - 1}")
+    if cfg.method == "local":
+        raise UserError("--method local runs in one process; it has no multi-node layout")
+    if cfg.method == "split":
+        expected = 1 + (nnodes - 1) * per_node
+        if nnodes < 2 or expected != cfg.world_size:
+            raise UserError(f"--nnodes {nnodes} with --nproc-per-node {per_node} gives {expected} processes (the "
+                            f"server on node 0, {per_node} hospital(s) on each other node) but --hospitals "
+                            f"{cfg.hospitals} needs {cfg.world_size}")
+        return 1 if node_rank == 0 else per_node
+    if nnodes * per_node != cfg.world_size:
+        raise UserError(f"--nnodes {nnodes} x --nproc-per-node {per_node} = {nnodes * per_node} ranks but "
+                        f"--method ddp --hospitals {cfg.hospitals} needs {cfg.world_size}")
+    return per_node
+
+
+def multinode(args, train_argv: list[str]) -> int:
+    from splitrpc.config import parse_args
+
+    cfg = parse_args(train_argv)
+    nproc = node_processes(cfg, args.nnodes, args.node_rank, args.nproc_per_node)
+    endpoint = f"{args.master_addr}:{args.master_port}"
+    torchrun = ["torchrun", "--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank),
+                "--nproc-per-node", str(nproc), "--rdzv-backend", "static", "--rdzv-endpoint", endpoint,
+                "--rdzv-id", args.run_id, "--rdzv-conf", f"timeout={args.rdzv_timeout}",
+                "-m", "splitrpc.train", *train_argv]
+    if args.print_torchrun:
+        print(shlex.join(torchrun))
+        return 0
+    from torch.distributed.launcher.api import LaunchConfig
+
+    _worker_environment()
+    config = LaunchConfig(
+        min_nodes=args.nnodes, max_nodes=args.nnodes, nproc_per_node=nproc, run_id=args.run_id,
+        rdzv_backend="static", rdzv_endpoint=endpoint,
+        rdzv_configs={"rank": args.node_rank, "timeout": args.rdzv_timeout},
+        max_restarts=0, monitor_interval=0.2, start_method="spawn", shutdown_timeout=SHUTDOWN_GRACE_S,
+        local_addr=args.local_addr,
+    )
+    return _run_agent(config, train_argv, endpoint)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m splitrpc.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    sub.add_parser("local", help="one host; every other argument goes to splitrpc-train", add_help=False)
+    world = sub.add_parser("world-size", help="print the processes a run needs", add_help=False)
+    del world
+    node = sub.add_parser("multinode", help="one node of a multi-host run")
+    node.add_argument("--nnodes", type=int, required=True)
+    node.add_argument("--node-rank", type=int, required=True)
+    node.add_argument("--nproc-per-node", type=int, default=1, help="hospitals on this node (not node 0 under split)")
+    node.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", ""))
+    node.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "29500")))
+    node.add_argument("--rdzv-endpoint", default="", help="HOST:PORT, instead of --master-addr/--master-port")
+    node.add_argument("--rdzv-timeout", type=int, default=DEFAULT_RDZV_TIMEOUT_S)
+    node.add_argument("--run-id", default="splitrpc", help="the same on every node")
+    node.add_argument("--local-addr", default=None, help="this node's address as the others reach it")
+    node.add_argument("--print-torchrun", action="store_true", help="print the torchrun command instead")
+    if argv and argv[0] in ("local", "world-size"):
+        mode, rest = argv[0], argv[1:]
+    else:
+        if "--" in argv:
+            split = argv.index("--")
+            ours, rest = argv[:split], argv[split + 1:]
+        else:
+            ours, rest = argv, []
+        args = parser.parse_args(ours)
+        mode = args.mode
+    try:
+        from splitrpc.config import parse_args
+
+        if mode == "world-size":
+            print(parse_args(rest).world_size)
+            return 0
+        if mode == "local":
+            from splitrpc.train import main as train_main
+
+            return train_main(rest)  # run directly, splitrpc-train starts the one-host group itself
+        if args.rdzv_endpoint:
+            host, _, port = args.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit():
+                raise UserError(f"--rdzv-endpoint: expected HOST:PORT, got {args.rdzv_endpoint!r}")
+            args.master_addr, args.master_port = host, int(port)
+        if not args.master_addr:
+            raise UserError("give --master-addr (node 0's address, reachable from every node) or --rdzv-endpoint")
+        return multinode(args, rest)
+    except UserError as exc:
+        return report(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,9 +12,9 @@ from typing import Callable, Sequence
 from splitrpc.optim import LRSchedule
 from splitrpc.record import Progress, summarize_epoch
 
-# train_step(epoch, step_in_epoch, participants, lr) -> (loss, samples)
-TrainStep = Callable[[int, int, Sequence, float], tuple[float, int]]
-# evaluate() -> test accuracy per hospital (one entry for a single model)
+# train_step(epoch, step_in_epoch, participants, lr) -> (loss, samples); loss None: nothing to train on
+TrainStep = Callable[[int, int, Sequence, float], tuple[float | None, int]]
+# evaluate() -> test accuracy per hospital (one entry for a single model; None for a lost hospital)
 Evaluate = Callable[[], list]
 
 
@@ -22,65 +22,111 @@ def _nothing(*_):
     return None
 
 
-def run(cfg, plan: list, train_step: TrainStep, evaluate: Evaluate, who: str,
-        lr_schedule: LRSchedule | None = None, on_step_end: Callable[[int], None] = _nothing,
-        switch_phase: Callable[[str], None] = _nothing,
-        reduce_losses: Callable[[list[float], list[int]], list[float]] | None = None, quiet: bool = False) -> dict:
-    """Train for cfg.epochs over ``plan`` (the steps of one epoch); return the record's training part.
+class Loop:
+    """Train for cfg.epochs over ``plan`` (the steps of one epoch).
 
-    ``switch_phase("train" | "eval")`` marks where communication accounting
-    changes phase; ``reduce_losses`` turns each step's local loss into the
-    global one (DDP ranks see only their own batch), after the epoch.
+    ``on_step_end(steps_done)`` runs after every step (L1 averaging,
+    checkpoints); ``switch_phase("train" | "eval")`` marks where
+    communication accounting changes phase; ``reduce_losses`` turns each
+    step's local loss into the global one after an epoch (DDP ranks see only
+    their own batch). ``state_dict``/``load_state_dict`` let a run resume at
+    any step with the same history.
     """
-    schedule = lr_schedule or LRSchedule(cfg, len(plan))
-    progress = Progress(cfg, len(plan), who, quiet)
-    epochs, step_losses = [], []
-    global_step, train_seconds, samples_total = 0, 0.0, 0
-    stopped = False
-    lr = schedule(0)
-    for epoch in range(cfg.epochs):
-        switch_phase("train")
-        losses, counts, samples, t0 = [], [], 0, time.perf_counter()
-        for index, participants in enumerate(plan):
-            lr = schedule(global_step)
-            loss, n = train_step(epoch, index, participants, lr)
-            losses.append(loss)
-            counts.append(n)
-            samples += n
-            on_step_end(global_step)
-            progress.step(global_step, epoch, loss, n, lr)
-            global_step += 1
-            if cfg.max_steps and global_step >= cfg.max_steps:
-                stopped = True
-                break
-        seconds = time.perf_counter() - t0
-        switch_phase("eval")
-        if reduce_losses is not None:
-            losses = reduce_losses(losses, counts)
-        train_seconds += seconds
-        samples_total += samples
-        step_losses.extend(losses)
+
+    def __init__(self, cfg, plan: list, train_step: TrainStep, evaluate: Evaluate, who: str,
+                 lr_schedule: LRSchedule | None = None, on_step_end: Callable[[int], None] = _nothing,
+                 switch_phase: Callable[[str], None] = _nothing,
+                 reduce_losses: Callable[[list[float], list[int]], list[float]] | None = None, quiet: bool = False):
+        self.cfg, self.plan, self.who = cfg, plan, who
+        self.train_step, self.evaluate = train_step, evaluate
+        self.schedule = lr_schedule or LRSchedule(cfg, len(plan))
+        self.on_step_end, self.switch_phase, self.reduce_losses = on_step_end, switch_phase, reduce_losses
+        self.progress = Progress(cfg, len(plan), who, quiet)
+        self.state = {
+            "steps_done": 0, "epochs": [], "step_losses": [], "train_seconds": 0.0, "samples": 0,
+            # the epoch in progress
+            "losses": [], "counts": [], "epoch_samples": 0, "epoch_seconds": 0.0,
+        }
+
+    def state_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}
+        self.progress.print(f"resumed at step {self.state['steps_done']}")
+
+    @property
+    def total_steps(self) -> int:
+        total = len(self.plan) * self.cfg.epochs
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+
+    def run(self) -> dict:
+        cfg, state, steps_per_epoch = self.cfg, self.state, len(self.plan)
+        lr = self.schedule(max(0, state["steps_done"] - 1))
+        if state["steps_done"] and state["steps_done"] % steps_per_epoch == 0 and state["counts"]:
+            # Resumed from a checkpoint taken at the last step of an epoch, before its evaluation.
+            self._end_epoch(state["steps_done"] // steps_per_epoch - 1, lr)
+        while state["steps_done"] < self.total_steps:
+            epoch, first = divmod(state["steps_done"], steps_per_epoch)
+            self.switch_phase("train")
+            t0 = time.perf_counter()
+            for index in range(first, steps_per_epoch):
+                step = state["steps_done"]
+                lr = self.schedule(step)
+                loss, n = self.train_step(epoch, index, self.plan[index], lr)
+                state["steps_done"] += 1
+                if loss is not None:
+                    state["losses"].append(loss)
+                    state["counts"].append(n)
+                    state["epoch_samples"] += n
+                    self.progress.step(step, epoch, loss, n, lr)
+                self.on_step_end(state["steps_done"])
+                state["epoch_seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if state["steps_done"] >= self.total_steps:
+                    break
+            self._end_epoch(epoch, lr)
+        return self.result()
+
+    def _end_epoch(self, epoch: int, lr: float) -> None:
+        state, cfg = self.state, self.cfg
+        self.switch_phase("eval")
+        losses = state["losses"]
+        if self.reduce_losses is not None:
+            losses = self.reduce_losses(losses, state["counts"])
+        stopped = state["steps_done"] >= self.total_steps
         last = stopped or epoch + 1 == cfg.epochs
-        accuracies = evaluate() if last or (epoch + 1) % cfg.eval_every == 0 else None
-        entry = summarize_epoch(epoch, losses, samples, seconds, lr, accuracies)
-        epochs.append(entry)
+        accuracies = self.evaluate() if last or (epoch + 1) % cfg.eval_every == 0 else None
+        entry = summarize_epoch(epoch, losses, state["epoch_samples"], state["epoch_seconds"], lr, accuracies)
+        state["epochs"].append(entry)
+        state["step_losses"].extend(losses)
+        state["train_seconds"] += state["epoch_seconds"]
+        state["samples"] += state["epoch_samples"]
+        state.update(losses=[], counts=[], epoch_samples=0, epoch_seconds=0.0)
         message = f"epoch {epoch + 1} done: train loss {entry['train_loss']:.4f}"
         if accuracies is not None:
-            message += (f", test acc mean {entry['test_acc_mean']:.4f} min {entry['test_acc_min']:.4f}")
-        progress.print(message)
-        if stopped:
-            break
-    result = {
-        "steps_per_epoch": len(plan),
-        "steps": global_step,
-        "stopped_early": stopped,
-        "epochs": epochs,
-        "train_time_s": train_seconds,
-        "samples": samples_total,
-        "samples_per_s": samples_total / train_seconds if train_seconds else None,
-        "final_test_acc": epochs[-1].get("test_acc_mean"),
-        "final_test_acc_min": epochs[-1].get("test_acc_min"),
-    }
-    if cfg.record_step_losses:
-        result["step_losses"] = step_losses
-    return result
+            message += f", test acc mean {entry['test_acc_mean']:.4f} min {entry['test_acc_min']:.4f}"
+        self.progress.print(message)
+
+    def result(self) -> dict:
+        state = self.state
+        last = state["epochs"][-1] if state["epochs"] else {}
+        result = {
+            "steps_per_epoch": len(self.plan),
+            "steps": state["steps_done"],
+            "stopped_early": state["steps_done"] < len(self.plan) * self.cfg.epochs,
+            "epochs": state["epochs"],
+            "train_time_s": state["train_seconds"],
+            "samples": state["samples"],
+            "samples_per_s": state["samples"] / state["train_seconds"] if state["train_seconds"] else None,
+            "final_test_acc": last.get("test_acc_mean"),
+            "final_test_acc_min": last.get("test_acc_min"),
+        }
+        if self.cfg.record_step_losses:
+            result["step_losses"] = state["step_losses"]
+        return result
+
+
+def run(cfg, plan: list, train_step: TrainStep, evaluate: Evaluate, who: str, **options) -> dict:
+    """A whole run in one call (for trainers that neither checkpoint nor resume)."""
+    return Loop(cfg, plan, train_step, evaluate, who, **options).run()

@@ -161,6 +161,7 @@ def activation_shape(model: nn.Sequential, cut: int, image_shape=(3, 32, 32)) ->
     head, _ = split_model(model, cut)
     was_training = head.training
     head.eval()
-    shape = tuple(head(torch.zeros(1, *image_shape)).shape[1:])
+    dtype = next(head.parameters()).dtype
+    shape = tuple(head(torch.zeros(1, *image_shape, dtype=dtype)).shape[1:])
     head.train(was_training)
     return shape

@@ -108,9 +108,10 @@ def summarize_epoch(epoch: int, losses: list[float], samples: int, seconds: floa
         "lr_end": lr,
     }
     if accuracies is not None:
+        live = [a for a in accuracies if a is not None]  # None: a hospital lost during the run
         entry["test_acc_per_hospital"] = accuracies
-        entry["test_acc_mean"] = sum(accuracies) / len(accuracies)
-        entry["test_acc_min"] = min(accuracies)
+        entry["test_acc_mean"] = sum(live) / len(live)
+        entry["test_acc_min"] = min(live)
     return entry
 
 

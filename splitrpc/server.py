@@ -6,6 +6,10 @@ labels, and it sends back only the gradient of those activations (through
 distributed autograd). It also drives the one optimizer path: at every step
 it evaluates the learning rate once and hands it to the trunk's optimizer
 and, with the step command, to each participating hospital's L1 optimizer.
+
+Everything a hospital sends is checked before it touches the trunk. A
+hospital that dies, hangs or sends an invalid message either stops the run
+(``--on-hospital-failure abort``) or is left out from then on (``continue``).
 """
 
 from __future__ import annotations
@@ -21,22 +25,59 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
-from splitrpc import comm, data, dedup, loop, record, transport
-from splitrpc.errors import PeerError
-from splitrpc.hospital import Hospital, label_dtype, l1_sync_numel
+from splitrpc import checkpoint, comm, data, dedup, loop, record, transport
+from splitrpc.errors import PeerError, UserError
+from splitrpc.hospital import Hospital, l1_sync_numel, label_dtype
 from splitrpc.models import activation_shape, model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
 
 
+class HospitalFailure(PeerError):
+    """Hospital ``index`` died, hung, raised, or sent something invalid."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+def message_problem(activations, labels, batch: int, activation_shape: tuple, dtype: torch.dtype,
+                    label_dtype: torch.dtype, num_classes: int) -> str | None:
+    """What is wrong with a hospital's (activations, labels), or None if nothing is."""
+    if not isinstance(activations, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        return "something other than (activations, labels) tensors"
+    if activations.dtype != dtype:
+        return f"activations of dtype {activations.dtype}, expected {dtype}"
+    if labels.dtype != label_dtype or labels.dim() != 1:
+        return f"labels of dtype {labels.dtype} and shape {tuple(labels.shape)}, expected {label_dtype} of shape ({batch},)"
+    expected = (batch, *activation_shape)
+    if tuple(activations.shape) != expected or len(labels) != batch:
+        return f"activations of shape {tuple(activations.shape)} with {len(labels)} labels, expected {expected}"
+    bad = (~torch.isfinite(activations.detach())).sum().item()
+    if bad:
+        return f"{bad} non-finite activation values"
+    low, high = labels.min().item(), labels.max().item()
+    if low < 0 or high >= num_classes:
+        return f"labels outside 0..{num_classes - 1} (found {low}..{high})"
+    return None
+
+
 class Hospitals:
-    """RRefs to the Hospital objects, with every call bounded by --rpc-timeout and
-    every failure turned into one line that names the hospital."""
+    """RRefs to the Hospital objects. Every call is bounded by --rpc-timeout and every
+    failure becomes a HospitalFailure whose one line names the hospital."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.names = [transport.hospital_name(i) for i in range(1, cfg.hospitals + 1)]
         self.rrefs = [rpc.remote(name, Hospital, args=(cfg, i), timeout=cfg.setup_timeout)
                       for i, name in enumerate(self.names, start=1)]
+        self.lost: dict[int, dict] = {}  # index -> {name, step, error}
+
+    @property
+    def live(self) -> list[int]:
+        return [i for i in range(1, self.cfg.hospitals + 1) if i not in self.lost]
+
+    def name(self, index: int) -> str:
+        return self.names[index - 1]
 
     def call_async(self, index: int, method: str, *args, timeout: float | None = None):
         """Start ``Hospital.<method>(*args)`` on hospital ``index`` (1-based); returns a future."""
@@ -47,20 +88,28 @@ class Hospitals:
         try:
             return future.wait()
         except Exception as exc:
-            raise PeerError(f"{self.names[index - 1]}: {transport.remote_error_summary(exc)}") from None
+            raise HospitalFailure(index, f"{self.name(index)}: {transport.remote_error_summary(exc)}") from None
 
-    def call_all(self, indices: Sequence[int], method: str, *args, timeout: float | None = None) -> list:
+    def call_all(self, method: str, *args, indices: Sequence[int] | None = None, timeout: float | None = None) -> list:
+        indices = self.live if indices is None else indices
         futures = [self.call_async(i, method, *args, timeout=timeout) for i in indices]
         return [self.wait(i, f) for i, f in zip(indices, futures)]
 
-    @property
-    def all(self) -> list[int]:
-        return list(range(1, self.cfg.hospitals + 1))
+    def unresponsive(self, indices: Sequence[int]) -> list[int]:
+        """Which of ``indices`` do not answer a trivial call within --rpc-timeout."""
+        futures = {i: self.call_async(i, "describe") for i in indices}
+        dead = []
+        for i, f in futures.items():
+            try:
+                f.wait()
+            except Exception:
+                dead.append(i)
+        return dead
 
 
 class Server:
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, coordinator: transport.Coordinator):
+        self.cfg, self.coordinator = cfg, coordinator
         self.device = transport.compute_device(cfg)
         self.ledger = comm.Ledger(transport.SERVER)
         model = model_for(cfg)
@@ -69,20 +118,38 @@ class Server:
         _, self.trunk = split_model(model, cfg.cut)
         self.trunk.to(self.device)
         self.optimizer = make_optimizer(cfg, self.trunk.parameters())
+        self.dtype = getattr(torch, cfg.dtype)
+        self.label_dtype = label_dtype(cfg.num_classes)
+        self.element_size = torch.empty((), dtype=self.dtype).element_size()
         self.hospitals = Hospitals(cfg)
         # Construction on a hospital loads its shard; a failure there surfaces here.
-        self.info = self.hospitals.call_all(self.hospitals.all, "describe", timeout=cfg.setup_timeout)
-        self.element_size = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
-        # Where the server's training time goes (seconds).
+        self.info = self.hospitals.call_all("describe", timeout=cfg.setup_timeout)
+        self.fingerprint = checkpoint.fingerprint(cfg)
+        self.loop: loop.Loop | None = None
+        self.checkpoint_every = 0
+        self.dedup_record: dict | None = None
+        # Where the server's training time goes (seconds), and what ran (for analytic bytes).
         self.time = defaultdict(float)
         self.steps_done: list[list[tuple[int, int]]] = []
         self.l1_syncs = 0
         self.evaluations = 0
 
+    # --- phases and deduplication ---------------------------------------------------------
+    def call_live(self, method: str, *args) -> list:
+        """Call every live hospital; one that fails is handled by --on-hospital-failure."""
+        futures = [(h, self.hospitals.call_async(h, method, *args)) for h in self.hospitals.live]
+        replies = []
+        for h, f in futures:
+            try:
+                replies.append(self.hospitals.wait(h, f))
+            except HospitalFailure as failure:
+                self.lose(failure, self.loop.state["steps_done"] if self.loop else 0)
+        return replies
+
     def switch_phase(self, phase: str) -> None:
         """Close the current accounting phase on every party at (nearly) the same moment."""
         self.ledger.switch(phase)
-        self.hospitals.call_all(self.hospitals.all, "switch_phase", phase)
+        self.call_live("switch_phase", phase)
 
     def deduplicate(self) -> dict:
         """Before training: keep exactly one copy of every record that several hospitals hold.
@@ -90,23 +157,23 @@ class Server:
         The server sees keyed tokens (or, keyless, doubly blinded group values)
         and decides which copies go; it never sees an identity, a pixel or a key.
         """
-        cfg, hospitals, ids = self.cfg, self.hospitals, self.hospitals.all
+        cfg, hospitals, ids = self.cfg, self.hospitals, self.hospitals.live
         started = time.perf_counter()
         self.switch_phase("dedup")
         before = [i["train_samples"] for i in self.info]
 
         def call(h, method, *args):
             # Bounded by --setup-timeout: tokens for a large shard take a while to compute.
-            self.ledger.add(hospitals.names[h - 1], "sent", comm.pickled_bytes(args))
+            self.ledger.add(hospitals.name(h), "sent", comm.pickled_bytes(args))
             reply = hospitals.wait(h, hospitals.call_async(h, method, *args, timeout=cfg.setup_timeout))
-            self.ledger.add(hospitals.names[h - 1], "received", comm.pickled_bytes(reply))
+            self.ledger.add(hospitals.name(h), "received", comm.pickled_bytes(reply))
             return reply
 
         if cfg.dedup == "hmac":
             futures = {h: hospitals.call_async(h, "dedup_message", timeout=cfg.setup_timeout) for h in ids}
             messages = {h: hospitals.wait(h, f) for h, f in futures.items()}
             for h, message in messages.items():
-                self.ledger.add(hospitals.names[h - 1], "received", comm.pickled_bytes(message))
+                self.ledger.add(hospitals.name(h), "received", comm.pickled_bytes(message))
             drops, stats = dedup.server_plan(messages)
         else:
             firsts = {h: call(h, "psi_first") for h in ids}
@@ -115,11 +182,7 @@ class Server:
             drops, stats = dedup.plan_removals(tokens)
         self.info = [call(h, "dedup_drop", drops.get(h, [])) for h in ids]
         self.switch_phase("setup")
-        numel = 1
-        for d in self.activation_shape:
-            numel *= d
-        label = torch.empty((), dtype=label_dtype(cfg.num_classes)).element_size()
-        per_sample = 2 * numel * self.element_size + label  # activation and label up, gradient down
+        per_sample = 2 * self.activation_numel * self.element_size + self._label_size  # act + label up, grad down
         dropped = sum(before) - sum(i["train_samples"] for i in self.info)
         return {
             "mode": cfg.dedup,
@@ -132,14 +195,66 @@ class Server:
             "training_bytes_saved_per_epoch": dropped * per_sample,
         }
 
-    def _receive(self, hospital: int, activations: torch.Tensor, labels: torch.Tensor) -> None:
-        name = self.hospitals.names[hospital - 1]
+    @property
+    def activation_numel(self) -> int:
+        numel = 1
+        for d in self.activation_shape:
+            numel *= d
+        return numel
+
+    @property
+    def _label_size(self) -> int:
+        return torch.empty((), dtype=self.label_dtype).element_size()
+
+    # --- what a hospital sends ------------------------------------------------------------
+    def _receive(self, hospital: int, activations, labels, batch: int) -> None:
+        """Check a hospital's message before it touches the trunk, and count it."""
+        name = self.hospitals.name(hospital)
+        problem = message_problem(activations, labels, batch, self.activation_shape, self.dtype, self.label_dtype,
+                                  self.cfg.num_classes)
+        if problem:
+            raise HospitalFailure(hospital, f"{name} sent {problem}; rejected before the trunk")
         self.ledger.add(name, "received", comm.tensor_bytes(activations, labels))
         if activations.requires_grad:  # the gradient distributed autograd will send back
             activations.register_hook(lambda grad: self.ledger.add(name, "sent", comm.tensor_bytes(grad)))
 
-    def train_step(self, epoch: int, index: int, participants: Sequence[tuple[int, int]], lr: float) -> tuple[float, int]:
+    def lose(self, failure: HospitalFailure, step: int) -> None:
+        """--on-hospital-failure: stop the run, or leave the hospital out from now on."""
+        if self.cfg.on_hospital_failure == "abort":
+            saved = checkpoint.available_steps(self.cfg.checkpoint_dir, transport.SERVER) if self.cfg.checkpoint_dir else []
+            if saved:
+                raise PeerError(f"{failure} (stopped; --resume continues from the checkpoint of step {saved[-1]})") \
+                    from None
+            raise failure
+        name = self.hospitals.name(failure.index)
+        self.hospitals.lost[failure.index] = {"name": name, "step": step, "error": str(failure)}
+        self.coordinator.mark_lost(name)
+        print(f"[server] lost {failure}; continuing with {len(self.hospitals.live)} hospitals", flush=True)
+        if not self.hospitals.live:
+            raise PeerError("every hospital has been lost") from None
+
+    # --- training ---------------------------------------------------------------------------
+    def train_step(self, epoch: int, index: int, participants: Sequence[tuple[int, int]], lr: float):
         """One optimizer step over the batches of ``participants`` [(hospital, batch), ...]."""
+        step = self.loop.state["steps_done"] if self.loop else 0
+        while True:
+            live = [(h, b) for h, b in participants if h not in self.hospitals.lost]
+            if not live:
+                return None, 0  # every hospital of this step is gone: the schedule moves on without it
+            try:
+                return self._step(epoch, live, lr)
+            except HospitalFailure as failure:
+                self.lose(failure, step)  # raises under abort; otherwise retry without it
+            except PeerError:
+                # The backward pass failed without saying which peer: ask them.
+                dead = self.hospitals.unresponsive([h for h, _ in live])
+                if not dead:
+                    raise
+                for h in dead:
+                    self.lose(HospitalFailure(h, f"{self.hospitals.name(h)}: did not answer after a failed "
+                                                 f"backward pass"), step)
+
+    def _step(self, epoch: int, participants: Sequence[tuple[int, int]], lr: float) -> tuple[float, int]:
         hospitals, clock = self.hospitals, self.time
         with dist_autograd.context() as context_id:
             t0 = time.perf_counter()
@@ -148,7 +263,7 @@ class Server:
             received = [hospitals.wait(h, f) for (h, _), f in zip(participants, futures)]
             t1 = time.perf_counter()
             for (h, _), (activations, labels) in zip(participants, received):
-                self._receive(h, activations, labels)
+                self._receive(h, activations, labels, self.cfg.batch_size)
             activations = torch.cat([a for a, _ in received]) if len(received) > 1 else received[0][0]
             labels = torch.cat([y for _, y in received]).long()
             logits = self.trunk(activations.to(self.device))
@@ -157,7 +272,10 @@ class Server:
             try:
                 dist_autograd.backward(context_id, [loss])  # sends each hospital its activation gradient
             except Exception as exc:
-                names = ", ".join(hospitals.names[h - 1] for h, _ in participants)
+                names = ", ".join(hospitals.name(h) for h, _ in participants)
+                if len(participants) == 1:
+                    raise HospitalFailure(participants[0][0], f"backward pass to {names} failed: "
+                                          f"{transport.remote_error_summary(exc)}") from None
                 raise PeerError(f"backward pass to {names} failed: {transport.remote_error_summary(exc)}") from None
             t3 = time.perf_counter()
             # The concatenated loss averages over every participant's samples; scaling a
@@ -178,43 +296,110 @@ class Server:
         self.steps_done.append(list(participants))
         return loss.item(), len(labels)
 
-    def after_step(self, global_step: int) -> None:
-        if self.cfg.l1 == "average" and (global_step + 1) % self.cfg.l1_sync_every == 0:
-            self.hospitals.call_all(self.hospitals.all, "average_l1")
+    def after_step(self, steps_done: int) -> None:
+        if self.cfg.l1 == "average" and steps_done % self.cfg.l1_sync_every == 0:
+            self.hospitals.call_all("average_l1")
             self.l1_syncs += 1
+        if self.checkpoint_every and steps_done % self.checkpoint_every == 0:
+            self.save_checkpoint(steps_done)
 
     @torch.no_grad()
-    def evaluate(self) -> list[float]:
+    def evaluate(self) -> list[float | None]:
         """Each hospital's model (its L1 + the trunk) on the test set, forward only."""
         self.trunk.eval()
-        accuracies = []
+        accuracies: list[float | None] = []
         try:
-            for h, info in zip(self.hospitals.all, self.info):
-                correct, seen = 0, 0
-                pending = self.hospitals.call_async(h, "eval_forward", 0)
-                for b in range(info["test_batches"]):
-                    activations, labels = self.hospitals.wait(h, pending)
-                    self._receive(h, activations, labels)
-                    if b + 1 < info["test_batches"]:  # the next batch travels while this one is scored
-                        pending = self.hospitals.call_async(h, "eval_forward", b + 1)
-                    predictions = self.trunk(activations.to(self.device)).argmax(1).cpu()
-                    correct += (predictions == labels.long()).sum().item()
-                    seen += len(labels)
-                accuracies.append(correct / seen)
+            for h, info in zip(range(1, self.cfg.hospitals + 1), self.info):
+                if h in self.hospitals.lost:
+                    accuracies.append(None)
+                    continue
+                try:
+                    accuracies.append(self._evaluate_hospital(h, info))
+                except HospitalFailure as failure:
+                    self.lose(failure, self.loop.state["steps_done"] if self.loop else 0)
+                    accuracies.append(None)
         finally:
             self.trunk.train()
         self.evaluations += 1
         return accuracies
 
+    def _evaluate_hospital(self, h: int, info: dict) -> float:
+        correct, seen = 0, 0
+        batches, size = info["test_batches"], self.cfg.eval_batch_size
+        pending = self.hospitals.call_async(h, "eval_forward", 0)
+        for b in range(batches):
+            activations, labels = self.hospitals.wait(h, pending)
+            self._receive(h, activations, labels, min(size, info["test_samples"] - b * size))
+            if b + 1 < batches:  # the next batch travels while this one is scored
+                pending = self.hospitals.call_async(h, "eval_forward", b + 1)
+            predictions = self.trunk(activations.to(self.device)).argmax(1).cpu()
+            correct += (predictions == labels.long()).sum().item()
+            seen += len(labels)
+        return correct / seen
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self, steps_done: int) -> None:
+        """Every live party saves its own state for this step, on its own disk, at once.
+
+        The server writes its file last, once every hospital has confirmed its own:
+        a server checkpoint at a step therefore marks a complete set.
+        """
+        futures = [(h, self.hospitals.call_async(h, "save_checkpoint", steps_done, timeout=self.cfg.setup_timeout))
+                   for h in self.hospitals.live]
+        for h, f in futures:
+            try:
+                self.hospitals.wait(h, f)
+            except HospitalFailure as failure:
+                self.lose(failure, steps_done)
+        state = {
+            "fingerprint": self.fingerprint, "step": steps_done, "party": transport.SERVER,
+            "trunk": self.trunk.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "loop": self.loop.state_dict(), "lost": dict(self.hospitals.lost), "dedup": self.dedup_record,
+            "rng": torch.get_rng_state(),
+        }
+        checkpoint.save(self.cfg.checkpoint_dir, steps_done, transport.SERVER, state)
+        checkpoint.prune(self.cfg.checkpoint_dir, transport.SERVER, self.cfg.checkpoint_keep)
+
+    def newest_checkpoint(self) -> int | None:
+        """The newest step for which the server and every hospital live at that step have a file."""
+        if not self.cfg.checkpoint_dir:
+            return None
+        cache: dict[int, list[int]] = {}
+        for step in reversed(checkpoint.available_steps(self.cfg.checkpoint_dir, transport.SERVER)):
+            state = checkpoint.load(self.cfg.checkpoint_dir, step, transport.SERVER, self.fingerprint)
+            needed = [h for h in range(1, self.cfg.hospitals + 1) if h not in state["lost"]]
+            ok = True
+            for h in needed:
+                if h not in cache:
+                    try:
+                        cache[h] = self.hospitals.wait(h, self.hospitals.call_async(h, "checkpoint_steps"))
+                    except HospitalFailure:
+                        cache[h] = []
+                ok = ok and step in cache[h]
+            if ok:
+                return step
+        return None
+
+    def resume(self, step: int) -> None:
+        state = checkpoint.load(self.cfg.checkpoint_dir, step, transport.SERVER, self.fingerprint)
+        self.trunk.load_state_dict(state["trunk"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        self.hospitals.lost = {int(k): v for k, v in state["lost"].items()}
+        for lost in self.hospitals.lost.values():
+            self.coordinator.mark_lost(lost["name"])
+        self.dedup_record = state["dedup"]
+        restored = self.hospitals.call_all("load_checkpoint", step, timeout=self.cfg.setup_timeout)
+        info = iter(restored)
+        self.info = [next(info) if h not in self.hospitals.lost else old
+                     for h, old in zip(range(1, self.cfg.hospitals + 1), self.info)]
+        self.loop.load_state_dict(state["loop"])
+
+    # --- the record -------------------------------------------------------------------------
     def analytic(self) -> dict[str, dict]:
         """Bytes implied by shapes alone, for the steps and evaluations that ran."""
         cfg = self.cfg
-        numel = 1
-        for d in self.activation_shape:
-            numel *= d
-        element = self.element_size
-        label = torch.empty((), dtype=label_dtype(cfg.num_classes)).element_size()
-        up, down = comm.split_step_bytes(cfg.batch_size, numel, element, label)
+        up, down = comm.split_step_bytes(cfg.batch_size, self.activation_numel, self.element_size, self._label_size)
         tables = {"train": defaultdict(lambda: defaultdict(float)), "eval": defaultdict(lambda: defaultdict(float))}
         for table in tables.values():
             for name in [transport.SERVER, *self.hospitals.names]:  # every party, even one that never took part
@@ -222,24 +407,29 @@ class Server:
         train = tables["train"]
         for participants in self.steps_done:
             for h, _ in participants:
-                name = self.hospitals.names[h - 1]
+                name = self.hospitals.name(h)
                 train[name]["sent"] += up
                 train[name]["received"] += down
-                train["server"]["received"] += up
-                train["server"]["sent"] += down
+                train[transport.SERVER]["received"] += up
+                train[transport.SERVER]["sent"] += down
         if self.l1_syncs:
-            ring = comm.ring_allreduce_bytes(self.l1_numel * element, cfg.hospitals)
+            ring = comm.ring_allreduce_bytes(self.l1_numel * self.element_size, cfg.hospitals)
             for name in self.hospitals.names:
                 train[name]["sent"] += self.l1_syncs * ring
                 train[name]["received"] += self.l1_syncs * ring
-        for name, info in zip(self.hospitals.names, self.info):
-            per_eval = info["test_samples"] * (numel * element + label)
-            tables["eval"][name]["sent"] += self.evaluations * per_eval
-            tables["eval"]["server"]["received"] += self.evaluations * per_eval
+        for h, info in zip(range(1, cfg.hospitals + 1), self.info):
+            if h in self.hospitals.lost:
+                continue  # a lost hospital's evaluations are not counted (they may have been cut short)
+            per_eval = info["test_samples"] * (self.activation_numel * self.element_size + self._label_size)
+            tables["eval"][self.hospitals.name(h)]["sent"] += self.evaluations * per_eval
+            tables["eval"][transport.SERVER]["received"] += self.evaluations * per_eval
+        for table in tables.values():
+            for lost in self.hospitals.lost.values():
+                table.pop(lost["name"], None)  # a lost hospital reports nothing; its row is left out everywhere
         return {phase: comm.party_table(t) for phase, t in tables.items()}
 
     def communication(self, steps_per_epoch: int, train_seconds: float) -> dict:
-        reports = [self.ledger.report()] + self.hospitals.call_all(self.hospitals.all, "comm_report")
+        reports = [self.ledger.report()] + self.call_live("comm_report")
         analytic = self.analytic()
         phases = {}
         for phase in comm.PHASES:
@@ -259,7 +449,8 @@ class Server:
             if table is None or not steps:
                 return None
             scale = steps_per_epoch / steps
-            per_hospital = [table[n]["sent"] + table[n]["received"] for n in self.hospitals.names]
+            names = [self.hospitals.name(h) for h in self.hospitals.live]
+            per_hospital = [table.get(n, {}).get("sent", 0) + table.get(n, {}).get("received", 0) for n in names]
             return {"total": table["total"] * scale, "per_hospital": sum(per_hospital) / len(per_hospital) * scale}
 
         waiting = self.time["waiting_for_activations"] + self.time["waiting_for_hospital_steps"]
@@ -271,6 +462,7 @@ class Server:
             "steps_per_epoch": steps_per_epoch,
             "extrapolated": steps % steps_per_epoch != 0,
             "per_epoch": {kind: per_epoch(phases["train"][f"{kind}_bytes"]) for kind in ("analytic", "payload", "tcp")},
+            "lost_hospitals": [lost["name"] for lost in self.hospitals.lost.values()],
             "server_time_s": dict(self.time),
             # Time the server sat waiting for hospitals (their compute and the network), as a share of training.
             "wait_share": waiting / train_seconds if train_seconds else None,
@@ -279,9 +471,15 @@ class Server:
     def save(self, directory: str) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         torch.save({k: v.cpu() for k, v in self.trunk.state_dict().items()}, Path(directory) / "trunk.pt")
-        paths = [str(Path(directory).resolve() / f"head-{name}.pt") for name in self.hospitals.names]
-        for h, path in zip(self.hospitals.all, paths):
+        for h in self.hospitals.live:
+            path = str(Path(directory).resolve() / f"head-{self.hospitals.name(h)}.pt")
             self.hospitals.wait(h, self.hospitals.call_async(h, "save", path))
+
+
+def should_resume(cfg) -> bool:
+    """--resume, or torchrun restarted the group after a failure and there are checkpoints."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    return cfg.resume or (restarted and bool(cfg.checkpoint_dir))
 
 
 def run(cfg, coordinator: transport.Coordinator) -> int:
@@ -293,15 +491,28 @@ def run(cfg, coordinator: transport.Coordinator) -> int:
     transport.start_rpc(cfg, 0, cfg.world_size)
     print(f"[server] pid {os.getpid()} joined; {cfg.hospitals} hospitals", flush=True)
     try:
-        server = Server(cfg)
-        if cfg.dedup != "none":
-            run_record["dedup"] = server.deduplicate()
-        run_record["hospitals"] = server.info
+        server = Server(cfg, coordinator)
+        resume_step = server.newest_checkpoint() if should_resume(cfg) else None
+        if cfg.resume and resume_step is None:
+            raise UserError(f"--resume: no step in {cfg.checkpoint_dir} has a checkpoint from every party")
+        if cfg.dedup != "none" and resume_step is None:
+            server.dedup_record = server.deduplicate()
         plan = data.epoch_plan([i["train_batches"] for i in server.info], cfg.schedule)
+        server.loop = loop.Loop(cfg, plan, server.train_step, server.evaluate, who="server",
+                                on_step_end=server.after_step, switch_phase=server.switch_phase)
+        server.checkpoint_every = checkpoint.parse_every(cfg.checkpoint_every, len(plan))
+        if resume_step is not None:
+            server.resume(resume_step)
+            run_record["resumed_from_step"] = resume_step
+        run_record["hospitals"] = server.info
         run_record["setup_time_s"] = time.perf_counter() - started
-        run_record.update(loop.run(cfg, plan, server.train_step, server.evaluate, who="server",
-                                   on_step_end=server.after_step, switch_phase=server.switch_phase))
+        run_record.update(server.loop.run())
         server.switch_phase("done")
+        final = server.loop.state["steps_done"]
+        if cfg.checkpoint_dir and final not in checkpoint.available_steps(cfg.checkpoint_dir, transport.SERVER):
+            server.save_checkpoint(final)  # the final state too, so that a longer run can continue from it
+        run_record["dedup"] = server.dedup_record
+        run_record["lost_hospitals"] = list(server.hospitals.lost.values())
         run_record["comm"] = server.communication(len(plan), run_record["train_time_s"])
         if cfg.save_dir:
             server.save(cfg.save_dir)
@@ -316,5 +527,6 @@ def run(cfg, coordinator: transport.Coordinator) -> int:
     record.append_jsonl(cfg.out, run_record)
     record.print_summary(run_record, "server")
     coordinator.finish()
-    transport.stop_rpc(graceful=True, timeout_s=cfg.rpc_timeout)
+    coordinator.wait_for_acknowledgements(len(server.hospitals.live), timeout_s=cfg.rpc_timeout)
+    transport.stop_rpc(graceful=not server.hospitals.lost, timeout_s=cfg.rpc_timeout)
     return 0

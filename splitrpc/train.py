@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 from splitrpc.dedup import read_manifest
 
                 read_manifest(cfg.dedup_manifest)
-            return launch.launch(cfg, argv)
+            return launch.launch(cfg, argv, max_restarts=cfg.max_restarts)
         return run_worker(cfg)
     except (UserError, PeerError) as exc:
         # Input errors are the same on every process: one report per host. A

@@ -70,9 +70,15 @@ class Coordinator:
         self.store.add("ready", 1)
 
     def fail(self, who: str, message: str) -> bool:
-        """Record a failure; True if it is the run's first (later ones are its consequences)."""
+        """Record a failure; True if it is the run's first (later ones are its consequences).
+
+        If the store itself is gone (its host died), this process's failure is reported as first.
+        """
         value = f"{who}: {message}"
-        return self.store.compare_set("failure", "", value).decode() == value
+        try:
+            return self.store.compare_set("failure", "", value).decode() == value
+        except Exception:
+            return True
 
     def failure(self) -> str | None:
         if self.store.check(["failure"]):
@@ -94,11 +100,31 @@ class Coordinator:
                                 f"({int(self.store.add('ready', 0))} of {self.world_size})")
             time.sleep(poll_s)
 
+    def mark_lost(self, who: str) -> None:
+        self.store.set(f"lost/{who}", "1")
+        self.store.add("lost", 1)
+
+    def lost(self) -> bool:
+        return int(self.store.add("lost", 0)) > 0
+
     def finish(self) -> None:
         self.store.set("finished", "1")
 
     def finished(self) -> bool:
         return self.store.check(["finished"])
+
+    def acknowledge_finish(self) -> None:
+        self.store.add("finished_ack", 1)
+
+    def wait_for_acknowledgements(self, count: int, timeout_s: float, poll_s: float = 0.1) -> None:
+        """The server leaves last: wait (bounded) until ``count`` hospitals have seen the finish.
+
+        Without torchrun's agent the server's process hosts the store, and hospitals
+        still polling it must not find it gone.
+        """
+        deadline = time.monotonic() + timeout_s
+        while int(self.store.add("finished_ack", 0)) < count and time.monotonic() < deadline:
+            time.sleep(poll_s)
 
 
 def rpc_options(cfg) -> rpc.TensorPipeRpcBackendOptions:
@@ -140,7 +166,7 @@ def remote_error_summary(exc: BaseException) -> str:
     text = str(exc).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for i, line in enumerate(lines):
-        if line.startswith("On WorkerInfo(") and i + 1 < len(lines):
+        if "On WorkerInfo(" in line and i + 1 < len(lines):
             return lines[i + 1]
     for line in lines:
         if "timeout" in line.lower() or "timed out" in line.lower():

@@ -148,13 +148,13 @@ def test_cache_is_reused_and_keyed_by_source(tmp_path):
     cfg = cfg_for(tmp_path, "--dataset", "imagefolder", "--data-dir", tree)
     data.prepare(cfg)
     files = sorted((tmp_path / "cache").glob("*.npy"))
-    assert len(files) == 4
+    assert len(files) == 6  # images, labels and names of train and test
     stamp = [f.stat().st_mtime_ns for f in files]
     data.prepare(cfg)
     assert [f.stat().st_mtime_ns for f in files] == stamp
     (tree / "train" / "cat" / "extra.jpg").write_bytes(_write_jpeg((0, 255, 0)))
     data.prepare(cfg)
-    assert len(sorted((tmp_path / "cache").glob("*.npy"))) == 8
+    assert len(sorted((tmp_path / "cache").glob("*.npy"))) == 12
 
 
 def test_directory_that_is_neither_format(tmp_path):

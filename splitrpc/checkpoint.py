@@ -1,0 +1,109 @@
+"""Per-party checkpoints, tagged with a common step.
+
+Every party writes only its own state, to its own disk:
+
+    <checkpoint-dir>/step-000001200/server.pt
+    <checkpoint-dir>/step-000001200/hospital2.pt
+
+A file is written to a temporary name and renamed, so a crash leaves either
+the old set or a complete new file, never half of one. A *consistent* set is
+a step for which every party has its file; resuming uses the newest such step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from splitrpc.errors import UserError
+
+_STEP_DIR = re.compile(r"^step-(\d{9})$")
+# Options that may change between a run and its resumption without changing what is computed.
+RUNTIME_OPTIONS = {
+    "out", "tag", "run_key", "config", "resume", "checkpoint_dir", "checkpoint_every", "checkpoint_keep",
+    "max_restarts", "rpc_timeout", "setup_timeout", "rpc_threads", "log_every", "save_dir", "fault",
+    "on_hospital_failure", "cache_dir", "data_dir", "download", "transport", "max_steps", "eval_every",
+    "record_step_losses", "dedup_key_file",
+}
+
+
+def fingerprint(cfg) -> str:
+    """Digest of the options that determine the computation; a checkpoint only resumes a run with the same."""
+    relevant = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_OPTIONS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root).expanduser() / f"step-{step:09d}"
+
+
+def save(root: str | Path, step: int, party: str, state: dict) -> Path:
+    directory = step_dir(root, step)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{party}.pt"
+    tmp = directory / f".{party}.pt.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+def load(root: str | Path, step: int, party: str, expected_fingerprint: str) -> dict:
+    path = step_dir(root, step) / f"{party}.pt"
+    try:
+        state = torch.load(path, weights_only=False)
+    except FileNotFoundError:
+        raise UserError(f"{party}: no checkpoint at {path}") from None
+    except Exception as exc:
+        raise UserError(f"{party}: checkpoint {path} is unreadable ({exc})") from None
+    if state.get("fingerprint") != expected_fingerprint:
+        raise UserError(f"{party}: checkpoint {path} was written by a run with different options; "
+                        f"resume with the options it was written with, or use another --checkpoint-dir")
+    return state
+
+
+def available_steps(root: str | Path, party: str) -> list[int]:
+    """Steps for which this party has a checkpoint file, oldest first."""
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        return []
+    steps = []
+    for entry in base.iterdir():
+        m = _STEP_DIR.match(entry.name)
+        if m and (entry / f"{party}.pt").is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def newest_common(step_lists: list[list[int]]) -> int | None:
+    common = set(step_lists[0]).intersection(*map(set, step_lists[1:])) if step_lists else set()
+    return max(common) if common else None
+
+
+def prune(root: str | Path, party: str, keep: int) -> None:
+    """Delete this party's files older than its ``keep`` newest; remove step directories left empty."""
+    for step in available_steps(root, party)[:-keep] if keep > 0 else []:
+        directory = step_dir(root, step)
+        (directory / f"{party}.pt").unlink(missing_ok=True)
+        try:
+            directory.rmdir()
+        except OSError:
+            pass  # other parties' files are still there
+
+
+def parse_every(text: str, steps_per_epoch: int) -> int:
+    """'500' -> every 500 steps; '2e' or '2epochs' -> every 2 epochs (in steps); '' or '0' -> never."""
+    text = text.strip().lower()
+    if text in ("", "0"):
+        return 0
+    m = re.fullmatch(r"(\d+)\s*(e|ep|epoch|epochs)?", text)
+    if not m:
+        raise UserError(f"--checkpoint-every: expected a number of steps or epochs like '500' or '2e', got {text!r}")
+    count = int(m.group(1))
+    return count * steps_per_epoch if m.group(2) else count

@@ -1,0 +1,206 @@
+"""Faults: checkpoints and resumption, a lost hospital (abort or continue), invalid messages.
+
+Each scenario finishes within a bounded time with the stated behaviour."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO
+from test_errors import Run, _exit_times
+from splitrpc.server import message_problem
+
+pytestmark = pytest.mark.distributed
+
+RPC_TIMEOUT = 8
+BASE = ["--method", "split", "--hospitals", "2", "--dataset", "synthetic", "--synthetic-train", "640",
+        "--synthetic-test", "128", "--model", "resnet20", "--width", "0.25", "--batch-size", "16", "--epochs", "2",
+        "--threads", "1", "--log-every", "1", "--rpc-timeout", str(RPC_TIMEOUT), "--lr", "0.05"]
+
+
+def same_state(a_dir, b_dir):
+    for name in ("trunk.pt", "head-hospital1.pt", "head-hospital2.pt"):
+        a, b = torch.load(a_dir / name), torch.load(b_dir / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)  # bit for bit
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    """An uninterrupted run: 80 steps over 2 epochs."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = subprocess.run([sys.executable, "-m", "splitrpc.train", *BASE, "--cache-dir", cache_dir,
+                           "--save-dir", str(out / "final"), "--out", str(out / "runs.jsonl")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_resume_after_killing_the_server_matches_an_uninterrupted_run(reference, tmp_path, cache_dir):
+    ckpt = tmp_path / "ckpt"
+    run = Run([*BASE, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "10", "--out", str(tmp_path / "a.jsonl")],
+              cache_dir)
+    server = int(run.wait_for(r"\[server\] pid (\d+)").group(1))
+    run.wait_for(r"step 47/80")  # into the second epoch, past the checkpoint of step 40
+    os.kill(server, signal.SIGKILL)
+    assert run.finish(timeout=60) != 0
+    assert not (tmp_path / "a.jsonl").exists()  # no partial record line
+    steps = sorted(int(p.name.split("-")[1]) for p in ckpt.iterdir())
+    # --checkpoint-keep 2; a kill between the hospitals' pruning and the server's may leave one more.
+    assert steps[-1] >= 40 and len(steps) <= 3
+    resumed = subprocess.run([sys.executable, "-m", "splitrpc.train", *BASE, "--cache-dir", cache_dir,
+                              "--checkpoint-dir", str(ckpt), "--resume", "--save-dir", str(tmp_path / "final"),
+                              "--out", str(tmp_path / "b.jsonl")],
+                             capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at step {steps[-1]}" in resumed.stdout
+    same_state(reference / "final", tmp_path / "final")
+    import json
+
+    record = json.loads((tmp_path / "b.jsonl").read_text())
+    assert record["resumed_from_step"] == steps[-1] and record["steps"] == 80
+    assert len(record["epochs"]) == 2  # the history of the first epoch came back with the checkpoint
+
+
+def test_torchrun_restart_resumes_by_itself(reference, tmp_path, cache_dir):
+    ckpt = tmp_path / "ckpt"
+    run = Run([*BASE, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "10", "--max-restarts", "1",
+               "--save-dir", str(tmp_path / "final")], cache_dir)
+    victim = int(run.wait_for(r"\[hospital2\] pid (\d+)").group(1))
+    run.wait_for(r"step 25/80")
+    os.kill(victim, signal.SIGKILL)
+    code = run.finish(timeout=240)
+    assert code == 0, run.stderr
+    assert re.search(r"resumed at step (20|30)", "".join(run.lines))
+    same_state(reference / "final", tmp_path / "final")
+
+
+def test_killed_hospital_abort_stops_with_a_checkpoint(tmp_path, cache_dir):
+    ckpt = tmp_path / "ckpt"
+    run = Run([*BASE, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "10", "--out", str(tmp_path / "a.jsonl")],
+              cache_dir)
+    server = int(run.wait_for(r"\[server\] pid (\d+)").group(1))
+    victim = int(run.wait_for(r"\[hospital2\] pid (\d+)").group(1))
+    run.wait_for(r"step 15/80")
+    os.kill(victim, signal.SIGKILL)
+    times = _exit_times([server], deadline=RPC_TIMEOUT + 20)
+    assert times[server] is not None and times[server] < RPC_TIMEOUT + 5, times
+    assert run.finish(timeout=60) != 0
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "a.jsonl").exists()
+    assert (ckpt / "step-000000010" / "server.pt").exists() and (ckpt / "step-000000010" / "hospital2.pt").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_parties(args, cache_dir, hospitals=2):
+    """Each party in its own process, as on separate sites (no torchrun agent to end the group when one dies)."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(hospitals + 1),
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    return [subprocess.Popen([sys.executable, "-m", "splitrpc.train", *args, "--cache-dir", cache_dir],
+                             env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=REPO) for rank in range(hospitals + 1)]
+
+
+def test_killed_hospital_continue_goes_on_without_it(tmp_path, cache_dir):
+    out = tmp_path / "runs.jsonl"
+    parties = spawn_parties([*BASE, "--on-hospital-failure", "continue", "--out", str(out)], cache_dir)
+    time.sleep(1)
+    server, survivor, victim = parties
+    # Let training start, then take hospital2 away for good.
+    deadline = time.monotonic() + 120
+    while not out.exists() and time.monotonic() < deadline:
+        line = server.stdout.readline()
+        if re.search(r"step 12/80", line):
+            victim.kill()
+            break
+    outputs = [p.communicate(timeout=RPC_TIMEOUT + 120) for p in (server, survivor)]
+    assert server.returncode == 0, outputs[0]
+    assert survivor.returncode == 0, outputs[1]
+    import json
+
+    record = json.loads(out.read_text())
+    assert [lost["name"] for lost in record["lost_hospitals"]] == ["hospital2"]
+    assert record["lost_hospitals"][0]["step"] in range(10, 16)
+    assert record["epochs"][-1]["test_acc_per_hospital"][1] is None
+    assert record["epochs"][-1]["test_acc_per_hospital"][0] is not None
+    train = record["comm"]["phases"]["train"]
+    assert "hospital2" not in train["payload_bytes"] and "hospital2" not in train["analytic_bytes"]
+    assert train["payload_bytes"]["hospital1"] == train["analytic_bytes"]["hospital1"]
+    assert "lost hospital2" in outputs[0][0]
+
+
+def test_hung_hospital_continue_goes_on_without_it(tmp_path, cache_dir):
+    out = tmp_path / "runs.jsonl"
+    run = Run([*BASE, "--on-hospital-failure", "continue", "--out", str(out)], cache_dir)
+    victim = int(run.wait_for(r"\[hospital2\] pid (\d+)").group(1))
+    run.wait_for(r"step 12/80")
+    os.kill(victim, signal.SIGSTOP)
+    started = time.monotonic()
+    run.wait_for(r"lost hospital2", timeout=RPC_TIMEOUT + 30)
+    assert time.monotonic() - started < RPC_TIMEOUT + 10
+    run.wait_for(r"final test accuracy", timeout=120)
+    os.kill(victim, signal.SIGCONT)  # the stopped process sees the run has finished and leaves
+    assert run.finish(timeout=60) == 0, run.stderr
+    import json
+
+    record = json.loads(out.read_text())
+    assert [lost["name"] for lost in record["lost_hospitals"]] == ["hospital2"]
+    assert "timeout" in record["lost_hospitals"][0]["error"].lower()
+
+
+@pytest.mark.parametrize("mode", ["abort", "continue"])
+def test_nan_activations_are_rejected_before_the_trunk(cli, tmp_path, mode):
+    result = cli(*BASE, "--fault", "hospital2:nan@3", "--on-hospital-failure", mode, timeout=180)
+    if mode == "abort":
+        assert result.returncode == 1
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and re.search(r"hospital2 sent 1 non-finite activation values; rejected before the "
+                                             r"trunk", lines[0]), result
+        assert not result.records
+    else:
+        assert result.returncode == 0, result
+        (record,) = result.records
+        assert record["lost_hospitals"][0]["name"] == "hospital2"
+        assert "non-finite" in record["lost_hospitals"][0]["error"]
+        assert all(torch.isfinite(torch.tensor(record["step_losses"] if "step_losses" in record else [0.0])))
+
+
+SHAPE = (4, 32, 32)
+
+
+@pytest.mark.parametrize("activations,labels,problem", [
+    (torch.zeros(8, *SHAPE), torch.zeros(8, dtype=torch.uint8), None),
+    (torch.zeros(8, 3, 32, 32), torch.zeros(8, dtype=torch.uint8), r"shape \(8, 3, 32, 32\)"),
+    (torch.zeros(7, *SHAPE), torch.zeros(7, dtype=torch.uint8), r"expected \(8, 4, 32, 32\)"),
+    (torch.zeros(8, *SHAPE, dtype=torch.float16), torch.zeros(8, dtype=torch.uint8), "dtype torch.float16"),
+    (torch.full((8, *SHAPE), float("inf")), torch.zeros(8, dtype=torch.uint8), "non-finite"),
+    (torch.zeros(8, *SHAPE), torch.full((8,), 10, dtype=torch.uint8), r"labels outside 0..9 \(found 10..10\)"),
+    (torch.zeros(8, *SHAPE), torch.zeros(8, dtype=torch.int64), "labels of dtype torch.int64"),
+    ("not a tensor", torch.zeros(8, dtype=torch.uint8), "other than"),
+])
+def test_message_validation(activations, labels, problem):
+    found = message_problem(activations, labels, 8, SHAPE, torch.float32, torch.uint8, 10)
+    if problem is None:
+        assert found is None
+    else:
+        assert found and re.search(problem, found), found
+
+
+@pytest.mark.parametrize("kind,pattern", [("shape", "activations of shape"), ("labels", "labels outside"),
+                                          ("dtype", "activations of dtype torch.float16")])
+def test_faulty_hospital_message_kinds_stop_the_run(cli, kind, pattern):
+    result = cli(*BASE, "--fault", f"hospital1:{kind}@2", timeout=120)
+    assert result.returncode == 1 and re.search(rf"hospital1 sent {pattern}", result.stderr), result
