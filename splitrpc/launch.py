@@ -155,6 +155,7 @@ def multinode(args, train_argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _worker_environment()  # before torch is imported: its C++ logging reads the level once
     parser = argparse.ArgumentParser(prog="python -m splitrpc.launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
