@@ -125,7 +125,11 @@ def describe(options: dict, base: dict) -> str:
 
 
 def execute(options: dict, key: str, results: Path, log: Path, timeout: float) -> tuple[bool, str]:
-    """One run in its own process group; True if it wrote its record."""
+    """One run in its own process group; True if it wrote its record.
+
+    ``{run_key}`` in an option's value is replaced by the run's key (a directory per run).
+    """
+    options = {k: v.replace("{run_key}", key) if isinstance(v, str) else v for k, v in options.items()}
     cmd = [sys.executable, "-m", "splitrpc.train", *flags(options), "--run-key", key, "--out", str(results)]
     log.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=ERROR_TAIL_LINES)
@@ -207,3 +211,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("[bench] interrupted; finished runs are kept and will be skipped next time", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `python -m bench list ... | head`
+        return 0

@@ -200,14 +200,113 @@ def fig_three_ways(records: list[dict], out_dir: Path, name: str) -> list[Path]:
     return save(fig, name, out_dir)
 
 
+def fig_dedup(records: list[dict], out_dir: Path, name: str) -> list[Path]:
+    """Training bytes, time per epoch and accuracy against overlap, with and without deduplication."""
+    series = defaultdict(list)
+    for r in records:
+        series[r["config"]["dedup"]].append(r)
+    if not series:
+        return []
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), constrained_layout=True)
+    for mode, runs in sorted(series.items()):
+        runs.sort(key=lambda r: r["config"]["overlap"])
+        x = [100 * r["config"]["overlap"] for r in runs]
+        label = "no deduplication" if mode == "none" else f"deduplicated ({mode})"
+        style = dict(marker="o" if mode == "none" else "s", label=label)
+        axes[0].plot(x, [r["comm"]["per_epoch"]["tcp"]["total"] / GB for r in runs], **style)
+        axes[1].plot(x, [r["train_time_s"] / len(r["epochs"]) for r in runs], **style)
+        axes[2].plot(x, [r["final_test_acc"] for r in runs], **style)
+    for ax, ylabel in zip(axes, ("training traffic per epoch, all parties (GB, TCP)", "training time per epoch (s)",
+                                 "final test accuracy (mean over hospitals)")):
+        ax.set_xlabel("overlap: records copied to another hospital (%)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return save(fig, name, out_dir)
+
+
+def defence_label(d: dict) -> str:
+    parts = [f"cut {d['cut']}"]
+    if d["noise"]:
+        parts.append(f"noise {d['noise']:g}")
+    if d["nopeek"]:
+        parts.append(f"NoPeek {d['nopeek']:g}")
+    return ", ".join(parts)
+
+
+def fig_privacy(attacks: list[dict], out_dir: Path, name: str) -> list[Path]:
+    """Privacy, utility and communication of each defence in one plot."""
+    if not attacks:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), constrained_layout=True)
+    mb = [a["train_bytes_per_hospital_per_epoch"] / 1e6 for a in attacks]
+    for ax, metric, label in ((axes[0], "ssim", "reconstruction SSIM"), (axes[1], "psnr", "reconstruction PSNR (dB)")):
+        points = ax.scatter([a["black_box"][metric] for a in attacks], [a["test_acc"] for a in attacks], c=mb,
+                            cmap="viridis", s=70, label="black box (server without L1's weights)", zorder=3)
+        ax.scatter([a["white_box"][metric] for a in attacks], [a["test_acc"] for a in attacks], c=mb, cmap="viridis",
+                   s=70, marker="^", edgecolors="k", label="white box (L1's weights known)", zorder=3)
+        for a in attacks:
+            ax.annotate(defence_label(a["defence"]), (a["black_box"][metric], a["test_acc"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(f"{label} of hospital images from what the server received (higher = more leakage)")
+        ax.set_ylabel("test accuracy")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.colorbar(points, ax=axes, label="training traffic per hospital per epoch (MB)")
+    return save(fig, name, out_dir)
+
+
+def fig_privacy_grid(attacks: list[dict], grids_dir: Path, out_dir: Path, name: str) -> list[Path]:
+    import numpy as np
+
+    rows, labels = [], []
+    for a in attacks:
+        path = grids_dir / f"{a['run_key']}.npz"
+        if not path.exists():
+            continue
+        grid = np.load(path)
+        if not rows:
+            rows.append(grid["original"])
+            labels.append("original")
+        rows += [grid["black_box"], grid["white_box"]]
+        labels += [f"{defence_label(a['defence'])}\nblack box", f"{defence_label(a['defence'])}\nwhite box"]
+    if not rows:
+        return []
+    columns = min(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.1 * columns + 1.6, 1.1 * len(rows)), squeeze=False)
+    for i, (images, label) in enumerate(zip(rows, labels)):
+        for j in range(columns):
+            axes[i][j].imshow(images[j].transpose(1, 2, 0), interpolation="nearest")
+            axes[i][j].set_xticks([])
+            axes[i][j].set_yticks([])
+        axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    return save(fig, name, out_dir)
+
+
 # --------------------------------------------------------------------------- summary
 def _gb(x):
     return "" if x is None else f"{x / GB:.3f}"
 
 
+def privacy_table(attacks: list[dict]) -> list[str]:
+    lines = ["## privacy (attacks on what the server received)", "",
+             "| defence | test acc (mean / min) | activation shape | train MB per hospital per epoch | dCor | "
+             "dCor R* (bias-corrected) | black-box PSNR (dB) | black-box SSIM | white-box PSNR (dB) | white-box SSIM |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for a in sorted(attacks, key=lambda a: (a["defence"]["cut"], a["defence"]["noise"], a["defence"]["nopeek"])):
+        lines.append(
+            f"| {defence_label(a['defence'])} | {a['test_acc']:.4f} / {a['test_acc_min']:.4f} | "
+            f"{'x'.join(map(str, a['activation_shape']))} | {a['train_bytes_per_hospital_per_epoch'] / 1e6:.1f} | "
+            f"{a['dcor']:.3f} | {a['dcor_bias_corrected']:.3f} | {a['black_box']['psnr']:.2f} | "
+            f"{a['black_box']['ssim']:.3f} | {a['white_box']['psnr']:.2f} | {a['white_box']['ssim']:.3f} |")
+    return lines + [""]
+
+
 def summary_table(experiments: dict[str, list[dict]]) -> str:
     lines = ["# Results summary", "",
              "Generated by `make plots` from `results/*.jsonl`; do not edit by hand.", ""]
+    attacks = experiments.pop("privacy_attacks", None)
     for name, records in sorted(experiments.items()):
         lines += [f"## {name}", "",
                   "| method | model | N | batch/hospital | epochs | steps | final acc (mean / min) | "
@@ -229,6 +328,8 @@ def summary_table(experiments: dict[str, list[dict]]) -> str:
                 f"{_gb(per_epoch.get('total'))} | {'' if ratio is None else f'{ratio:.4f}'} | "
                 f"{r.get('wall_time_s', 0):.0f} | {r.get('samples_per_s') or 0:.0f} |")
         lines.append("")
+    if attacks:
+        lines += privacy_table(attacks)
     return "\n".join(lines) + "\n"
 
 
@@ -254,7 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     if "paper_comm" in experiments:
         written += fig_comm_vs_hospitals(experiments["paper_comm"], out, "comm_vs_hospitals",
                                          "Paper scale: full-width models, batch 128 per hospital, over TCP.")
-    every = [r for records in experiments.values() for r in records]
+    if "dedup" in experiments:
+        written += fig_dedup(experiments["dedup"], out, "dedup")
+    if "privacy_attacks" in experiments:
+        attacks = experiments["privacy_attacks"]
+        written += fig_privacy(attacks, out, "privacy_utility_communication")
+        written += fig_privacy_grid(attacks, Path(args.results_dir) / "privacy", out, "privacy_reconstructions")
+    every = [r for name, records in experiments.items() if name != "privacy_attacks" for r in records]
     written += fig_three_ways(every, out, "bytes_three_ways")
     Path(args.summary).write_text(summary_table(experiments))
     for path in written:

@@ -71,6 +71,11 @@ class Config:
     dedup_key_file: str = _opt("", "--dedup hmac: the secret shared by the hospitals only (never read by the server); "
                                "{hospital} in the path is replaced by the hospital's number")
     dedup_manifest: str = _opt("", "CSV path,patient_id: images of one patient count as one record (imagefolder)")
+    noise: float = _opt(0.0, "defence: standard deviation of Gaussian noise added to activations before they leave a hospital")
+    nopeek: float = _opt(0.0, "defence: weight of the distance-correlation penalty (NoPeek) in each hospital's loss")
+    capture_dir: str = _opt("", "leakage audits: the server keeps the last --capture-samples activations it received "
+                            "from each hospital, and each hospital the inputs that produced them, written here")
+    capture_samples: int = _opt(256, "samples per hospital kept by --capture-dir")
     # --- optimisation -------------------------------------------------------------
     epochs: int = _opt(1, "training epochs")
     batch_size: int = _opt(128, "batch size per hospital")
@@ -261,6 +266,16 @@ def validate(cfg: Config) -> Config:
         raise UserError("--rpc-threads must be at least 4 (requests, backward passes and steps share them)")
     if not 0 <= cfg.overlap < 1:
         raise UserError(f"--overlap must be in [0, 1), got {cfg.overlap}")
+    for name in ("noise", "nopeek"):
+        value = getattr(cfg, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise UserError(f"--{name} must be a non-negative number, got {value}")
+        if value and cfg.method != "split":
+            raise UserError(f"--{name} protects what leaves a hospital: it needs --method split")
+    if cfg.capture_dir and cfg.method != "split":
+        raise UserError("--capture-dir records what the server receives: it needs --method split")
+    if cfg.capture_samples < 1:
+        raise UserError(f"--capture-samples must be at least 1, got {cfg.capture_samples}")
     if cfg.dedup != "none" and cfg.method != "split":
         raise UserError("--dedup needs --method split: the server runs the protocol")
     if cfg.dedup == "hmac" and not cfg.dedup_key_file:

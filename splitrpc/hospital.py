@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
-from splitrpc import checkpoint, comm, data, dedup, transport
+from splitrpc import checkpoint, comm, data, dedup, privacy, transport
 from splitrpc.errors import PeerError
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
@@ -63,6 +65,10 @@ class Hospital:
         self.dropped: list[int] = []  # positions removed by deduplication, kept for checkpoints
         self.forwards = 0
         self.fault = parse_fault(cfg.fault, index)
+        self.nopeek_grads: dict = {}
+        self.nopeek_values: list[float] = []
+        # --capture-dir: the last batches' inputs, matching what the server keeps of them.
+        self.capture = deque(maxlen=-(-cfg.capture_samples // cfg.batch_size)) if cfg.capture_dir else None
         # RPC handlers run on a thread pool; BatchNorm's running statistics are
         # state that forward mutates, so one forward at a time.
         self.lock = threading.Lock()
@@ -87,8 +93,18 @@ class Hospital:
         images, labels = self.shard.batch(epoch, batch)
         with self.lock:
             self.head.train()
-            activations = self.head(images.to(self.device)).cpu()
+            activations = self.protect(self.head(images.to(self.device)).cpu(),
+                                       data.derived_seed(self.cfg.seed, data.NOISE, self.index, epoch, batch))
+            if self.cfg.nopeek:
+                # NoPeek: this hospital's own loss term, lambda * dCor(inputs, what leaves), whose
+                # gradient is added to the one the server sends back (at the step).
+                penalty = self.cfg.nopeek * privacy.distance_correlation(images, activations)
+                self.nopeek_grads = dict(zip(self.head.parameters(), torch.autograd.grad(
+                    penalty, list(self.head.parameters()), retain_graph=True, allow_unused=True)))
+                self.nopeek_values.append(penalty.item() / self.cfg.nopeek)
             self.forwards += 1
+            if self.capture is not None:
+                self.capture.append({"epoch": epoch, "batch": batch, "inputs": images.clone()})
         labels = labels.to(self.label_dtype)
         if self.fault and self.forwards >= self.fault[1]:
             activations, labels = inject_fault(self.fault[0], activations, labels, self.cfg.num_classes)
@@ -97,18 +113,41 @@ class Hospital:
         activations.register_hook(lambda grad: self.ledger.add(transport.SERVER, "received", comm.tensor_bytes(grad)))
         return activations, labels
 
+    def protect(self, activations: torch.Tensor, noise_seed: int) -> torch.Tensor:
+        """--noise: Gaussian noise on everything that leaves this hospital (training and evaluation)."""
+        if not self.cfg.noise:
+            return activations
+        generator = torch.Generator().manual_seed(noise_seed)
+        noise = torch.randn(activations.shape, generator=generator, dtype=activations.dtype)
+        return activations + self.cfg.noise * noise
+
+    def write_capture(self) -> int:
+        """--capture-dir: the inputs behind the activations the server kept, on this hospital's disk."""
+        if self.capture is None:
+            return 0
+        path = Path(self.cfg.capture_dir) / f"{transport.hospital_name(self.index)}-inputs.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(list(self.capture), path)
+        return len(self.capture)
+
+    def privacy_stats(self) -> dict:
+        values = self.nopeek_values
+        return {"nopeek_dcor_mean": sum(values) / len(values) if values else None, "nopeek_batches": len(values)}
+
     def step(self, context_id: int, lr: float, grad_scale: float) -> None:
         """Apply the L1 gradient that the backward pass of ``context_id`` left here."""
         grads = dist_autograd.get_gradients(context_id)
         with self.lock:
-            apply_gradients(self.optimizer, grads, lr, grad_scale)
+            extra = {p: g for p, g in self.nopeek_grads.items() if g is not None} if self.cfg.nopeek else None
+            apply_gradients(self.optimizer, grads, lr, grad_scale, extra)
 
     @torch.no_grad()
     def eval_forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.test.batch(batch)
         with self.lock:
             self.head.eval()
-            activations = self.head(images.to(self.device)).cpu()
+            activations = self.protect(self.head(images.to(self.device)).cpu(),
+                                       data.derived_seed(self.cfg.seed, data.EVAL_NOISE, self.index, batch))
             self.head.train()
         labels = labels.to(self.label_dtype)
         self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(activations, labels))

@@ -62,13 +62,14 @@ class LRSchedule:
 
 
 def apply_gradients(optimizer: torch.optim.Optimizer, grads: Mapping[torch.Tensor, torch.Tensor] | None,
-                    lr: float, scale: float = 1.0) -> None:
+                    lr: float, scale: float = 1.0, extra: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
     """One optimizer step at rate ``lr``.
 
     ``grads`` maps parameters to gradients (what ``dist_autograd.get_gradients``
     returns); ``None`` means the gradients are already in ``param.grad``.
-    ``scale`` multiplies the gradients first. Parameters without a gradient are
-    skipped, as a local optimizer skips ``grad is None``.
+    ``scale`` multiplies the gradients first; ``extra`` gradients (a local
+    penalty's) are then added. Parameters without a gradient are skipped, as a
+    local optimizer skips ``grad is None``.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -79,5 +80,9 @@ def apply_gradients(optimizer: torch.optim.Optimizer, grads: Mapping[torch.Tenso
             for p in group["params"]:
                 if p.grad is not None:
                     p.grad = p.grad * scale
+        if extra:
+            for p in group["params"]:
+                if p in extra:
+                    p.grad = extra[p] if p.grad is None else p.grad + extra[p]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

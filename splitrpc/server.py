@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Sequence
 
@@ -133,6 +133,9 @@ class Server:
         self.steps_done: list[list[tuple[int, int]]] = []
         self.l1_syncs = 0
         self.evaluations = 0
+        # --capture-dir: the last activations received from each hospital, for leakage audits.
+        keep = -(-cfg.capture_samples // cfg.batch_size)
+        self.capture = {h: deque(maxlen=keep) for h in range(1, cfg.hospitals + 1)} if cfg.capture_dir else None
 
     # --- phases and deduplication ---------------------------------------------------------
     def call_live(self, method: str, *args) -> list:
@@ -262,8 +265,11 @@ class Server:
             futures = [hospitals.call_async(h, "forward", epoch, b) for h, b in participants]
             received = [hospitals.wait(h, f) for (h, _), f in zip(participants, futures)]
             t1 = time.perf_counter()
-            for (h, _), (activations, labels) in zip(participants, received):
+            for (h, b), (activations, labels) in zip(participants, received):
                 self._receive(h, activations, labels, self.cfg.batch_size)
+                if self.capture is not None:
+                    self.capture[h].append({"epoch": epoch, "batch": b, "activations": activations.detach().clone(),
+                                            "labels": labels.clone()})
             activations = torch.cat([a for a, _ in received]) if len(received) > 1 else received[0][0]
             labels = torch.cat([y for _, y in received]).long()
             logits = self.trunk(activations.to(self.device))
@@ -468,6 +474,15 @@ class Server:
             "wait_share": waiting / train_seconds if train_seconds else None,
         }
 
+    def write_capture(self) -> dict:
+        """What the server received last from each hospital, and (on each hospital's disk) the inputs behind it."""
+        directory = Path(self.cfg.capture_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        for h in self.hospitals.live:
+            torch.save(list(self.capture[h]), directory / f"{self.hospitals.name(h)}-received.pt")
+        counts = self.call_live("write_capture")
+        return {"dir": str(directory), "batches_per_hospital": counts}
+
     def save(self, directory: str) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         torch.save({k: v.cpu() for k, v in self.trunk.state_dict().items()}, Path(directory) / "trunk.pt")
@@ -514,6 +529,10 @@ def run(cfg, coordinator: transport.Coordinator) -> int:
         run_record["dedup"] = server.dedup_record
         run_record["lost_hospitals"] = list(server.hospitals.lost.values())
         run_record["comm"] = server.communication(len(plan), run_record["train_time_s"])
+        if cfg.capture_dir:
+            run_record["capture"] = server.write_capture()
+        if cfg.nopeek:
+            run_record["nopeek"] = server.call_live("privacy_stats")
         if cfg.save_dir:
             server.save(cfg.save_dir)
     except BaseException as exc:

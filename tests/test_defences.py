@@ -1,0 +1,71 @@
+"""Defences change what crosses the RPC boundary as documented, and cost nothing when off."""
+
+import pytest
+import torch
+
+from splitrpc import privacy
+
+pytestmark = pytest.mark.distributed
+
+BASE = ["--method", "split", "--hospitals", "1", "--dataset", "synthetic", "--synthetic-train", "512",
+        "--synthetic-test", "64", "--model", "vgg11", "--width", "0.25", "--batch-size", "32", "--threads", "1",
+        "--log-every", "1000", "--lr", "0.05"]
+
+
+def received(tmp_path, name):
+    return torch.cat([b["activations"] for b in torch.load(tmp_path / name / "hospital1-received.pt")])
+
+
+def test_zero_strength_defences_are_bit_identical(cli, tmp_path):
+    plain = cli(*BASE, "--max-steps", 8, "--save-dir", tmp_path / "plain")
+    zero = cli(*BASE, "--max-steps", 8, "--noise", 0, "--nopeek", 0, "--save-dir", tmp_path / "zero",
+               "--out", tmp_path / "zero.jsonl")
+    assert plain.returncode == 0 and zero.returncode == 0, (plain, zero)
+    for name in ("trunk.pt", "head-hospital1.pt"):
+        a, b = torch.load(tmp_path / "plain" / name), torch.load(tmp_path / "zero" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_noise_is_present_in_what_the_server_receives(cli, tmp_path):
+    # One step: both runs send activations of the same initial L1 on the same batch.
+    for name, extra in (("plain", []), ("noisy", ["--noise", 0.7])):
+        result = cli(*BASE, "--max-steps", 1, "--capture-dir", tmp_path / name, "--capture-samples", 32, *extra)
+        assert result.returncode == 0, result
+    difference = received(tmp_path, "noisy") - received(tmp_path, "plain")
+    assert difference.std().item() == pytest.approx(0.7, rel=0.03)
+    assert abs(difference.mean().item()) < 0.01
+    # Noise also lowers how much the received activations depend on the inputs.
+    inputs = torch.cat([b["inputs"] for b in torch.load(tmp_path / "plain" / "hospital1-inputs.pt")])
+    plain_r = privacy.bias_corrected_distance_correlation(inputs, received(tmp_path, "plain")).item()
+    noisy_r = privacy.bias_corrected_distance_correlation(inputs, received(tmp_path, "noisy")).item()
+    assert noisy_r < plain_r
+
+
+def test_nopeek_trains_l1_to_send_less_dependent_activations(cli, tmp_path):
+    results = {}
+    for name, extra in (("plain", []), ("nopeek", ["--nopeek", 5.0])):
+        result = cli(*BASE, "--max-steps", 16, "--capture-dir", tmp_path / name, "--capture-samples", 64, *extra)
+        assert result.returncode == 0, result
+        results[name] = result.records[-1]
+    inputs = torch.cat([b["inputs"] for b in torch.load(tmp_path / "plain" / "hospital1-inputs.pt")])
+    inputs_n = torch.cat([b["inputs"] for b in torch.load(tmp_path / "nopeek" / "hospital1-inputs.pt")])
+    assert torch.equal(inputs, inputs_n)  # the same batches: only L1 differs
+    plain = privacy.distance_correlation(inputs, received(tmp_path, "plain")).item()
+    defended = privacy.distance_correlation(inputs, received(tmp_path, "nopeek")).item()
+    assert defended < plain
+    stats = results["nopeek"]["nopeek"][0]
+    assert stats["nopeek_batches"] == 16 and 0 < stats["nopeek_dcor_mean"] <= 1
+
+
+@pytest.mark.parametrize("cut,shape", [(1, (16, 32, 32)), (2, (32, 16, 16)), (3, (64, 8, 8))])
+def test_deeper_cut_sends_the_deeper_stage(cli, tmp_path, cut, shape):
+    result = cli(*BASE, "--max-steps", 1, "--cut", cut, "--capture-dir", tmp_path / "c", "--capture-samples", 32)
+    assert result.returncode == 0, result
+    assert tuple(received(tmp_path, "c").shape[1:]) == shape
+    train = result.records[0]["comm"]["phases"]["train"]["payload_bytes"]["hospital1"]
+    assert train["sent"] == 32 * (shape[0] * shape[1] * shape[2] * 4 + 1)
+
+
+def test_defences_need_split(cli):
+    r = cli("--method", "local", "--noise", "0.1", timeout=60)
+    assert r.returncode == 2 and "--noise protects what leaves a hospital" in r.stderr
