@@ -12,7 +12,7 @@ else
 DATA_ARGS := --dataset cifar10 --data-dir data --download
 endif
 
-.PHONY: setup test run clean-cache
+.PHONY: setup test run plots bench-check bench-save clean-cache
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,21 @@ test: setup
 # The main job of the README.
 run: setup
 	$(VENV)/bin/splitrpc-train --config bench/configs/main.toml $(DATA_ARGS) --out results/main.jsonl
+
+# Figures and plots/summary.md from the committed raw results.
+plots: setup
+	$(PY) -m plots
+
+# Timing regressions against the committed baseline (bench/baseline/): fail on a
+# median more than 25% slower. Timings are for humans and this target only.
+BENCH_STORAGE := file://bench/baseline
+bench-check: setup
+	$(PY) -m pytest bench/test_regression.py --benchmark-only --benchmark-storage=$(BENCH_STORAGE) \
+		--benchmark-compare --benchmark-compare-fail=median:25% --benchmark-columns=median,iqr,rounds
+
+bench-save: setup
+	$(PY) -m pytest bench/test_regression.py --benchmark-only --benchmark-storage=$(BENCH_STORAGE) \
+		--benchmark-save=baseline --benchmark-columns=median,iqr,rounds
 
 clean-cache:
 	rm -rf .cache

@@ -38,6 +38,7 @@ from splitrpc.record import append_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TIMEOUT_S = 3600
+STOP_GRACE_S = 20
 ERROR_TAIL_LINES = 5
 
 
@@ -124,6 +125,41 @@ def describe(options: dict, base: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in options.items() if base.get(k) != v or k in ("method",)) or "base"
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun's workers run in sessions of their own, out of its group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> str:
+    """Stop a run and all its workers: SIGTERM (the agent stops its workers), then SIGKILL what is left."""
+    workers = descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=grace_s)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        err = ""
+    for pid in [proc.pid, *workers]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        proc.communicate()
+    return err or ""
+
+
 def execute(options: dict, key: str, results: Path, log: Path, timeout: float) -> tuple[bool, str]:
     """One run in its own process group; True if it wrote its record.
 
@@ -141,11 +177,11 @@ def execute(options: dict, key: str, results: Path, log: Path, timeout: float) -
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            err = stop(proc)
+            fh.write(err)
             return False, f"timed out after {timeout:g} s"
         except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)  # Ctrl-C: leave no worker behind
+            stop(proc)  # Ctrl-C: leave no worker behind
             raise
         fh.write(err)
     for line in err.splitlines():
@@ -160,7 +196,8 @@ def execute(options: dict, key: str, results: Path, log: Path, timeout: float) -
 def run_matrix(config_path: str, results_dir: str = "results", dry_run: bool = False) -> int:
     spec = load(config_path)
     runs = expand(spec)
-    results = Path(results_dir) / f"{spec['name']}.jsonl"
+    # Absolute: the runs execute in the repository root, wherever this was started from.
+    results = Path(results_dir).resolve() / f"{spec['name']}.jsonl"
     timeout = float(spec.get("timeout", DEFAULT_TIMEOUT_S))
     done = done_keys(results)
     todo = [(run_key(o), o) for o in runs if run_key(o) not in done]
@@ -180,7 +217,7 @@ def run_matrix(config_path: str, results_dir: str = "results", dry_run: bool = F
         print(f"[bench] run {i}/{len(todo)} ({len(todo) - i} left after this{eta}): {describe(options, base)}",
               flush=True)
         started = time.perf_counter()
-        ok, error = execute(options, key, results, Path(results_dir) / "logs" / spec["name"] / f"{key}.log", timeout)
+        ok, error = execute(options, key, results, results.parent / "logs" / spec["name"] / f"{key}.log", timeout)
         seconds = time.perf_counter() - started
         durations.append(seconds)
         if ok:

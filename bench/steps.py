@@ -1,4 +1,4 @@
-"""One training step of each method, shared by the regression benchmarks and the throughput report."""
+"""The configurations of the regression benchmarks, and the DDP step their two ranks take in lockstep."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def load_results(results_dir: Path) -> dict[str, list[dict]]:
 def model_label(cfg: dict) -> str:
     width = f" x{cfg['width']:g}" if cfg.get("width", 1.0) != 1.0 else ""
     data = {"imagefolder": "CIFAR-10 (JPEG)", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}.get(
-        cfg["dataset"], f"CIFAR-{cfg['num_classes']} shapes")
+        cfg["dataset"], f"synthetic, {cfg['num_classes']} classes")
     return f"{cfg['model']}{width}, {data}"
 
 
@@ -67,6 +67,15 @@ def save(fig, name: str, out_dir: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- figures
+def setup_note(records: list[dict]) -> str:
+    """What the runs of a figure share, read from their configs."""
+    effective = sorted({r["config"]["hospitals"] * r["config"]["batch_size"] for r in records})
+    per_hospital = sorted({r["config"]["batch_size"] for r in records})
+    epochs = sorted({r["config"]["epochs"] for r in records})
+    return (f"batch per hospital {', '.join(map(str, per_hospital))}; effective batch per step "
+            f"{', '.join(map(str, effective))}; {', '.join(map(str, epochs))} epoch(s).")
+
+
 def fig_comm_vs_hospitals(records: list[dict], out_dir: Path, name: str, note: str) -> list[Path]:
     """Training bytes per hospital per epoch vs number of hospitals, split vs DDP, a panel per model."""
     panels = defaultdict(lambda: defaultdict(list))
@@ -84,10 +93,12 @@ def fig_comm_vs_hospitals(records: list[dict], out_dir: Path, name: str, note: s
             runs = sorted(runs, key=lambda r: r["config"]["hospitals"])
             n = [r["config"]["hospitals"] for r in runs]
             color, marker = METHOD_STYLE[method]
-            tcp = [train_bytes_per_hospital_epoch(r, "tcp") for r in runs]
-            analytic = [train_bytes_per_hospital_epoch(r, "analytic") for r in runs]
-            ax.plot(n, [b / GB for b in tcp], marker=marker, color=color, label=f"{METHOD_LABEL[method]}, TCP measured")
-            ax.plot(n, [b / GB for b in analytic], linestyle=":", color=color, label=f"{METHOD_LABEL[method]}, analytic")
+            for kind, style in (("tcp", dict(marker=marker)), ("analytic", dict(linestyle=":"))):
+                points = [(k, train_bytes_per_hospital_epoch(r, kind)) for k, r in zip(n, runs)]
+                points = [(k, b / GB) for k, b in points if b is not None]  # no TCP counts where `ss` was missing
+                if points:
+                    ax.plot(*zip(*points), color=color, **style,
+                            label=f"{METHOD_LABEL[method]}, {'TCP measured' if kind == 'tcp' else 'analytic'}")
             extrapolated |= any(r["comm"]["extrapolated"] for r in runs)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -100,8 +111,8 @@ def fig_comm_vs_hospitals(records: list[dict], out_dir: Path, name: str, note: s
         ax.set_title(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    caption = note + (" Per-epoch bytes extrapolated from the steps measured (bytes do not depend on image "
-                      "content)." if extrapolated else "")
+    caption = f"{note} {setup_note(records)}" + (" Per-epoch bytes extrapolated from the steps measured (bytes "
+                                                "do not depend on image content)." if extrapolated else "")
     fig.supxlabel(caption, fontsize=8)
     return save(fig, name, out_dir)
 
@@ -170,21 +181,21 @@ def fig_accuracy_vs_bytes(records: list[dict], out_dir: Path, name: str) -> list
     return save(fig, name, out_dir)
 
 
-def fig_three_ways(records: list[dict], out_dir: Path, name: str) -> list[Path]:
+def fig_three_ways(experiments: dict[str, list[dict]], out_dir: Path, name: str) -> list[Path]:
     """TCP-measured and payload bytes of the training phase, relative to the analytic count."""
     rows = []
-    for r in records:
+    for experiment, r in ((e, r) for e, records in experiments.items() for r in records):
         phases = (r.get("comm") or {}).get("phases", {})
         train = phases.get("train", {})
         if train.get("analytic_bytes") and train.get("tcp_bytes"):
             cfg = r["config"]
             a = train["analytic_bytes"]["total"]
-            rows.append((f"{cfg['method']} {cfg['model']} N={cfg['hospitals']}", train["payload_bytes"]["total"] / a,
-                         train["tcp_bytes"]["total"] / a))
+            rows.append((f"{cfg['method']} {model_label(cfg).split(',')[0]} N={cfg['hospitals']} ({experiment})",
+                         train["payload_bytes"]["total"] / a, train["tcp_bytes"]["total"] / a))
     if not rows:
         return []
     rows.sort()
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(rows)), 4.5), constrained_layout=True)
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r[1] for r in rows], width=0.4, label="payload counted in code / analytic")
     ax.bar([i + 0.2 for i in x], [r[2] for r in rows], width=0.4, label="kernel TCP bytes / analytic")
@@ -193,7 +204,7 @@ def fig_three_ways(records: list[dict], out_dir: Path, name: str) -> list[Path]:
     hi = max(max(r[1], r[2]) for r in rows)
     ax.set_ylim(min(0.99, lo - 0.005), hi + 0.01)
     ax.set_xticks(list(x))
-    ax.set_xticklabels([r[0] for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels([r[0] for r in rows], rotation=75, ha="right", fontsize=6)
     ax.set_ylabel("ratio to analytic bytes (training phase)")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
@@ -350,19 +361,18 @@ def main(argv: list[str] | None = None) -> int:
         cpu = experiments["cpu"]
         written += fig_accuracy_vs_epoch(cpu, out, "accuracy_vs_epoch")
         written += fig_accuracy_vs_bytes(cpu, out, "accuracy_vs_bytes")
-        written += fig_comm_vs_hospitals(cpu, out, "comm_vs_hospitals_cpu",
-                                         "CPU runs: narrow models, CIFAR-10 JPEG, effective batch 256.")
+        written += fig_comm_vs_hospitals(cpu, out, "comm_vs_hospitals_cpu", "CPU runs: narrow models, CIFAR-10 JPEG;")
     if "paper_comm" in experiments:
         written += fig_comm_vs_hospitals(experiments["paper_comm"], out, "comm_vs_hospitals",
-                                         "Paper scale: full-width models, batch 128 per hospital, over TCP.")
+                                         "Paper scale: full-width models over TCP;")
     if "dedup" in experiments:
         written += fig_dedup(experiments["dedup"], out, "dedup")
     if "privacy_attacks" in experiments:
         attacks = experiments["privacy_attacks"]
         written += fig_privacy(attacks, out, "privacy_utility_communication")
         written += fig_privacy_grid(attacks, Path(args.results_dir) / "privacy", out, "privacy_reconstructions")
-    every = [r for name, records in experiments.items() if name != "privacy_attacks" for r in records]
-    written += fig_three_ways(every, out, "bytes_three_ways")
+    written += fig_three_ways({k: v for k, v in experiments.items() if k != "privacy_attacks"}, out,
+                              "bytes_three_ways")
     Path(args.summary).write_text(summary_table(experiments))
     for path in written:
         print(f"plots: wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")

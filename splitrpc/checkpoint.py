@@ -81,11 +81,6 @@ def available_steps(root: str | Path, party: str) -> list[int]:
     return sorted(steps)
 
 
-def newest_common(step_lists: list[list[int]]) -> int | None:
-    common = set(step_lists[0]).intersection(*map(set, step_lists[1:])) if step_lists else set()
-    return max(common) if common else None
-
-
 def prune(root: str | Path, party: str, keep: int) -> None:
     """Delete this party's files older than its ``keep`` newest; remove step directories left empty."""
     for step in available_steps(root, party)[:-keep] if keep > 0 else []:

@@ -20,6 +20,7 @@ import pickle
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections import defaultdict
 
@@ -27,12 +28,16 @@ SS_TIMEOUT_S = 10
 PHASES = ("setup", "dedup", "train", "eval")
 _SOCKET_LINE = re.compile(r"^\S+\s+\d+\s+\d+\s+(?P<local>\S+)\s+(?P<peer>\S+)\s+(?P<users>users:.*)$")
 _PIDS = re.compile(r"pid=(\d+)")
-_COUNTER = re.compile(r"\b(bytes_sent|bytes_received):(\d+)")
+_COUNTER = re.compile(r"\b(bytes_sent|bytes_received|bytes_retrans):(\d+)")
 
 
 # --------------------------------------------------------------------------- kernel counters
-def socket_counters(pid: int | None = None) -> dict[tuple[str, str], tuple[int, int]] | None:
-    """{(local, peer): (bytes_sent, bytes_received)} for the TCP sockets of process ``pid``.
+def socket_counters(pid: int | None = None) -> dict[tuple[str, str], tuple[int, int, int]] | None:
+    """{(local, peer): (bytes_sent, bytes_received, bytes_retrans)} for the TCP sockets of process ``pid``.
+
+    ``bytes_sent`` includes retransmissions, which ``bytes_retrans`` counts on its own:
+    on one heavily loaded host, loopback TCP retransmits when a descheduled receiver
+    acknowledges later than the retransmission timeout.
 
     None where ``ss`` is missing. Counters are cumulative over a socket's life,
     so a phase's bytes are the difference of two readings.
@@ -52,11 +57,11 @@ def socket_counters(pid: int | None = None) -> dict[tuple[str, str], tuple[int, 
             owned = pid in {int(p) for p in _PIDS.findall(m.group("users"))}
             current = (m.group("local"), m.group("peer")) if owned else None
             if current:
-                counters[current] = (0, 0)
+                counters[current] = (0, 0, 0)
             continue
         if current and line[:1].isspace():
             values = dict(_COUNTER.findall(line))
-            counters[current] = (int(values.get("bytes_sent", 0)), int(values.get("bytes_received", 0)))
+            counters[current] = tuple(int(values.get(k, 0)) for k in ("bytes_sent", "bytes_received", "bytes_retrans"))
             current = None
     return counters
 
@@ -77,8 +82,8 @@ class Ledger:
     process's sockets are read, and the difference since the last switch is
     booked to the phase that ends. Payload bytes are booked with ``add`` as
     our code hands tensors to the transport (or receives them), per peer.
-    Additions come from RPC and autograd threads; each is one integer update
-    under the GIL.
+    Additions come from RPC and autograd threads; a lock keeps concurrent
+    ones (the server's hooks, a hospital's handlers) from losing an update.
     """
 
     def __init__(self, party: str):
@@ -91,21 +96,30 @@ class Ledger:
         self.tcp: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         # Floats: a ring all-reduce moves a fractional 2(N-1)/N share per call; rounded when reported.
         self.payload: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
+        self._lock = threading.Lock()
 
     def add(self, peer: str, direction: str, nbytes: float) -> None:
-        self.payload[self.phase][peer][direction] += nbytes
+        with self._lock:
+            self.payload[self.phase][peer][direction] += nbytes
+
+    def book_ring(self, peer: str, nbytes: int, ranks: int) -> None:
+        """An all-reduce of ``nbytes`` over ``ranks``: a ring sends and receives 2(N-1)/N of it per rank."""
+        ring = ring_allreduce_bytes(nbytes, ranks)
+        self.add(peer, "sent", ring)
+        self.add(peer, "received", ring)
 
     def switch(self, phase: str) -> None:
         now, counters = time.perf_counter(), socket_counters()
         self.seconds[self.phase] += now - self._last_time
         if counters is not None and self._last_counters is not None:
             booked = self.tcp[self.phase]
-            for key, (sent, received) in counters.items():
-                sent0, received0 = self._last_counters.get(key, (0, 0))
+            for key, (sent, received, retransmitted) in counters.items():
+                sent0, received0, retransmitted0 = self._last_counters.get(key, (0, 0, 0))
                 # torchrun's c10d store carries set-up and finish signals, not training traffic.
                 kind = "store_" if self.store_port is not None and port_of(key[1]) == self.store_port else ""
                 booked[kind + "sent"] += sent - sent0
                 booked[kind + "received"] += received - received0
+                booked[kind + "retransmitted"] += retransmitted - retransmitted0
         self.phase, self._last_time, self._last_counters = phase, now, counters
 
     def report(self) -> dict:
@@ -164,7 +178,12 @@ def phase_tables(reports: list[dict], phase: str) -> tuple[dict, dict | None, di
         tcp[rep["party"]] = {"sent": booked.get("sent", 0), "received": booked.get("received", 0)}
         store[rep["party"]] = {"sent": booked.get("store_sent", 0), "received": booked.get("store_received", 0)}
     measured = all(rep["tcp_available"] for rep in reports)
-    return party_table(payload), party_table(tcp) if measured else None, party_table(store) if measured else None
+    if not measured:
+        return party_table(payload), None, None
+    tcp_table = party_table(tcp)
+    # Included in "sent" (they crossed the wire); listed apart because payload never explains them.
+    tcp_table["retransmitted"] = sum(rep["tcp"].get(phase, {}).get("retransmitted", 0) for rep in reports)
+    return party_table(payload), tcp_table, party_table(store)
 
 
 def ratio(a, b) -> float | None:

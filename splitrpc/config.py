@@ -13,7 +13,6 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from splitrpc.errors import UserError
 
@@ -24,6 +23,7 @@ NORMS = ("batch", "group", "none")
 PARTITIONS = ("iid", "dirichlet")
 SCHEDULES = ("sequential", "parallel")
 L1_MODES = ("independent", "average")
+L1_INITS = ("shared", "private")
 DEDUP_MODES = ("none", "hmac", "psi")
 FAILURE_MODES = ("abort", "continue")
 FAULT_KINDS = ("nan", "inf", "shape", "dtype", "labels")
@@ -66,6 +66,9 @@ class Config:
     schedule: str = _opt("sequential", "sequential: hospitals take turns; parallel: all hospitals per step", SCHEDULES)
     l1: str = _opt("independent", "each hospital keeps its own L1, or hospitals average L1 weights", L1_MODES)
     l1_sync_every: int = _opt(1, "steps between L1 averages under --l1 average")
+    l1_init: str = _opt("shared", "shared: every L1 starts from --seed, like the local reference (so the server "
+                        "could rebuild it); private: each hospital's own randomness (averaged once under --l1 "
+                        "average)", L1_INITS)
     dedup: str = _opt("none", "remove records duplicated across hospitals before training: keyed tokens (hmac) "
                       "or a keyless Diffie-Hellman set intersection (psi)", DEDUP_MODES)
     dedup_key_file: str = _opt("", "--dedup hmac: the secret shared by the hospitals only (never read by the server); "
@@ -287,11 +290,15 @@ def validate(cfg: Config) -> Config:
         raise UserError("--checkpoint-dir and --resume are implemented for --method split")
     if (cfg.resume or cfg.checkpoint_every) and not cfg.checkpoint_dir:
         raise UserError("--resume and --checkpoint-every need --checkpoint-dir")
-    if cfg.checkpoint_every and not re.fullmatch(r"\d+\s*(e|ep|epoch|epochs)?", cfg.checkpoint_every.strip().lower()):
-        raise UserError(f"--checkpoint-every: expected a number of steps or epochs like '500' or '2e', "
-                        f"got {cfg.checkpoint_every!r}")
-    if cfg.checkpoint_keep < 1:
-        raise UserError(f"--checkpoint-keep must be at least 1, got {cfg.checkpoint_keep}")
+    from splitrpc.checkpoint import parse_every
+
+    parse_every(cfg.checkpoint_every, steps_per_epoch=1)  # the format only
+    if cfg.checkpoint_keep < 2:
+        # Hospitals prune right after writing a step, before the server writes its file:
+        # with one kept, a crash in between could leave no step that every party has.
+        raise UserError(f"--checkpoint-keep must be at least 2, got {cfg.checkpoint_keep}")
+    if cfg.lr_scaling and cfg.method != "ddp":
+        raise UserError("--lr-scaling scales the rate by the number of DDP ranks: it needs --method ddp")
     if cfg.max_restarts < 0:
         raise UserError(f"--max-restarts must not be negative, got {cfg.max_restarts}")
     if cfg.on_hospital_failure == "continue" and cfg.l1 == "average":
@@ -305,7 +312,3 @@ def validate(cfg: Config) -> Config:
     if cfg.method == "split" and cfg.world_size < 2:
         raise UserError("--method split needs at least one hospital")
     return cfg
-
-
-def expand_path(path: str) -> Path:
-    return Path(path).expanduser()

@@ -41,9 +41,7 @@ class CountingAllReduce:
 
     def book(self, nbytes: int) -> None:
         self.bucket_bytes += nbytes
-        ring = comm.ring_allreduce_bytes(nbytes, self.ranks)
-        self.ledger.add(RING, "sent", ring)
-        self.ledger.add(RING, "received", ring)
+        self.ledger.book_ring(RING, nbytes, self.ranks)
 
 
 def counting_allreduce_hook(state, bucket):
@@ -84,10 +82,8 @@ class DdpTrainer:
         return gathered
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """All-reduce outside the gradient path, booked like the gradient buckets."""
-        ring = comm.ring_allreduce_bytes(comm.tensor_bytes(tensor), self.ranks)
-        self.ledger.add(RING, "sent", ring)
-        self.ledger.add(RING, "received", ring)
+        """All-reduce outside the gradient path (CPU tensors, over gloo), booked like the gradient buckets."""
+        self.ledger.book_ring(RING, comm.tensor_bytes(tensor), self.ranks)
         dist.all_reduce(tensor)
         return tensor
 
@@ -118,12 +114,8 @@ class DdpTrainer:
         module = self.model.module
         buffers = [b for b in module.buffers() if b.is_floating_point()]
         if buffers:
-            flat = self._all_reduce(torch.cat([b.reshape(-1).cpu() for b in buffers]))
-            flat /= self.ranks
-            offset = 0
-            for b in buffers:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
+            self.ledger.book_ring(RING, comm.tensor_bytes(*buffers), self.ranks)
+            transport.all_reduce_mean_(buffers, self.ranks)
         module.eval()
         counts = torch.zeros(2, dtype=torch.float64)
         for b in range(self.rank, self.test.num_batches, self.ranks):
@@ -149,6 +141,7 @@ class DdpTrainer:
                 "tcp_bytes": tcp,
                 "tcp_store_bytes": store,
                 "tcp_over_payload": comm.ratio(tcp and tcp["total"], payload["total"]),
+                "tcp_delivered_over_payload": comm.ratio(tcp and tcp["total"] - tcp["retransmitted"], payload["total"]),
             }
 
         def per_epoch(table):
@@ -182,40 +175,40 @@ def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
     started = time.perf_counter()
     run_record = record.new_record(cfg)
     who = f"rank{rank}"
-    try:
+    with coordinator.reporting(who):
         data.prepare(cfg)
-    except BaseException as exc:
-        exc.first_failure = coordinator.fail(who, str(exc))
-        raise
     coordinator.mark_ready()
     coordinator.wait_all_ready(cfg.setup_timeout)
-    backend = "nccl" if transport.compute_device(cfg).type == "cuda" else "gloo"
+    device = transport.compute_device(cfg)
+    # Gradient buckets go over NCCL on a GPU; the small CPU tensors of the loss and
+    # evaluation bookkeeping always over gloo.
+    backend = "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
     # A dead or hung rank fails the others' collectives after --rpc-timeout, not gloo's 30 minutes.
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=cfg.hospitals,
                             timeout=timedelta(seconds=cfg.rpc_timeout))
     try:
-        trainer = DdpTrainer(cfg, rank)
-        plan = data.epoch_plan(trainer.batches, "parallel")
-        peak = cfg.lr * cfg.hospitals if cfg.lr_scaling else cfg.lr
-        if rank == 0:
-            print(f"[rank0] pid {os.getpid()} joined; {cfg.hospitals} ranks, peak lr {peak:g}", flush=True)
-        run_record["hospitals"] = [{"name": transport.hospital_name(r + 1), "train_batches": n}
-                                   for r, n in enumerate(trainer.batches)]
-        run_record["setup_time_s"] = time.perf_counter() - started
-        result = loop.run(cfg, plan, trainer.train_step, trainer.evaluate, who=who,
-                          lr_schedule=LRSchedule(cfg, len(plan), peak_lr=peak),
-                          switch_phase=trainer.ledger.switch, reduce_losses=trainer.reduce_losses,
-                          quiet=rank != 0)
-        trainer.ledger.switch("done")
-        run_record.update(result)
-        run_record["comm"] = trainer.communication(len(plan), result["train_time_s"])
-        if cfg.save_dir and rank == 0:
-            trainer.save(cfg.save_dir)
-        dist.barrier()
-    except BaseException as exc:
-        if not getattr(exc, "consequence", False):
-            exc.first_failure = coordinator.fail(who, str(exc) or type(exc).__name__)
-        raise
+        with coordinator.reporting(who):
+            trainer = DdpTrainer(cfg, rank)
+            plan = data.epoch_plan(trainer.batches, "parallel")
+            peak = cfg.lr * cfg.hospitals if cfg.lr_scaling else cfg.lr
+            if rank == 0:
+                print(f"[rank0] pid {os.getpid()} joined; {cfg.hospitals} ranks, peak lr {peak:g}", flush=True)
+            run_record["hospitals"] = [{"name": transport.hospital_name(r + 1), "train_batches": n}
+                                       for r, n in enumerate(trainer.batches)]
+            run_record["setup_time_s"] = time.perf_counter() - started
+            result = loop.run(cfg, plan, trainer.train_step, trainer.evaluate, who=who,
+                              lr_schedule=LRSchedule(cfg, len(plan), peak_lr=peak),
+                              switch_phase=trainer.ledger.switch, reduce_losses=trainer.reduce_losses,
+                              quiet=rank != 0)
+            trainer.ledger.switch("done")
+            run_record.update(result)
+            run_record["comm"] = trainer.communication(len(plan), result["train_time_s"])
+            if cfg.save_dir and rank == 0:
+                trainer.save(cfg.save_dir)
+            dist.barrier()
     finally:
         dist.destroy_process_group()
     if rank == 0:

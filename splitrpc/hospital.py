@@ -10,6 +10,7 @@ activations, and ``step`` applies it here.
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
 from collections import deque
@@ -24,27 +25,9 @@ from splitrpc import checkpoint, comm, data, dedup, privacy, transport
 from splitrpc.errors import PeerError
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
+from splitrpc.protocol import key_file, l1_sync_tensors, label_dtype
 
-LABEL_DTYPE = torch.uint8  # labels cross the wire as one byte when the classes fit
 FINISH_POLL_S = 0.2
-
-
-def label_dtype(num_classes: int) -> torch.dtype:
-    return LABEL_DTYPE if num_classes <= 256 else torch.int64
-
-
-def key_file(cfg, index: int) -> str:
-    """This hospital's copy of the shared key; ``{hospital}`` in the path lets one host simulate several sites."""
-    return cfg.dedup_key_file.replace("{hospital}", str(index))
-
-
-def l1_sync_tensors(head: torch.nn.Module) -> list[torch.Tensor]:
-    """What --l1 average averages: L1's parameters and floating-point buffers (BatchNorm statistics)."""
-    return [t for t in list(head.parameters()) + list(head.buffers()) if t.is_floating_point()]
-
-
-def l1_sync_numel(head: torch.nn.Module) -> int:
-    return sum(t.numel() for t in l1_sync_tensors(head))
 
 
 class Hospital:
@@ -55,9 +38,11 @@ class Hospital:
         self.device = transport.compute_device(cfg)
         self.shard = data.load_shard(cfg, index)
         self.test = data.load_test(cfg)
-        # Every party builds the full model from the same seed and keeps its part,
-        # so every L1 starts equal to the L1 of the local reference.
-        self.head, _ = split_model(model_for(cfg), cfg.cut)
+        # --l1-init shared: every party builds the full model from --seed and keeps its
+        # part, so every L1 starts equal to the local reference's (and the server could
+        # rebuild it). private: from this hospital's own randomness, never sent anywhere.
+        seed = cfg.seed if cfg.l1_init == "shared" else secrets.randbits(63)
+        self.head, _ = split_model(model_for(cfg, seed), cfg.cut)
         self.head.to(self.device)
         self.optimizer = make_optimizer(cfg, self.head.parameters())
         self.label_dtype = label_dtype(cfg.num_classes)
@@ -65,6 +50,7 @@ class Hospital:
         self.dropped: list[int] = []  # positions removed by deduplication, kept for checkpoints
         self.forwards = 0
         self.fault = parse_fault(cfg.fault, index)
+        self.psi: dedup.PsiHospital | None = None  # the keyless protocol's secret, while it runs
         self.nopeek_grads: dict = {}
         self.nopeek_values: list[float] = []
         # --capture-dir: the last batches' inputs, matching what the server keeps of them.
@@ -162,16 +148,8 @@ class Hospital:
         """
         with self.lock:
             tensors = l1_sync_tensors(self.head)
-            flat = torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
-            ring = comm.ring_allreduce_bytes(comm.tensor_bytes(flat), self.cfg.hospitals)
-            self.ledger.add("hospitals", "sent", ring)
-            self.ledger.add("hospitals", "received", ring)
-            dist.all_reduce(flat)
-            flat /= self.cfg.hospitals
-            offset = 0
-            for t in tensors:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
+            self.ledger.book_ring("hospitals", comm.tensor_bytes(*tensors), self.cfg.hospitals)
+            transport.all_reduce_mean_(tensors, self.cfg.hospitals)
 
     # --- deduplication, before training -------------------------------------------
     def _identities(self) -> list[bytes]:
@@ -208,7 +186,9 @@ class Hospital:
             self.shard.drop(positions)
             self.dropped = list(positions)
         self.psi = None
-        return self.describe()
+        sizes = self.describe()
+        self.ledger.add(transport.SERVER, "sent", comm.pickled_bytes(sizes))
+        return sizes
 
     def switch_phase(self, phase: str) -> None:
         self.ledger.switch(phase)
@@ -230,7 +210,7 @@ class Hospital:
             state = {
                 "fingerprint": checkpoint.fingerprint(self.cfg), "step": step, "party": name,
                 "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "dropped": self.dropped, "rng": torch.get_rng_state(),
+                "dropped": self.dropped,
             }
             checkpoint.save(self.cfg.checkpoint_dir, step, name, state)
         checkpoint.prune(self.cfg.checkpoint_dir, name, self.cfg.checkpoint_keep)
@@ -242,7 +222,6 @@ class Hospital:
         with self.lock:
             self.head.load_state_dict(state["head"])
             self.optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
             if state["dropped"]:
                 self.shard.drop(state["dropped"])
                 self.dropped = list(state["dropped"])
@@ -273,20 +252,19 @@ def inject_fault(kind: str, activations: torch.Tensor, labels: torch.Tensor, num
     return activations, labels
 
 
-def _finished(coordinator: transport.Coordinator) -> bool:
+def _store(call, *args):
+    """A coordination-store call; if the store is gone, its host (the server's) is gone."""
     try:
-        return coordinator.finished()
+        return call(*args)
     except Exception:
         raise PeerError("lost the server: the coordination store is gone") from None
 
 
 def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
     """Main thread of a hospital process: prepare data, serve the server, leave when it is done."""
-    try:
+    name = transport.hospital_name(rank)
+    with coordinator.reporting(name):
         data.prepare(cfg)
-    except BaseException as exc:
-        exc.first_failure = coordinator.fail(transport.hospital_name(rank), str(exc))
-        raise
     coordinator.mark_ready()
     coordinator.wait_all_ready(cfg.setup_timeout)
     if cfg.l1 == "average":
@@ -294,30 +272,28 @@ def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
         dist.init_process_group("gloo", store=dist.PrefixStore("hospitals", coordinator.store),
                                 rank=rank - 1, world_size=cfg.hospitals)
     transport.start_rpc(cfg, rank, cfg.world_size)
-    print(f"[{transport.hospital_name(rank)}] pid {os.getpid()} joined; data stays here", flush=True)
+    print(f"[{name}] pid {os.getpid()} joined; data stays here", flush=True)
     beat_every = min(5.0, cfg.rpc_timeout / 4)
     last_beat = 0.0
     try:
-        # The server drives everything through RPC handler threads; this thread
-        # only watches that the server is alive until it says it has finished.
-        while not _finished(coordinator):
-            failure = coordinator.failure()
-            if failure:
-                raise PeerError(f"run stopped: {failure}", consequence=True)
-            if time.monotonic() - last_beat >= beat_every:
-                try:
-                    rpc.rpc_sync(transport.SERVER, transport.heartbeat, timeout=cfg.rpc_timeout)
-                except Exception as exc:
-                    if coordinator.finished():
-                        break
-                    raise PeerError(f"lost the server: {transport.remote_error_summary(exc)}") from None
-                last_beat = time.monotonic()
-            time.sleep(FINISH_POLL_S)
-        coordinator.acknowledge_finish()
-    except BaseException as exc:
-        if not getattr(exc, "consequence", False):
-            # Before tearing down, so that peers see the cause rather than our disappearance.
-            exc.first_failure = coordinator.fail(transport.hospital_name(rank), str(exc))
+        with coordinator.reporting(name):
+            # The server drives everything through RPC handler threads; this thread
+            # only watches that the server is alive until it says it has finished.
+            while not _store(coordinator.finished):
+                failure = _store(coordinator.failure)
+                if failure:
+                    raise PeerError(f"run stopped: {failure}", consequence=True)
+                if time.monotonic() - last_beat >= beat_every:
+                    try:
+                        rpc.rpc_sync(transport.SERVER, transport.heartbeat, timeout=cfg.rpc_timeout)
+                    except Exception as exc:
+                        if _store(coordinator.finished):
+                            break
+                        raise PeerError(f"lost the server: {transport.remote_error_summary(exc)}") from None
+                    last_beat = time.monotonic()
+                time.sleep(FINISH_POLL_S)
+            coordinator.acknowledge_finish()
+    except BaseException:
         transport.stop_rpc(graceful=False, timeout_s=0)
         raise
     # A graceful stop waits for every party; with a hospital lost on the way it cannot complete.

@@ -65,6 +65,7 @@ def _worker_environment() -> None:
 
 
 def _run_agent(config, argv: list[str], rendezvous: str) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
@@ -80,6 +81,9 @@ def _run_agent(config, argv: list[str], rendezvous: str) -> int:
             print(f"splitrpc: run failed: rank {rank} was killed{signal_text}", file=sys.stderr, flush=True)
             return 1
         return first.exitcode
+    except SignalException as exc:  # Ctrl-C or a SIGTERM: the agent has stopped the workers
+        print(f"splitrpc: stopped by signal {exc.sigval.name}", file=sys.stderr, flush=True)
+        return 128 + int(exc.sigval)
     except Exception as exc:  # the agent's own failures: rendezvous timeouts, unreachable store
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "time" in text.lower() and "out" in text.lower():
@@ -131,6 +135,9 @@ def multinode(args, train_argv: list[str]) -> int:
     from splitrpc.config import parse_args
 
     cfg = parse_args(train_argv)
+    if cfg.max_restarts:
+        raise UserError("--max-restarts works on one host only (launch/local.sh); across hosts rerun every node "
+                        "with --resume")
     nproc = node_processes(cfg, args.nnodes, args.node_rank, args.nproc_per_node)
     endpoint = f"{args.master_addr}:{args.master_port}"
     torchrun = ["torchrun", "--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank),
@@ -160,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
     sub.add_parser("local", help="one host; every other argument goes to splitrpc-train", add_help=False)
-    world = sub.add_parser("world-size", help="print the processes a run needs", add_help=False)
-    del world
+    sub.add_parser("world-size", help="print the processes a run needs", add_help=False)
     node = sub.add_parser("multinode", help="one node of a multi-host run")
     node.add_argument("--nnodes", type=int, required=True)
     node.add_argument("--node-rank", type=int, required=True)

@@ -41,7 +41,7 @@ class Loop:
         self.train_step, self.evaluate = train_step, evaluate
         self.schedule = lr_schedule or LRSchedule(cfg, len(plan))
         self.on_step_end, self.switch_phase, self.reduce_losses = on_step_end, switch_phase, reduce_losses
-        self.progress = Progress(cfg, len(plan), who, quiet)
+        self.progress = Progress(cfg, self.total_steps_of(cfg, len(plan)), who, quiet)
         self.state = {
             "steps_done": 0, "epochs": [], "step_losses": [], "train_seconds": 0.0, "samples": 0,
             # the epoch in progress
@@ -55,17 +55,23 @@ class Loop:
         self.state = {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}
         self.progress.print(f"resumed at step {self.state['steps_done']}")
 
+    @staticmethod
+    def total_steps_of(cfg, steps_per_epoch: int) -> int:
+        total = steps_per_epoch * cfg.epochs
+        return min(total, cfg.max_steps) if cfg.max_steps else total
+
     @property
     def total_steps(self) -> int:
-        total = len(self.plan) * self.cfg.epochs
-        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+        return self.total_steps_of(self.cfg, len(self.plan))
 
     def run(self) -> dict:
-        cfg, state, steps_per_epoch = self.cfg, self.state, len(self.plan)
+        state, steps_per_epoch = self.state, len(self.plan)
         lr = self.schedule(max(0, state["steps_done"] - 1))
-        if state["steps_done"] and state["steps_done"] % steps_per_epoch == 0 and state["counts"]:
-            # Resumed from a checkpoint taken at the last step of an epoch, before its evaluation.
-            self._end_epoch(state["steps_done"] // steps_per_epoch - 1, lr)
+        done = state["steps_done"]
+        if state["counts"] and (done % steps_per_epoch == 0 or done >= self.total_steps):
+            # Resumed from a checkpoint taken at the last step of an epoch (or of the run),
+            # before that epoch's evaluation.
+            self._end_epoch((done - 1) // steps_per_epoch, lr)
         while state["steps_done"] < self.total_steps:
             epoch, first = divmod(state["steps_done"], steps_per_epoch)
             self.switch_phase("train")

@@ -133,10 +133,12 @@ def stage_count(name: str) -> int:
     raise UserError(f"unknown model {name!r}")
 
 
-def model_for(cfg) -> nn.Sequential:
-    """The full model every party builds from the same seed, so all copies start equal."""
-    torch.manual_seed(cfg.seed)
-    return build_model(cfg.model, cfg.num_classes, cfg.width, cfg.norm).to(getattr(torch, cfg.dtype))
+def model_for(cfg, seed: int | None = None) -> nn.Sequential:
+    """The full model every party builds from the same seed (--seed unless given), so all copies start
+    equal. The process-wide RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed if seed is None else seed)
+        return build_model(cfg.model, cfg.num_classes, cfg.width, cfg.norm).to(getattr(torch, cfg.dtype))
 
 
 def check_cut(stages: int, cut: int, name: str = "the model") -> None:

@@ -29,7 +29,6 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -415,32 +414,3 @@ def leakage_report(original_images: Tensor, reconstructions: Tensor, activations
         "ssim": ssim(recovered, originals, data_range=1.0),
         "n": len(original_images),
     }
-
-
-def save_reconstruction_grid(originals: Tensor, reconstructions_by_label: dict[str, Tensor], path: str | Path,
-                             dataset: str, n: int = 8) -> Path:
-    """A figure (format from the suffix: .png, .pdf, ...) with the originals on top and one labelled row per method."""
-    # Object-oriented matplotlib without pyplot: no global backend switch, no figure registry.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = {"original": originals, **reconstructions_by_label}
-    columns = min(n, *(len(images) for images in rows.values()))
-    if columns == 0:
-        raise UserError("save_reconstruction_grid: nothing to show")
-    figure = Figure(figsize=(1.2 * columns, 1.3 * len(rows)))
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(len(rows), columns, squeeze=False)
-    for r, (label, images) in enumerate(rows.items()):
-        pixels = denormalize(images[:columns].detach().cpu().float(), dataset).clamp(0, 1)
-        for c in range(columns):
-            ax = axes[r][c]
-            ax.imshow(pixels[c].permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path

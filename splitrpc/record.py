@@ -68,16 +68,16 @@ def append_jsonl(path: str, record: dict) -> None:
 class Progress:
     """Periodic one-line progress for long runs: epoch, step, loss, lr and throughput."""
 
-    def __init__(self, cfg, steps_per_epoch: int, who: str, quiet: bool = False):
-        self.cfg, self.steps_per_epoch, self.who, self.quiet = cfg, steps_per_epoch, who, quiet
-        self.total = steps_per_epoch * cfg.epochs
-        if cfg.max_steps:
-            self.total = min(self.total, cfg.max_steps)
+    def __init__(self, cfg, total_steps: int, who: str, quiet: bool = False):
+        self.cfg, self.total, self.who, self.quiet = cfg, total_steps, who, quiet
         self._t0 = time.perf_counter()
+        self._first_step: int | None = None  # a resumed run starts counting its rate from here
         self._window_samples, self._window_loss, self._window_steps = 0, 0.0, 0
         self._window_t = self._t0
 
     def step(self, global_step: int, epoch: int, loss: float, samples: int, lr: float) -> None:
+        if self._first_step is None:
+            self._first_step = global_step
         self._window_samples += samples
         self._window_loss += loss
         self._window_steps += 1
@@ -85,7 +85,7 @@ class Progress:
         if done % self.cfg.log_every == 0 or done == self.total:
             now = time.perf_counter()
             rate = self._window_samples / max(now - self._window_t, 1e-9)
-            eta = (now - self._t0) / done * (self.total - done)
+            eta = (now - self._t0) / max(1, done - self._first_step) * (self.total - done)
             self.print(f"epoch {epoch + 1}/{self.cfg.epochs} step {done}/{self.total} "
                        f"loss {self._window_loss / self._window_steps:.4f} lr {lr:.4g} "
                        f"{rate:.0f} samples/s eta {eta:.0f}s")

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 
 from splitrpc import checkpoint, comm, data, dedup, loop, record, transport
 from splitrpc.errors import PeerError, UserError
-from splitrpc.hospital import Hospital, l1_sync_numel, label_dtype
+from splitrpc.hospital import Hospital
 from splitrpc.models import activation_shape, model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
+from splitrpc.protocol import l1_sync_numel, label_dtype
 
 
 class HospitalFailure(PeerError):
@@ -114,8 +115,9 @@ class Server:
         self.ledger = comm.Ledger(transport.SERVER)
         model = model_for(cfg)
         self.activation_shape = activation_shape(model, cfg.cut)
-        self.l1_numel = l1_sync_numel(split_model(model, cfg.cut)[0])
-        _, self.trunk = split_model(model, cfg.cut)
+        head, self.trunk = split_model(model, cfg.cut)
+        self.l1_numel = l1_sync_numel(head)  # the architecture's size; the server keeps no L1 weights
+        del head
         self.trunk.to(self.device)
         self.optimizer = make_optimizer(cfg, self.trunk.parameters())
         self.dtype = getattr(torch, cfg.dtype)
@@ -128,9 +130,10 @@ class Server:
         self.loop: loop.Loop | None = None
         self.checkpoint_every = 0
         self.dedup_record: dict | None = None
-        # Where the server's training time goes (seconds), and what ran (for analytic bytes).
+        # Where the server's training time goes (seconds), and the participants of every
+        # step that ran in this process (for the analytic bytes).
         self.time = defaultdict(float)
-        self.steps_done: list[list[tuple[int, int]]] = []
+        self.executed_steps: list[list[tuple[int, int]]] = []
         self.l1_syncs = 0
         self.evaluations = 0
         # --capture-dir: the last activations received from each hospital, for leakage audits.
@@ -138,9 +141,9 @@ class Server:
         self.capture = {h: deque(maxlen=keep) for h in range(1, cfg.hospitals + 1)} if cfg.capture_dir else None
 
     # --- phases and deduplication ---------------------------------------------------------
-    def call_live(self, method: str, *args) -> list:
+    def call_live(self, method: str, *args, timeout: float | None = None) -> list:
         """Call every live hospital; one that fails is handled by --on-hospital-failure."""
-        futures = [(h, self.hospitals.call_async(h, method, *args)) for h in self.hospitals.live]
+        futures = [(h, self.hospitals.call_async(h, method, *args, timeout=timeout)) for h in self.hospitals.live]
         replies = []
         for h, f in futures:
             try:
@@ -167,7 +170,8 @@ class Server:
 
         def call(h, method, *args):
             # Bounded by --setup-timeout: tokens for a large shard take a while to compute.
-            self.ledger.add(hospitals.name(h), "sent", comm.pickled_bytes(args))
+            if args:
+                self.ledger.add(hospitals.name(h), "sent", comm.pickled_bytes(args[0] if len(args) == 1 else args))
             reply = hospitals.wait(h, hospitals.call_async(h, method, *args, timeout=cfg.setup_timeout))
             self.ledger.add(hospitals.name(h), "received", comm.pickled_bytes(reply))
             return reply
@@ -245,7 +249,7 @@ class Server:
             if not live:
                 return None, 0  # every hospital of this step is gone: the schedule moves on without it
             try:
-                return self._step(epoch, live, lr)
+                return self._step(epoch, live, lr, step)
             except HospitalFailure as failure:
                 self.lose(failure, step)  # raises under abort; otherwise retry without it
             except PeerError:
@@ -257,7 +261,7 @@ class Server:
                     self.lose(HospitalFailure(h, f"{self.hospitals.name(h)}: did not answer after a failed "
                                                  f"backward pass"), step)
 
-    def _step(self, epoch: int, participants: Sequence[tuple[int, int]], lr: float) -> tuple[float, int]:
+    def _step(self, epoch: int, participants: Sequence[tuple[int, int]], lr: float, step: int) -> tuple[float, int]:
         hospitals, clock = self.hospitals, self.time
         with dist_autograd.context() as context_id:
             t0 = time.perf_counter()
@@ -291,22 +295,31 @@ class Server:
             futures = [hospitals.call_async(h, "step", context_id, lr, scale) for h, _ in participants]
             apply_gradients(self.optimizer, dist_autograd.get_gradients(context_id), lr)
             t4 = time.perf_counter()
+            # From here the step has happened (the trunk stepped): a hospital failing now is
+            # lost after the step, which is not repeated for the others.
+            late = []
             for (h, _), f in zip(participants, futures):
-                hospitals.wait(h, f)
+                try:
+                    hospitals.wait(h, f)
+                except HospitalFailure as failure:
+                    late.append(failure)
             t5 = time.perf_counter()
         clock["waiting_for_activations"] += t1 - t0
         clock["trunk_forward"] += t2 - t1
         clock["backward_incl_hospitals"] += t3 - t2
         clock["trunk_optimizer"] += t4 - t3
         clock["waiting_for_hospital_steps"] += t5 - t4
-        self.steps_done.append(list(participants))
+        self.executed_steps.append(list(participants))
+        for failure in late:
+            self.lose(failure, step)
         return loss.item(), len(labels)
 
     def after_step(self, steps_done: int) -> None:
         if self.cfg.l1 == "average" and steps_done % self.cfg.l1_sync_every == 0:
             self.hospitals.call_all("average_l1")
             self.l1_syncs += 1
-        if self.checkpoint_every and steps_done % self.checkpoint_every == 0:
+        final = steps_done == self.loop.total_steps  # also the final state, so a longer run can continue from it
+        if self.cfg.checkpoint_dir and (final or self.checkpoint_every and steps_done % self.checkpoint_every == 0):
             self.save_checkpoint(steps_done)
 
     @torch.no_grad()
@@ -350,18 +363,11 @@ class Server:
         The server writes its file last, once every hospital has confirmed its own:
         a server checkpoint at a step therefore marks a complete set.
         """
-        futures = [(h, self.hospitals.call_async(h, "save_checkpoint", steps_done, timeout=self.cfg.setup_timeout))
-                   for h in self.hospitals.live]
-        for h, f in futures:
-            try:
-                self.hospitals.wait(h, f)
-            except HospitalFailure as failure:
-                self.lose(failure, steps_done)
+        self.call_live("save_checkpoint", steps_done, timeout=self.cfg.setup_timeout)
         state = {
             "fingerprint": self.fingerprint, "step": steps_done, "party": transport.SERVER,
             "trunk": self.trunk.state_dict(), "optimizer": self.optimizer.state_dict(),
             "loop": self.loop.state_dict(), "lost": dict(self.hospitals.lost), "dedup": self.dedup_record,
-            "rng": torch.get_rng_state(),
         }
         checkpoint.save(self.cfg.checkpoint_dir, steps_done, transport.SERVER, state)
         checkpoint.prune(self.cfg.checkpoint_dir, transport.SERVER, self.cfg.checkpoint_keep)
@@ -386,20 +392,21 @@ class Server:
                 return step
         return None
 
-    def resume(self, step: int) -> None:
+    def restore(self, step: int) -> dict:
+        """Every party back to its state after ``step`` steps; returns the server's checkpoint (with the
+        loop's position and history, which the caller restores once the step plan is rebuilt)."""
         state = checkpoint.load(self.cfg.checkpoint_dir, step, transport.SERVER, self.fingerprint)
         self.trunk.load_state_dict(state["trunk"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
         self.hospitals.lost = {int(k): v for k, v in state["lost"].items()}
         for lost in self.hospitals.lost.values():
             self.coordinator.mark_lost(lost["name"])
         self.dedup_record = state["dedup"]
-        restored = self.hospitals.call_all("load_checkpoint", step, timeout=self.cfg.setup_timeout)
-        info = iter(restored)
-        self.info = [next(info) if h not in self.hospitals.lost else old
+        # Each hospital restores its L1 and the records deduplication dropped; its sizes plan the steps.
+        restored = iter(self.hospitals.call_all("load_checkpoint", step, timeout=self.cfg.setup_timeout))
+        self.info = [next(restored) if h not in self.hospitals.lost else old
                      for h, old in zip(range(1, self.cfg.hospitals + 1), self.info)]
-        self.loop.load_state_dict(state["loop"])
+        return state
 
     # --- the record -------------------------------------------------------------------------
     def analytic(self) -> dict[str, dict]:
@@ -411,7 +418,7 @@ class Server:
             for name in [transport.SERVER, *self.hospitals.names]:  # every party, even one that never took part
                 table[name]["sent"] += 0
         train = tables["train"]
-        for participants in self.steps_done:
+        for participants in self.executed_steps:
             for h, _ in participants:
                 name = self.hospitals.name(h)
                 train[name]["sent"] += up
@@ -447,8 +454,9 @@ class Server:
                 "tcp_bytes": tcp,
                 "tcp_store_bytes": store,
                 "tcp_over_payload": comm.ratio(tcp and tcp["total"], payload["total"]),
+                "tcp_delivered_over_payload": comm.ratio(tcp and tcp["total"] - tcp["retransmitted"], payload["total"]),
             }
-        steps = len(self.steps_done)
+        steps = len(self.executed_steps)
 
         def per_epoch(table):
             """Training bytes per epoch: measured over the steps that ran, scaled to a full epoch."""
@@ -506,39 +514,38 @@ def run(cfg, coordinator: transport.Coordinator) -> int:
     transport.start_rpc(cfg, 0, cfg.world_size)
     print(f"[server] pid {os.getpid()} joined; {cfg.hospitals} hospitals", flush=True)
     try:
-        server = Server(cfg, coordinator)
-        resume_step = server.newest_checkpoint() if should_resume(cfg) else None
-        if cfg.resume and resume_step is None:
-            raise UserError(f"--resume: no step in {cfg.checkpoint_dir} has a checkpoint from every party")
-        if cfg.dedup != "none" and resume_step is None:
-            server.dedup_record = server.deduplicate()
-        plan = data.epoch_plan([i["train_batches"] for i in server.info], cfg.schedule)
-        server.loop = loop.Loop(cfg, plan, server.train_step, server.evaluate, who="server",
-                                on_step_end=server.after_step, switch_phase=server.switch_phase)
-        server.checkpoint_every = checkpoint.parse_every(cfg.checkpoint_every, len(plan))
-        if resume_step is not None:
-            server.resume(resume_step)
-            run_record["resumed_from_step"] = resume_step
-        run_record["hospitals"] = server.info
-        run_record["setup_time_s"] = time.perf_counter() - started
-        run_record.update(server.loop.run())
-        server.switch_phase("done")
-        final = server.loop.state["steps_done"]
-        if cfg.checkpoint_dir and final not in checkpoint.available_steps(cfg.checkpoint_dir, transport.SERVER):
-            server.save_checkpoint(final)  # the final state too, so that a longer run can continue from it
-        run_record["dedup"] = server.dedup_record
-        run_record["lost_hospitals"] = list(server.hospitals.lost.values())
-        run_record["comm"] = server.communication(len(plan), run_record["train_time_s"])
-        if cfg.capture_dir:
-            run_record["capture"] = server.write_capture()
-        if cfg.nopeek:
-            run_record["nopeek"] = server.call_live("privacy_stats")
-        if cfg.save_dir:
-            server.save(cfg.save_dir)
-    except BaseException as exc:
-        if not getattr(exc, "consequence", False):
-            # Before tearing down, so that hospitals see the cause rather than our disappearance.
-            exc.first_failure = coordinator.fail(transport.SERVER, str(exc) or type(exc).__name__)
+        with coordinator.reporting(transport.SERVER):
+            server = Server(cfg, coordinator)
+            resume_step = server.newest_checkpoint() if should_resume(cfg) else None
+            if cfg.resume and resume_step is None:
+                raise UserError(f"--resume: no step in {cfg.checkpoint_dir} has a checkpoint from every party")
+            resumed = server.restore(resume_step) if resume_step is not None else None
+            if resumed is None and cfg.dedup != "none":
+                server.dedup_record = server.deduplicate()
+            if resumed is None and cfg.l1 == "average" and cfg.l1_init == "private":
+                server.call_live("average_l1")  # privately initialised L1s start equal, at a point nobody chose
+            # Planned from the hospitals' sizes after deduplication (restored with a checkpoint).
+            plan = data.epoch_plan([i["train_batches"] for i in server.info], cfg.schedule)
+            server.loop = loop.Loop(cfg, plan, server.train_step, server.evaluate, who="server",
+                                    on_step_end=server.after_step, switch_phase=server.switch_phase)
+            server.checkpoint_every = checkpoint.parse_every(cfg.checkpoint_every, len(plan))
+            if resumed is not None:
+                server.loop.load_state_dict(resumed["loop"])
+                run_record["resumed_from_step"] = resume_step
+            run_record["hospitals"] = server.info
+            run_record["setup_time_s"] = time.perf_counter() - started
+            run_record.update(server.loop.run())
+            server.switch_phase("done")
+            run_record["dedup"] = server.dedup_record
+            run_record["lost_hospitals"] = list(server.hospitals.lost.values())
+            run_record["comm"] = server.communication(len(plan), run_record["train_time_s"])
+            if cfg.capture_dir:
+                run_record["capture"] = server.write_capture()
+            if cfg.nopeek:
+                run_record["nopeek"] = server.call_live("privacy_stats")
+            if cfg.save_dir:
+                server.save(cfg.save_dir)
+    except BaseException:
         transport.stop_rpc(graceful=False, timeout_s=0)
         raise
     run_record["status"] = "ok"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -65,6 +66,17 @@ class Coordinator:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.store = dist.PrefixStore(f"{KEY_PREFIX}/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{attempt}", store)
         self.rank, self.world_size = rank, world_size
+
+    @contextmanager
+    def reporting(self, who: str):
+        """Record an exception raised inside as this process's failure, before it tears anything down,
+        so that peers see the cause rather than our disappearance."""
+        try:
+            yield
+        except BaseException as exc:
+            if not getattr(exc, "consequence", False) and not hasattr(exc, "first_failure"):
+                exc.first_failure = self.fail(who, str(exc) or type(exc).__name__)
+            raise
 
     def mark_ready(self) -> None:
         self.store.add("ready", 1)
@@ -154,6 +166,19 @@ def stop_rpc(graceful: bool, timeout_s: float) -> None:
         rpc.shutdown(graceful=False)
     except Exception:
         pass
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Average ``tensors`` in place over the default process group, as one flat CPU buffer; returns the buffer."""
+    flat = torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= group_size
+    offset = 0
+    for t in tensors:
+        with torch.no_grad():
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return flat
 
 
 def heartbeat() -> int:

@@ -31,7 +31,7 @@ def test_socket_counters_match_bytes_written():
     assert client.recv(1000) == b"y" * 789
     after = comm.socket_counters()
     key = (f"127.0.0.1:{client.getsockname()[1]}", f"127.0.0.1:{server.getsockname()[1]}")
-    sent0, received0 = before.get(key, (0, 0))
+    sent0, received0, _ = before.get(key, (0, 0, 0))
     assert (after[key][0] - sent0, after[key][1] - received0) == (123_456, 789)
     for s in (client, peer, server):
         s.close()
@@ -50,10 +50,11 @@ def check_three_ways(record, phases=("train", "eval")):
         p = c["phases"][phase]
         assert p["payload_bytes"] == p["analytic_bytes"], phase  # exactly, per party and direction
         assert p["payload_bytes"]["total"] > 0
-        ratio = p["tcp_over_payload"]
+        # Loopback retransmissions (a loaded host) are wire bytes but no payload explains them.
+        ratio = p["tcp_delivered_over_payload"]
         assert 1.0 <= ratio <= 1 + TCP_OVERHEAD, (phase, ratio)
         for party, d in p["tcp_bytes"].items():
-            if party != "total":
+            if isinstance(d, dict):
                 assert d["sent"] >= p["payload_bytes"][party]["sent"], (phase, party)
     return c
 

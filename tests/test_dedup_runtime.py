@@ -3,7 +3,6 @@ learns no identity or key, and bad keys or manifests stop the run with one line.
 
 import pickle
 
-import numpy as np
 import pytest
 
 from splitrpc import data, dedup

@@ -69,3 +69,16 @@ def test_deeper_cut_sends_the_deeper_stage(cli, tmp_path, cut, shape):
 def test_defences_need_split(cli):
     r = cli("--method", "local", "--noise", "0.1", timeout=60)
     assert r.returncode == 2 and "--noise protects what leaves a hospital" in r.stderr
+
+
+def test_private_l1_init_is_unknown_to_the_server_and_averaged_once(cli, tmp_path):
+    common = ["--method", "split", "--hospitals", "2", "--dataset", "synthetic", "--synthetic-train", "256",
+              "--synthetic-test", "64", "--model", "vgg11", "--width", "0.25", "--batch-size", "32",
+              "--threads", "1", "--max-steps", "2", "--schedule", "parallel", "--l1", "average"]
+    shared = cli(*common, "--save-dir", tmp_path / "shared")
+    private = cli(*common, "--l1-init", "private", "--save-dir", tmp_path / "private")
+    assert shared.returncode == 0 and private.returncode == 0, (shared, private)
+    a, b = (torch.load(tmp_path / "private" / f"head-hospital{h}.pt") for h in (1, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # averaged at the start and after every step
+    s = torch.load(tmp_path / "shared" / "head-hospital1.pt")
+    assert not torch.equal(a["0.0.weight"], s["0.0.weight"])  # not the weights --seed gives

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from bench.harness import stop
 from conftest import REPO
 
 SYNTH = ["--dataset", "synthetic", "--model", "resnet20", "--width", "0.25", "--threads", "1"]
@@ -108,7 +109,7 @@ class Run:
             self.stderr = self.proc.communicate(timeout=timeout)[1]
         finally:
             if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                stop(self.proc, grace_s=5)  # the launcher and every worker it started
         return self.proc.returncode
 
 

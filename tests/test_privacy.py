@@ -393,10 +393,3 @@ def test_leakage_report_of_a_perfect_reconstruction(held_out):
     assert report["dcor_bias_corrected"] == pytest.approx(1.0, abs=1e-6)
     assert report["psnr"] == 100.0 and report["ssim"] == pytest.approx(1.0, abs=1e-12)
     assert report["n"] == len(held_out)
-
-
-@pytest.mark.parametrize("suffix,magic", [(".png", b"\x89PNG"), (".pdf", b"%PDF")])
-def test_save_reconstruction_grid(tmp_path, held_out, suffix, magic):
-    path = privacy.save_reconstruction_grid(held_out, {"decoder": -held_out, "white box": held_out},
-                                            tmp_path / "figs" / f"grid{suffix}", DATASET, n=4)
-    assert path.read_bytes()[:4] == magic and path.stat().st_size > 1000

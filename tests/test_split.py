@@ -1,17 +1,10 @@
 """Split learning over real torchrun process groups and TCP sockets."""
 
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import REPO
 
 pytestmark = pytest.mark.distributed
 
