@@ -204,3 +204,32 @@ def test_message_validation(activations, labels, problem):
 def test_faulty_hospital_message_kinds_stop_the_run(cli, kind, pattern):
     result = cli(*BASE, "--fault", f"hospital1:{kind}@2", timeout=120)
     assert result.returncode == 1 and re.search(rf"hospital1 sent {pattern}", result.stderr), result
+
+
+def test_a_stopped_deduplicated_run_continues_exactly(tmp_path, cache_dir):
+    """--max-steps stops mid-epoch with a final checkpoint; --resume continues it to the end. The shards
+    come back deduplicated from the hospitals' checkpoints, so the step plan is the original one."""
+    key = tmp_path / "k.key"
+    key.write_text("ab" * 32)
+    dedup = [*BASE, "--overlap", "0.3", "--dedup", "hmac", "--dedup-key-file", str(key), "--cache-dir", cache_dir]
+
+    def train(*extra, out):
+        proc = subprocess.run([sys.executable, "-m", "splitrpc.train", *dedup, *extra, "--out", str(tmp_path / out)],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    train("--save-dir", str(tmp_path / "whole"), out="whole.jsonl")
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    train(*ckpt, "--max-steps", "30", out="part.jsonl")
+    resumed = train(*ckpt, "--resume", "--save-dir", str(tmp_path / "final"), out="rest.jsonl")
+    assert "resumed at step 30" in resumed.stdout
+    same_state(tmp_path / "whole", tmp_path / "final")
+    import json
+
+    whole = json.loads((tmp_path / "whole.jsonl").read_text())
+    rest = json.loads((tmp_path / "rest.jsonl").read_text())
+    assert rest["steps"] == whole["steps"] == 80
+    assert [e["epoch"] for e in rest["epochs"]] == [1, 2]
+    assert rest["dedup"]["dropped"] == whole["dedup"]["dropped"] > 0
+    assert rest["epochs"][-1]["test_acc_per_hospital"] == whole["epochs"][-1]["test_acc_per_hospital"]
