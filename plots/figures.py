@@ -45,7 +45,7 @@ def load_results(results_dir: Path) -> dict[str, list[dict]]:
 def model_label(cfg: dict) -> str:
     width = f" x{cfg['width']:g}" if cfg.get("width", 1.0) != 1.0 else ""
     data = {"imagefolder": "CIFAR-10 (JPEG)", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}.get(
-        cfg["dataset"], f"synthetic, {cfg['num_classes']} classes")
+        cfg["dataset"], f"{cfg['num_classes']} classes (synthetic data)")
     return f"{cfg['model']}{width}, {data}"
 
 
@@ -104,6 +104,7 @@ def fig_comm_vs_hospitals(records: list[dict], out_dir: Path, name: str, note: s
         ax.set_yscale("log")
         ax.set_xticks(sorted({r["config"]["hospitals"] for rs in methods.values() for r in rs}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_yaxis().set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.get_yaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.get_yaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("hospitals N")
