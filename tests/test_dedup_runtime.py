@@ -46,7 +46,12 @@ def test_split_run_keeps_exactly_one_copy_of_each_record(cli, cache_dir, key_fil
     assert [h["train_samples"] for h in record["hospitals"]] == d["records_after"]
     assert d["training_bytes_saved_per_epoch"] == len(truth) * (2 * 4 * 32 * 32 * 4 + 1)
     phase = record["comm"]["phases"]["dedup"]
-    assert phase["payload_bytes"]["total"] > 0 and phase["tcp_bytes"]["total"] >= phase["payload_bytes"]["total"]
+    payload = phase["payload_bytes"]
+    assert payload["total"] > 0 and phase["tcp_bytes"]["total"] >= payload["total"]
+    # Both ends count every protocol message: what the hospitals sent is what the server received, and back.
+    hospitals = [name for name in payload if name.startswith("hospital")]
+    assert sum(payload[h]["sent"] for h in hospitals) == payload["server"]["received"]
+    assert sum(payload[h]["received"] for h in hospitals) == payload["server"]["sent"] > 0
 
 
 @pytest.mark.distributed

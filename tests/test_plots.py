@@ -1,0 +1,37 @@
+"""Figures and the summary come from the committed raw results, and from nothing else."""
+
+import json
+
+from conftest import REPO
+from plots.figures import main
+
+
+def test_summary_is_regenerated_exactly_from_the_committed_results(tmp_path):
+    summary = tmp_path / "summary.md"
+    assert main(["--out-dir", str(tmp_path / "figures"), "--summary", str(summary)]) == 0
+    assert summary.read_text() == (REPO / "plots" / "summary.md").read_text(), "run `make plots` and commit"
+    committed = {p.name for p in (REPO / "plots" / "figures").iterdir()}
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == committed
+
+
+def test_every_successful_run_has_a_row(tmp_path):
+    summary = tmp_path / "summary.md"
+    main(["--out-dir", str(tmp_path / "figures"), "--summary", str(summary)])
+    rows = [line for line in summary.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    runs = 0
+    for path in (REPO / "results").glob("*.jsonl"):
+        if path.stem == "privacy_attacks":
+            runs += sum(1 for line in path.read_text().splitlines() if line.strip())
+            continue
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        ok = sum(1 for r in records if r.get("status") == "ok")
+        runs += ok * (2 if path.stem == "dedup" else 1)  # dedup runs also get a row in the dedup table
+    header_rows = sum(1 for line in summary.read_text().splitlines() if line.startswith("| ") and "---" not in line
+                      and line.startswith(("| method", "| overlap", "| defence")))
+    assert len(rows) - header_rows == runs
+
+
+def test_no_results_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["--results-dir", str(tmp_path), "--out-dir", str(tmp_path / "f"), "--summary",
+                 str(tmp_path / "s.md")]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
