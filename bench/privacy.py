@@ -55,6 +55,27 @@ def load_capture(directory: Path, hospital: str) -> tuple[torch.Tensor, torch.Te
     return (torch.cat([inputs[k]["inputs"] for k in keys]), torch.cat([received[k]["activations"] for k in keys]))
 
 
+def auxiliary_images(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attacker's public data: the first AUX_SAMPLES images of the test split, normalised, and their labels."""
+    aux = data.load_split(cfg.replace(limit_test=0), "test")
+    count = min(AUX_SAMPLES, len(aux.labels))
+    normalize = data.Normalizer(cfg)
+    return (normalize(torch.from_numpy(aux.images.take(np.arange(count))).permute(0, 3, 1, 2)),
+            torch.from_numpy(aux.labels[:count]))
+
+
+def blind_guess(record: dict) -> dict:
+    """PSNR/SSIM of guessing the mean auxiliary image for every input: the score of learning nothing."""
+    cfg = from_dict(record["config"])
+    inputs, _ = load_capture(Path(record["capture"]["dir"]), "hospital1")
+    aux_images, _ = auxiliary_images(cfg)
+    guess = aux_images.mean(0, keepdim=True).expand_as(inputs)
+    originals = privacy.denormalize(inputs, cfg.dataset).clamp(0, 1)
+    guessed = privacy.denormalize(guess, cfg.dataset).clamp(0, 1)
+    return {"psnr": privacy.psnr(guessed, originals, data_range=1.0),
+            "ssim": privacy.ssim(guessed, originals, data_range=1.0)}
+
+
 def attack_run(record: dict, grids_dir: Path) -> dict:
     cfg = from_dict({k: v for k, v in record["config"].items()})
     capture = Path(record["capture"]["dir"])
@@ -71,11 +92,8 @@ def attack_run(record: dict, grids_dir: Path) -> dict:
     torch.manual_seed(ATTACKER_SEED)
     template, _ = split_model(build_model(cfg.model, cfg.num_classes, cfg.width, cfg.norm), cfg.cut)
 
-    aux = data.load_split(cfg.replace(limit_test=0), "test")
-    count = min(AUX_SAMPLES, len(aux.labels))
-    normalize = data.Normalizer(cfg)
-    aux_images = normalize(torch.from_numpy(aux.images.take(np.arange(count))).permute(0, 3, 1, 2))
-    aux_labels = torch.from_numpy(aux.labels[:count])
+    aux_images, aux_labels = auxiliary_images(cfg)
+    count = len(aux_labels)
 
     black_box = privacy.attack(trunk, template, aux_images, aux_labels, activations,
                                surrogate_steps=SURROGATE_STEPS, decoder_steps=DECODER_STEPS, seed=ATTACKER_SEED)
@@ -111,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="results/privacy.jsonl")
     parser.add_argument("--out", default="results/privacy_attacks.jsonl")
     parser.add_argument("--grids", default="results/privacy")
+    parser.add_argument("--blind-guess", action="store_true",
+                        help="only print the PSNR/SSIM of guessing the mean auxiliary image, per run (the floor)")
     args = parser.parse_args(argv)
     try:
         path = Path(args.results)
@@ -120,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.out).exists():
             done = {json.loads(line)["run_key"] for line in Path(args.out).read_text().splitlines() if line.strip()}
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if args.blind_guess:
+            for record in (r for r in records if r.get("status") == "ok"):
+                floor = blind_guess(record)
+                print(f"[privacy] {record['config']['run_key']}: mean-image guess PSNR {floor['psnr']:.2f} dB "
+                      f"SSIM {floor['ssim']:.3f}", flush=True)
+            return 0
         todo = [r for r in records if r.get("status") == "ok" and r["config"]["run_key"] not in done]
         print(f"[privacy] {len(todo)} runs to attack ({len(done)} done)", flush=True)
         torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -27,11 +27,45 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TOP_FUNCTIONS = 15
+# Native frames need py-spy to pause the process for each sample (no --nonblocking),
+# which slows it slightly; 100 Hz keeps that small.
+RATE = 100
 
 
-def summarize(raw: Path) -> tuple[collections.Counter, collections.Counter, int]:
-    """(samples per thread, self samples per function, total) from py-spy's collapsed-stack output."""
-    threads, functions, total = collections.Counter(), collections.Counter(), 0
+# Where a sample's time goes, judged from its stack (leaf first): the first rule that matches wins.
+CATEGORIES = (
+    ("waiting (sleep, locks, condition variables, polling)",
+     ("clock_nanosleep", "nanosleep", "futex", "pthread_cond", "epoll_wait", "poll", "select", "sem_wait",
+      "__lll_lock_wait", "sched_yield"), "leaf"),
+    ("network I/O (socket system calls)", ("send", "recv", "writev", "readv", "sendmsg", "recvmsg", "write", "read"),
+     "leaf"),
+    ("serialization (RPC pickling, tensor copies into messages)", ("pickle", "serialize", "Pickler", "wireSerialize",
+                                                                  "wireDeserialize"), "stack"),
+    ("TensorPipe and RPC bookkeeping", ("tensorpipe", "torch::distributed::rpc", "torch::distributed::autograd"),
+     "stack"),
+    ("compute kernels (convolutions, GEMM, elementwise)", ("at::native", "dnnl", "mkl", "function_ref", "brgemm",
+                                                           "at::vec", "sgemm", "TensorIterator", "jit_avx",
+                                                           "at::internal"), "stack"),
+)
+
+
+def categorize(frames: list[str]) -> str:
+    names = [re.sub(r" \([^()]*\)$", "", f) for f in frames]
+    for label, needles, where in CATEGORIES:
+        if where == "leaf":
+            leaf = names[-1] if names else ""
+            if leaf in needles or leaf.startswith(tuple(f"__{n}" for n in needles)):
+                return label
+        elif any(n in name for name in names for n in needles):
+            return label
+    if frames and ".py:" in frames[-1]:
+        return "Python code (the leaf frame is a .py line)"
+    return "other (allocator, autograd engine, interpreter internals)"
+
+
+def summarize(raw: Path) -> tuple[collections.Counter, collections.Counter, collections.Counter, int]:
+    """(samples per thread, self samples per function, samples per category, total) from py-spy raw output."""
+    threads, functions, categories, total = collections.Counter(), collections.Counter(), collections.Counter(), 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
@@ -40,9 +74,9 @@ def summarize(raw: Path) -> tuple[collections.Counter, collections.Counter, int]
         n = int(count)
         total += n
         threads[frames[0]] += n
-        leaf = re.sub(r"\s*\(.*?\)$", "", frames[-1]) if frames else "?"
-        functions[leaf] += n
-    return threads, functions, total
+        functions[re.sub(r" \([^()]*\)$", "", frames[-1])[:110]] += n
+        categories[categorize(frames[1:])] += n
+    return threads, functions, categories, total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,20 +107,29 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.2)
     with tempfile.TemporaryDirectory() as tmp:
         raws = {who: Path(tmp) / f"{who}.txt" for who in pids}
+        errors = {who: open(Path(tmp) / f"{who}.err", "w") for who in pids}
         spies = [subprocess.Popen([pyspy, "record", "--pid", str(pid), "--duration", str(args.seconds), "--rate",
-                                   "200", "--native", "--threads", "--nonblocking", "--format", "raw", "--output",
-                                   str(raws[who])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   str(RATE), "--native", "--threads", "--format", "raw", "--output", str(raws[who])],
+                                  stdout=subprocess.DEVNULL, stderr=errors[who])
                  for who, pid in pids.items()]
         for spy in spies:
             spy.wait()
+        for who, handle in errors.items():
+            handle.close()
+            if not raws[who].exists():
+                print(f"profile_split: error: py-spy recorded nothing for {who}: "
+                      f"{(Path(tmp) / f'{who}.err').read_text().strip().splitlines()[-1:]}", file=sys.stderr)
         run.wait()
-        print(f"# split learning profile: {' '.join(options)}; {args.seconds} s sampled at 200 Hz per process\n")
+        print(f"# split learning profile: {' '.join(options)}; {args.seconds} s sampled at {RATE} Hz per process\n")
         for who, raw in sorted(raws.items()):
             if not raw.exists():
                 print(f"## {who}: no samples\n")
                 continue
-            threads, functions, total = summarize(raw)
-            print(f"## {who} ({total} samples)\n\nthreads:")
+            threads, functions, categories, total = summarize(raw)
+            print(f"## {who} ({total} samples of busy threads)\n\nwhere the time goes:")
+            for category, n in categories.most_common():
+                print(f"  {100 * n / total:5.1f}%  {category}")
+            print("\nthreads:")
             for thread, n in threads.most_common(8):
                 print(f"  {100 * n / total:5.1f}%  {thread}")
             print("\nfunctions by self time:")
