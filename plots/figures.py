@@ -260,10 +260,12 @@ def fig_privacy(attacks: list[dict], out_dir: Path, name: str) -> list[Path]:
         for a in attacks:
             ax.annotate(defence_label(a["defence"]), (a["black_box"][metric], a["test_acc"]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel(f"{label} of hospital images from what the server received (higher = more leakage)")
+        ax.set_xlabel(f"{label} (higher = more leakage)")
         ax.set_ylabel("test accuracy")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Reconstructing hospital images from the activations the server received, against test accuracy",
+                 fontsize=10)
     fig.colorbar(points, ax=axes, label="training traffic per hospital per epoch (MB)")
     return save(fig, name, out_dir)
 

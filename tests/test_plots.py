@@ -3,6 +3,7 @@
 import json
 
 from conftest import REPO
+
 from plots.figures import main
 
 
