@@ -236,7 +236,8 @@ class Server:
         name = self.hospitals.name(failure.index)
         self.hospitals.lost[failure.index] = {"name": name, "step": step, "error": str(failure)}
         self.coordinator.mark_lost(name)
-        print(f"[server] lost {failure}; continuing with {len(self.hospitals.live)} hospitals", flush=True)
+        detail = str(failure).removeprefix(f"{name}: ")
+        print(f"[server] lost {name} ({detail}); continuing with {len(self.hospitals.live)} hospitals", flush=True)
         if not self.hospitals.live:
             raise PeerError("every hospital has been lost") from None
 

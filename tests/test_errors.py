@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from bench.harness import stop
+from bench.harness import descendants
 from conftest import REPO
 
 SYNTH = ["--dataset", "synthetic", "--model", "resnet20", "--width", "0.25", "--threads", "1"]
@@ -78,19 +78,39 @@ def test_world_size_mismatch_under_torchrun(cache_dir):
 
 
 class Run:
-    """A split run in the background whose stdout we can wait on."""
+    """A run in the background whose output we can wait on; never blocks past a timeout, never leaves workers."""
 
     def __init__(self, args, cache_dir):
         self.proc = subprocess.Popen([sys.executable, "-m", "splitrpc.train", *args, "--cache-dir", cache_dir],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         self.lines: list[str] = []
-        self.stderr = ""
-        threading.Thread(target=self._pump, daemon=True).start()
+        self.stderr_lines: list[str] = []
+        # Both pipes are drained by threads: a blocking read could wait forever on a stopped worker.
+        self.pumps = [threading.Thread(target=self._pump, args=(stream, sink), daemon=True)
+                      for stream, sink in ((self.proc.stdout, self.lines), (self.proc.stderr, self.stderr_lines))]
+        for pump in self.pumps:
+            pump.start()
 
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
+    @staticmethod
+    def _pump(stream, sink):
+        for line in stream:
+            sink.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def kill(self):
+        """SIGKILL the launcher and every worker (a SIGSTOPped one included), then collect the output."""
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        for pump in self.pumps:
+            pump.join(timeout=5)
 
     def wait_for(self, pattern, timeout=120):
         deadline = time.monotonic() + timeout
@@ -102,14 +122,17 @@ class Run:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.1)
-        raise AssertionError(f"{pattern!r} never appeared:\n{''.join(self.lines)}\n{self.proc.stderr.read()}")
+        self.kill()
+        raise AssertionError(f"{pattern!r} never appeared:\n{''.join(self.lines)}\n{self.stderr}")
 
     def finish(self, timeout):
         try:
-            self.stderr = self.proc.communicate(timeout=timeout)[1]
-        finally:
-            if self.proc.poll() is None:
-                stop(self.proc, grace_s=5)  # the launcher and every worker it started
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"still running after {timeout} s:\n{''.join(self.lines)}\n{self.stderr}") from None
+        for pump in self.pumps:
+            pump.join(timeout=5)
         return self.proc.returncode
 
 
