@@ -43,6 +43,10 @@ def test_record_round_trip():
     (["--milestones", "0.9,0.2"], "--milestones must be increasing"),
     (["--frobnicate", "3"], "unrecognized arguments: --frobnicate"),
     (["--config", "/nonexistent.toml"], "no such file"),
+    (["--noise", "-1"], "--noise must be a non-negative number"),
+    (["--nopeek", "-0.5"], "--nopeek must be a non-negative number"),
+    (["--capture-samples", "0"], "--capture-samples must be at least 1"),
+    (["--l1-init", "foo"], "--l1-init: unknown value 'foo'"),
 ])
 def test_bad_input_is_one_clear_error(args, message):
     with pytest.raises(UserError) as info:
