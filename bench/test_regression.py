@@ -189,3 +189,47 @@ def test_local_step(benchmark, model):
                        warmup_rounds=1)
     benchmark.extra_info["samples_per_step"] = 256
     torch.set_num_threads(1)
+
+
+def test_split_steps_sequential_prefetch(benchmark, rpc_group):
+    """Two sequential steps (hospital1, then hospital2), the second one's activations prefetched
+    while the first runs: the default engine's overlap."""
+    from splitrpc import data, loop
+    from splitrpc.server import Server
+
+    cfg = config("resnet20", *_cache_args(), "--schedule", "sequential", "--epochs", "1000")
+    server = Server(cfg, rpc_group)
+    plan = data.epoch_plan([i["train_batches"] for i in server.info], cfg.schedule)
+    server.loop = loop.Loop(cfg, plan, server.train_step, server.evaluate, who="server", quiet=True)
+    server.ledger.switch("train")
+
+    def two_steps():
+        state = server.loop.state
+        for _ in range(2):
+            epoch, index = divmod(state["steps_done"], len(plan))
+            server.train_step(epoch, index, plan[index], 0.05)
+            state["steps_done"] += 1
+
+    benchmark.pedantic(two_steps, rounds=6, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["prefetched_steps"] = server.prefetches
+    benchmark.extra_info["samples_per_call"] = 256
+
+
+def test_split_step_fp8(benchmark, rpc_group):
+    """One parallel step with float8 activations and gradients at the cut."""
+    from splitrpc.server import Server
+
+    server = Server(config("resnet20", *_cache_args(), "--codec", "fp8"), rpc_group)
+    server.ledger.switch("train")
+    steps = 0
+
+    def step():
+        nonlocal steps
+        steps += 1
+        server.train_step(0, 0, [(1, 0), (2, 0)], 0.05)
+
+    benchmark.pedantic(step, rounds=8, iterations=1, warmup_rounds=1)
+    train = server.ledger.payload["train"]
+    benchmark.extra_info["server_bytes_per_step"] = {"sent": sum(d["sent"] for d in train.values()) / steps,
+                                                     "received": sum(d["received"] for d in train.values()) / steps}
+    benchmark.extra_info["samples_per_step"] = 256

@@ -32,6 +32,7 @@ LR_SCHEDULES = ("constant", "cosine", "multistep", "onecycle")
 TRANSPORTS = ("tcp", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
+CODECS = ("none", "bf16", "fp16", "fp8")  # splitrpc.codec.CODECS; kept here so that config imports no torch
 
 
 def _opt(default, help, choices=None, **kw):
@@ -74,6 +75,10 @@ class Config:
     dedup_key_file: str = _opt("", "--dedup hmac: the secret shared by the hospitals only (never read by the server); "
                                "{hospital} in the path is replaced by the hospital's number")
     dedup_manifest: str = _opt("", "CSV path,patient_id: images of one patient count as one record (imagefolder)")
+    codec: str = _opt("none", "how activations travel up and their gradients down: as they are, as bfloat16 or "
+                      "float16, or as float8 e4m3 with a float32 scale per channel (about 4x fewer bytes)", CODECS)
+    prefetch: bool = _opt(True, "sequential schedule: the next step's hospital computes and sends its activations "
+                          "while the server runs this step (only where that leaves the result unchanged)")
     noise: float = _opt(0.0, "defence: standard deviation of Gaussian noise added to activations before they leave a hospital")
     nopeek: float = _opt(0.0, "defence: weight of the distance-correlation penalty (NoPeek) in each hospital's loss")
     capture_dir: str = _opt("", "leakage audits: the server keeps the last --capture-samples activations it received "
@@ -102,7 +107,10 @@ class Config:
     rpc_timeout: float = _opt(60.0, "seconds before an unanswered RPC (or a silent peer) is an error")
     setup_timeout: float = _opt(900.0, "seconds every party may take to prepare its data and join")
     rpc_threads: int = _opt(16, "TensorPipe worker threads per process")
-    threads: int = _opt(0, "torch intra-op threads per process (0 = cores / local processes)")
+    threads: int = _opt(0, "torch intra-op threads of every process (0 = by role: see --server-threads)")
+    server_threads: int = _opt(0, "split: intra-op threads of the server (0 = every core of its host)")
+    hospital_threads: int = _opt(0, "split: intra-op threads of each hospital (0 = 1 when the server shares its "
+                                 "host, else the host's cores / its hospitals)")
     dtype: str = _opt("float32", "floating-point type of weights and activations (float64 for equivalence checks)", DTYPES)
     device: str = _opt("cpu", "compute device; tensors cross RPC on the CPU", DEVICES)
     eval_every: int = _opt(1, "evaluate every n epochs (and always after the last)")
@@ -246,7 +254,7 @@ def validate(cfg: Config) -> Config:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    non_negative = ("max_steps", "limit_train", "limit_test", "threads", "warmup_epochs", "weight_decay", "momentum")
+    non_negative = ("max_steps", "limit_train", "limit_test", "threads", "server_threads", "hospital_threads", "warmup_epochs", "weight_decay", "momentum")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
@@ -275,6 +283,11 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"--{name} must be a non-negative number, got {value}")
         if value and cfg.method != "split":
             raise UserError(f"--{name} protects what leaves a hospital: it needs --method split")
+    if cfg.codec != "none" and cfg.method != "split":
+        raise UserError(f"--codec {cfg.codec} encodes what crosses the cut: it needs --method split")
+    if cfg.codec != "none" and cfg.dtype != "float32":
+        raise UserError(f"--codec {cfg.codec} compresses float32 activations; it cannot be combined with "
+                        f"--dtype {cfg.dtype}")
     if cfg.capture_dir and cfg.method != "split":
         raise UserError("--capture-dir records what the server receives: it needs --method split")
     if cfg.capture_samples < 1:

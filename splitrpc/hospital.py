@@ -14,14 +14,14 @@ import secrets
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
-from splitrpc import checkpoint, comm, data, dedup, privacy, transport
+from splitrpc import checkpoint, codec, comm, data, dedup, privacy, transport
 from splitrpc.errors import PeerError
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
@@ -51,13 +51,16 @@ class Hospital:
         self.forwards = 0
         self.fault = parse_fault(cfg.fault, index)
         self.psi: dedup.PsiHospital | None = None  # the keyless protocol's secret, while it runs
-        self.nopeek_grads: dict = {}
         self.nopeek_values: list[float] = []
         # --capture-dir: the last batches' inputs, matching what the server keeps of them.
         self.capture = deque(maxlen=-(-cfg.capture_samples // cfg.batch_size)) if cfg.capture_dir else None
         # RPC handlers run on a thread pool; BatchNorm's running statistics are
         # state that forward mutates, so one forward at a time.
         self.lock = threading.Lock()
+        # L1's backward pass and step run here, one at a time, as gradients arrive.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="l1-step")
+        self.pending: Future | None = None
+        self.gradients_received = 0
 
     def describe(self) -> dict:
         """Sizes the server needs to plan steps. No sample or index leaves."""
@@ -68,24 +71,29 @@ class Hospital:
             "test_samples": len(self.test.labels),
             "test_batches": self.test.num_batches,
             "label_histogram": data.label_histogram(self.shard.labels, self.cfg.num_classes),
+            "threads": torch.get_num_threads(),
         }
 
-    def forward(self, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """L1 activations and labels of training batch ``batch`` of ``epoch``.
+    def forward(self, epoch: int, batch: int, lr: float, grad_scale: float) -> tuple:
+        """The wire form of L1's activations for training batch ``batch`` of ``epoch``, and its labels.
 
-        Called inside the server's distributed-autograd context, so the graph
-        of this forward stays here and the backward pass arrives for it.
+        Called inside the server's distributed-autograd context. The gradient of these
+        activations comes back through that context (the only other message of a step),
+        and L1 then takes its step here at rate ``lr``, its gradient multiplied by
+        ``grad_scale``: the step needs no request of its own.
         """
+        self.settle()  # the previous batch's L1 step comes first
         images, labels = self.shard.batch(epoch, batch)
         with self.lock:
             self.head.train()
             activations = self.protect(self.head(images.to(self.device)).cpu(),
                                        data.derived_seed(self.cfg.seed, data.NOISE, self.index, epoch, batch))
+            extra = None
             if self.cfg.nopeek:
                 # NoPeek: this hospital's own loss term, lambda * dCor(inputs, what leaves), whose
                 # gradient is added to the one the server sends back (at the step).
                 penalty = self.cfg.nopeek * privacy.distance_correlation(images, activations)
-                self.nopeek_grads = dict(zip(self.head.parameters(), torch.autograd.grad(
+                extra = dict(zip(self.head.parameters(), torch.autograd.grad(
                     penalty, list(self.head.parameters()), retain_graph=True, allow_unused=True)))
                 self.nopeek_values.append(penalty.item() / self.cfg.nopeek)
             self.forwards += 1
@@ -94,10 +102,29 @@ class Hospital:
         labels = labels.to(self.label_dtype)
         if self.fault and self.forwards >= self.fault[1]:
             activations, labels = inject_fault(self.fault[0], activations, labels, self.cfg.num_classes)
-        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(activations, labels))
-        # Fires when distributed autograd delivers the activation gradient from the server.
-        activations.register_hook(lambda grad: self.ledger.add(transport.SERVER, "received", comm.tensor_bytes(grad)))
-        return activations, labels
+
+        def on_gradient(gradient, wire_gradient):
+            # Runs in distributed autograd's thread as the gradient arrives; L1's backward pass and
+            # step run on this hospital's own worker, so the server's backward pass need not wait.
+            self.ledger.add(transport.SERVER, "received", comm.tensor_bytes(*wire_gradient))
+            self.gradients_received += 1
+            self.pending = self.worker.submit(self._step, activations, gradient, lr, grad_scale, extra)
+
+        wire = codec.hospital_send(activations, self.cfg.codec, on_gradient)
+        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(*wire, labels))
+        return (*wire, labels)
+
+    def _step(self, activations, gradient, lr: float, grad_scale: float, extra) -> None:
+        with self.lock:
+            torch.autograd.backward(activations, gradient.to(activations.dtype))
+            extra = {p: g for p, g in extra.items() if g is not None} if extra else None
+            apply_gradients(self.optimizer, None, lr, grad_scale, extra)
+
+    def settle(self) -> None:
+        """Wait for an L1 step still running from the last gradient (and raise its error, if any)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
 
     def protect(self, activations: torch.Tensor, noise_seed: int) -> torch.Tensor:
         """--noise: Gaussian noise on everything that leaves this hospital (training and evaluation)."""
@@ -120,15 +147,9 @@ class Hospital:
         values = self.nopeek_values
         return {"nopeek_dcor_mean": sum(values) / len(values) if values else None, "nopeek_batches": len(values)}
 
-    def step(self, context_id: int, lr: float, grad_scale: float) -> None:
-        """Apply the L1 gradient that the backward pass of ``context_id`` left here."""
-        grads = dist_autograd.get_gradients(context_id)
-        with self.lock:
-            extra = {p: g for p, g in self.nopeek_grads.items() if g is not None} if self.cfg.nopeek else None
-            apply_gradients(self.optimizer, grads, lr, grad_scale, extra)
-
     @torch.no_grad()
-    def eval_forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def eval_forward(self, batch: int) -> tuple:
+        self.settle()
         images, labels = self.test.batch(batch)
         with self.lock:
             self.head.eval()
@@ -136,8 +157,9 @@ class Hospital:
                                        data.derived_seed(self.cfg.seed, data.EVAL_NOISE, self.index, batch))
             self.head.train()
         labels = labels.to(self.label_dtype)
-        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(activations, labels))
-        return activations, labels
+        wire = codec.encode(self.cfg.codec, activations)
+        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(*wire, labels))
+        return (*wire, labels)
 
     @torch.no_grad()
     def average_l1(self) -> None:
@@ -146,6 +168,7 @@ class Hospital:
         An all-reduce among the hospitals' own process group: the server,
         which triggers it, never sees L1 weights.
         """
+        self.settle()
         with self.lock:
             tensors = l1_sync_tensors(self.head)
             self.ledger.book_ring("hospitals", comm.tensor_bytes(*tensors), self.cfg.hospitals)
@@ -197,6 +220,7 @@ class Hospital:
         return self.ledger.report()
 
     def save(self, path: str) -> None:
+        self.settle()
         torch.save({k: v.cpu() for k, v in self.head.state_dict().items()}, path)
 
     # --- checkpoints -----------------------------------------------------------------------
@@ -206,6 +230,7 @@ class Hospital:
     def save_checkpoint(self, step: int) -> None:
         """This hospital's state after ``step`` steps, on this hospital's disk; nothing crosses the network."""
         name = transport.hospital_name(self.index)
+        self.settle()
         with self.lock:
             state = {
                 "fingerprint": checkpoint.fingerprint(self.cfg), "step": step, "party": name,

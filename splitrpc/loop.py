@@ -64,6 +64,16 @@ class Loop:
     def total_steps(self) -> int:
         return self.total_steps_of(self.cfg, len(self.plan))
 
+    def upcoming(self) -> tuple | None:
+        """(epoch, index, participants, lr) of the step after the one running now, if it belongs to the
+        same epoch (an epoch ends with its evaluation) and to this run; else None."""
+        steps_per_epoch, now = len(self.plan), self.state["steps_done"]
+        following = now + 1
+        epoch, index = divmod(following, steps_per_epoch)
+        if following >= self.total_steps or epoch != now // steps_per_epoch:
+            return None
+        return epoch, index, self.plan[index], self.schedule(following)
+
     def run(self) -> dict:
         state, steps_per_epoch = self.state, len(self.plan)
         lr = self.schedule(max(0, state["steps_done"] - 1))

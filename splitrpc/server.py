@@ -25,7 +25,7 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
-from splitrpc import checkpoint, comm, data, dedup, loop, record, transport
+from splitrpc import checkpoint, codec, comm, data, dedup, loop, record, transport
 from splitrpc.errors import PeerError, UserError
 from splitrpc.hospital import Hospital
 from splitrpc.models import activation_shape, model_for, split_model
@@ -41,25 +41,33 @@ class HospitalFailure(PeerError):
         self.index = index
 
 
-def message_problem(activations, labels, batch: int, activation_shape: tuple, dtype: torch.dtype,
-                    label_dtype: torch.dtype, num_classes: int) -> str | None:
-    """What is wrong with a hospital's (activations, labels), or None if nothing is."""
-    if not isinstance(activations, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        return "something other than (activations, labels) tensors"
-    if activations.dtype != dtype:
-        return f"activations of dtype {activations.dtype}, expected {dtype}"
+def message_problem(message, batch: int, activation_shape: tuple, dtype: torch.dtype, label_dtype: torch.dtype,
+                    num_classes: int, codec_name: str = "none") -> str | None:
+    """What is wrong with a hospital's message ``(*wire activations, labels)``, or None if nothing is."""
+    spec = codec.wire_spec(codec_name, (batch, *activation_shape), dtype)
+    if (not isinstance(message, (tuple, list)) or len(message) != len(spec) + 1
+            or not all(isinstance(t, torch.Tensor) for t in message)):
+        return f"something other than {len(spec)} activation tensor(s) and labels"
+    *wire, labels = message
+    for tensor, (_, expected_dtype) in zip(wire, spec):
+        if tensor.dtype != expected_dtype:
+            return f"activations of dtype {tensor.dtype}, expected {expected_dtype}"
     if labels.dtype != label_dtype or labels.dim() != 1:
         return f"labels of dtype {labels.dtype} and shape {tuple(labels.shape)}, expected {label_dtype} of shape ({batch},)"
-    expected = (batch, *activation_shape)
-    if tuple(activations.shape) != expected or len(labels) != batch:
-        return f"activations of shape {tuple(activations.shape)} with {len(labels)} labels, expected {expected}"
-    bad = (~torch.isfinite(activations.detach())).sum().item()
+    for tensor, (expected, _) in zip(wire, spec):
+        if tuple(tensor.shape) != expected or len(labels) != batch:
+            return f"activations of shape {tuple(tensor.shape)} with {len(labels)} labels, expected {expected}"
+    bad = sum((~torch.isfinite(t.detach().float() if t.element_size() == 1 else t.detach())).sum().item() for t in wire)
     if bad:
         return f"{bad} non-finite activation values"
     low, high = labels.min().item(), labels.max().item()
     if low < 0 or high >= num_classes:
         return f"labels outside 0..{num_classes - 1} (found {low}..{high})"
     return None
+
+
+# Calls that serve the measurement itself, not training: left out of the round-trip counts.
+MEASUREMENT_CALLS = frozenset({"switch_phase", "comm_report"})
 
 
 class Hospitals:
@@ -72,6 +80,9 @@ class Hospitals:
         self.rrefs = [rpc.remote(name, Hospital, args=(cfg, i), timeout=cfg.setup_timeout)
                       for i, name in enumerate(self.names, start=1)]
         self.lost: dict[int, dict] = {}  # index -> {name, step, error}
+        # Requests sent to each hospital, per accounting phase (round trips, for the time model).
+        self.phase = "setup"
+        self.requests: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
 
     @property
     def live(self) -> list[int]:
@@ -83,6 +94,8 @@ class Hospitals:
     def call_async(self, index: int, method: str, *args, timeout: float | None = None):
         """Start ``Hospital.<method>(*args)`` on hospital ``index`` (1-based); returns a future."""
         proxy = self.rrefs[index - 1].rpc_async(timeout=self.cfg.rpc_timeout if timeout is None else timeout)
+        if method not in MEASUREMENT_CALLS:
+            self.requests[self.phase][index] += 1
         return getattr(proxy, method)(*args)
 
     def wait(self, index: int, future):
@@ -134,6 +147,10 @@ class Server:
         # step that ran in this process (for the analytic bytes).
         self.time = defaultdict(float)
         self.executed_steps: list[list[tuple[int, int]]] = []
+        self.gradient_pushes: dict[int, int] = defaultdict(int)
+        # The next step's forward requests, sent while this step runs (see _upcoming): ((epoch, participants, lr), StepContext).
+        self.prefetched: tuple[tuple, transport.StepContext] | None = None
+        self.prefetches = 0
         self.l1_syncs = 0
         self.evaluations = 0
         # --capture-dir: the last activations received from each hospital, for leakage audits.
@@ -156,6 +173,7 @@ class Server:
         """Close the current accounting phase on every party at (nearly) the same moment."""
         self.ledger.switch(phase)
         self.call_live("switch_phase", phase)
+        self.hospitals.phase = phase
 
     def deduplicate(self) -> dict:
         """Before training: keep exactly one copy of every record that several hospitals hold.
@@ -189,7 +207,8 @@ class Server:
             drops, stats = dedup.plan_removals(tokens)
         self.info = [call(h, "dedup_drop", drops.get(h, [])) for h in ids]
         self.switch_phase("setup")
-        per_sample = 2 * self.activation_numel * self.element_size + self._label_size  # act + label up, grad down
+        up, down = self.batch_bytes(1)
+        per_sample = up + down  # activations and label up, gradient down
         dropped = sum(before) - sum(i["train_samples"] for i in self.info)
         return {
             "mode": cfg.dedup,
@@ -203,27 +222,35 @@ class Server:
         }
 
     @property
-    def activation_numel(self) -> int:
-        numel = 1
-        for d in self.activation_shape:
-            numel *= d
-        return numel
-
-    @property
     def _label_size(self) -> int:
         return torch.empty((), dtype=self.label_dtype).element_size()
 
+    def batch_bytes(self, batch: int) -> tuple[int, int]:
+        """(up, down) bytes of one hospital batch of a training step, from shapes and the codec alone."""
+        activations = codec.wire_bytes(self.cfg.codec, (batch, *self.activation_shape), self.dtype)
+        return activations + batch * self._label_size, activations
+
     # --- what a hospital sends ------------------------------------------------------------
-    def _receive(self, hospital: int, activations, labels, batch: int) -> None:
-        """Check a hospital's message before it touches the trunk, and count it."""
+    def _receive(self, hospital: int, message, batch: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Check a hospital's message before it touches the trunk, and count it; returns (wire, labels)."""
         name = self.hospitals.name(hospital)
-        problem = message_problem(activations, labels, batch, self.activation_shape, self.dtype, self.label_dtype,
-                                  self.cfg.num_classes)
+        problem = message_problem(message, batch, self.activation_shape, self.dtype, self.label_dtype,
+                                  self.cfg.num_classes, self.cfg.codec)
         if problem:
             raise HospitalFailure(hospital, f"{name} sent {problem}; rejected before the trunk")
-        self.ledger.add(name, "received", comm.tensor_bytes(activations, labels))
-        if activations.requires_grad:  # the gradient distributed autograd will send back
-            activations.register_hook(lambda grad: self.ledger.add(name, "sent", comm.tensor_bytes(grad)))
+        self.ledger.add(name, "received", comm.tensor_bytes(*message))
+        *wire, labels = message
+        return wire, labels
+
+    def _activations(self, hospital: int, wire: list[torch.Tensor]) -> torch.Tensor:
+        """The trunk's input from a training message; the backward pass sends its gradient down encoded."""
+        name = self.hospitals.name(hospital)
+
+        def on_gradient(wire_gradient):
+            self.ledger.add(name, "sent", comm.tensor_bytes(*wire_gradient))
+            self.gradient_pushes[hospital] += 1
+
+        return codec.server_receive(wire, self.cfg.codec, self.dtype, on_gradient)
 
     def lose(self, failure: HospitalFailure, step: int) -> None:
         """--on-hospital-failure: stop the run, or leave the hospital out from now on."""
@@ -250,10 +277,12 @@ class Server:
             if not live:
                 return None, 0  # every hospital of this step is gone: the schedule moves on without it
             try:
-                return self._step(epoch, live, lr, step)
+                return self._step(epoch, live, lr)
             except HospitalFailure as failure:
+                self.discard_prefetch()
                 self.lose(failure, step)  # raises under abort; otherwise retry without it
             except PeerError:
+                self.discard_prefetch()
                 # The backward pass failed without saying which peer: ask them.
                 dead = self.hospitals.unresponsive([h for h, _ in live])
                 if not dead:
@@ -262,26 +291,78 @@ class Server:
                     self.lose(HospitalFailure(h, f"{self.hospitals.name(h)}: did not answer after a failed "
                                                  f"backward pass"), step)
 
-    def _step(self, epoch: int, participants: Sequence[tuple[int, int]], lr: float, step: int) -> tuple[float, int]:
+    def _open_step(self, epoch: int, participants: Sequence[tuple[int, int]], lr: float) -> transport.StepContext:
+        """A step's distributed-autograd context, with every participant's forward request sent inside it.
+
+        A request carries the rate of the L1 step its hospital takes when the gradient comes
+        back. The concatenated loss averages over every participant's samples; scaling a
+        hospital's L1 gradient by the number of participants makes it the gradient of that
+        hospital's own batch mean, as in a sequential step.
+        """
+        scale = float(len(participants))
+        return transport.StepContext(lambda: [self.hospitals.call_async(h, "forward", epoch, b, lr, scale)
+                                              for h, b in participants])
+
+    def _upcoming(self, participants: Sequence[tuple[int, int]]) -> tuple | None:
+        """(epoch, participants, lr) of the next step if its hospitals may compute it now, while this step runs.
+
+        Only where that changes nothing: the next step's hospitals take no part in this one
+        (their L1 does not move before they compute), L1s are independent (no average after
+        this step), and no evaluation or checkpoint comes between the two steps.
+        """
+        if not self.cfg.prefetch or self.cfg.l1 != "independent" or self.loop is None:
+            return None
+        upcoming = self.loop.upcoming()
+        if upcoming is None:
+            return None
+        epoch, _, following, lr = upcoming
+        steps_done = self.loop.state["steps_done"] + 1
+        if self.cfg.checkpoint_dir and (steps_done == self.loop.total_steps or self.checkpoint_every
+                                        and steps_done % self.checkpoint_every == 0):
+            return None
+        following = [(h, b) for h, b in following if h not in self.hospitals.lost]
+        if not following or {h for h, _ in following} & {h for h, _ in participants}:
+            return None
+        return epoch, tuple(following), lr
+
+    def discard_prefetch(self) -> None:
+        if self.prefetched is not None:
+            self.prefetched[1].close()
+            self.prefetched = None
+
+    def _step(self, epoch: int, participants: Sequence[tuple[int, int]], lr: float) -> tuple[float, int]:
         hospitals, clock = self.hospitals, self.time
-        with dist_autograd.context() as context_id:
-            t0 = time.perf_counter()
-            # Every participating hospital computes its L1 activations at once.
-            futures = [hospitals.call_async(h, "forward", epoch, b) for h, b in participants]
-            received = [hospitals.wait(h, f) for (h, _), f in zip(participants, futures)]
+        t0 = time.perf_counter()
+        key = (epoch, tuple(participants), lr)
+        if self.prefetched is not None and self.prefetched[0] == key:
+            context, self.prefetched = self.prefetched[1], None
+        else:
+            self.discard_prefetch()
+            context = self._open_step(epoch, participants, lr)
+        try:
+            # One request per hospital: its L1 activations (sent already if prefetched).
+            replies = [hospitals.wait(h, f) for (h, _), f in zip(participants, context.sent)]
             t1 = time.perf_counter()
-            for (h, b), (activations, labels) in zip(participants, received):
-                self._receive(h, activations, labels, self.cfg.batch_size)
+            inputs, labels = [], []
+            for (h, b), message in zip(participants, replies):
+                wire, y = self._receive(h, message, self.cfg.batch_size)
+                inputs.append(self._activations(h, wire))
+                labels.append(y)
                 if self.capture is not None:
-                    self.capture[h].append({"epoch": epoch, "batch": b, "activations": activations.detach().clone(),
-                                            "labels": labels.clone()})
-            activations = torch.cat([a for a, _ in received]) if len(received) > 1 else received[0][0]
-            labels = torch.cat([y for _, y in received]).long()
+                    self.capture[h].append({"epoch": epoch, "batch": b, "activations": inputs[-1].detach().clone(),
+                                            "labels": y.clone()})
+            activations = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
+            labels = torch.cat(labels).long()
             logits = self.trunk(activations.to(self.device))
             loss = F.cross_entropy(logits, labels.to(self.device))
             t2 = time.perf_counter()
+            upcoming = self._upcoming(participants)
+            if upcoming is not None:  # the next step's hospitals compute and send while the trunk works
+                self.prefetched = (upcoming, self._open_step(*upcoming))
+                self.prefetches += 1
             try:
-                dist_autograd.backward(context_id, [loss])  # sends each hospital its activation gradient
+                # Sends each hospital its activation gradient, which it applies to L1 by itself.
+                dist_autograd.backward(context.id, [loss])
             except Exception as exc:
                 names = ", ".join(hospitals.name(h) for h, _ in participants)
                 if len(participants) == 1:
@@ -289,30 +370,15 @@ class Server:
                                           f"{transport.remote_error_summary(exc)}") from None
                 raise PeerError(f"backward pass to {names} failed: {transport.remote_error_summary(exc)}") from None
             t3 = time.perf_counter()
-            # The concatenated loss averages over every participant's samples; scaling a
-            # hospital's L1 gradient by the number of participants makes it the gradient of
-            # that hospital's own batch mean, as in a sequential step.
-            scale = float(len(participants))
-            futures = [hospitals.call_async(h, "step", context_id, lr, scale) for h, _ in participants]
-            apply_gradients(self.optimizer, dist_autograd.get_gradients(context_id), lr)
+            apply_gradients(self.optimizer, dist_autograd.get_gradients(context.id), lr)
             t4 = time.perf_counter()
-            # From here the step has happened (the trunk stepped): a hospital failing now is
-            # lost after the step, which is not repeated for the others.
-            late = []
-            for (h, _), f in zip(participants, futures):
-                try:
-                    hospitals.wait(h, f)
-                except HospitalFailure as failure:
-                    late.append(failure)
-            t5 = time.perf_counter()
+        finally:
+            context.close()
         clock["waiting_for_activations"] += t1 - t0
         clock["trunk_forward"] += t2 - t1
-        clock["backward_incl_hospitals"] += t3 - t2
+        clock["backward_incl_push"] += t3 - t2
         clock["trunk_optimizer"] += t4 - t3
-        clock["waiting_for_hospital_steps"] += t5 - t4
         self.executed_steps.append(list(participants))
-        for failure in late:
-            self.lose(failure, step)
         return loss.item(), len(labels)
 
     def after_step(self, steps_done: int) -> None:
@@ -348,10 +414,11 @@ class Server:
         batches, size = info["test_batches"], self.cfg.eval_batch_size
         pending = self.hospitals.call_async(h, "eval_forward", 0)
         for b in range(batches):
-            activations, labels = self.hospitals.wait(h, pending)
-            self._receive(h, activations, labels, min(size, info["test_samples"] - b * size))
+            message = self.hospitals.wait(h, pending)
+            wire, labels = self._receive(h, message, min(size, info["test_samples"] - b * size))
             if b + 1 < batches:  # the next batch travels while this one is scored
                 pending = self.hospitals.call_async(h, "eval_forward", b + 1)
+            activations = codec.decode(self.cfg.codec, wire, self.dtype)
             predictions = self.trunk(activations.to(self.device)).argmax(1).cpu()
             correct += (predictions == labels.long()).sum().item()
             seen += len(labels)
@@ -413,7 +480,7 @@ class Server:
     def analytic(self) -> dict[str, dict]:
         """Bytes implied by shapes alone, for the steps and evaluations that ran."""
         cfg = self.cfg
-        up, down = comm.split_step_bytes(cfg.batch_size, self.activation_numel, self.element_size, self._label_size)
+        up, down = self.batch_bytes(cfg.batch_size)
         tables = {"train": defaultdict(lambda: defaultdict(float)), "eval": defaultdict(lambda: defaultdict(float))}
         for table in tables.values():
             for name in [transport.SERVER, *self.hospitals.names]:  # every party, even one that never took part
@@ -434,7 +501,8 @@ class Server:
         for h, info in zip(range(1, cfg.hospitals + 1), self.info):
             if h in self.hospitals.lost:
                 continue  # a lost hospital's evaluations are not counted (they may have been cut short)
-            per_eval = info["test_samples"] * (self.activation_numel * self.element_size + self._label_size)
+            size, test = cfg.eval_batch_size, info["test_samples"]
+            per_eval = sum(self.batch_bytes(min(size, test - start))[0] for start in range(0, test, size))
             tables["eval"][self.hospitals.name(h)]["sent"] += self.evaluations * per_eval
             tables["eval"][transport.SERVER]["received"] += self.evaluations * per_eval
         for table in tables.values():
@@ -468,7 +536,8 @@ class Server:
             per_hospital = [table.get(n, {}).get("sent", 0) + table.get(n, {}).get("received", 0) for n in names]
             return {"total": table["total"] * scale, "per_hospital": sum(per_hospital) / len(per_hospital) * scale}
 
-        waiting = self.time["waiting_for_activations"] + self.time["waiting_for_hospital_steps"]
+        waiting = self.time["waiting_for_activations"]
+        participations = sum(len(p) for p in self.executed_steps)
         return {
             "method": "split",
             "transport": self.cfg.transport,
@@ -479,6 +548,12 @@ class Server:
             "per_epoch": {kind: per_epoch(phases["train"][f"{kind}_bytes"]) for kind in ("analytic", "payload", "tcp")},
             "lost_hospitals": [lost["name"] for lost in self.hospitals.lost.values()],
             "server_time_s": dict(self.time),
+            # Requests the server sent per hospital per step it took part in (the forward, plus any
+            # L1 averaging or checkpoint calls), and the gradient messages distributed autograd sent.
+            "round_trips_per_step": comm.ratio(sum(self.hospitals.requests["train"].values()), participations),
+            "gradient_pushes_per_step": comm.ratio(sum(self.gradient_pushes.values()), participations),
+            "prefetched_steps": self.prefetches,
+            "codec": self.cfg.codec,
             # Time the server sat waiting for hospitals (their compute and the network), as a share of training.
             "wait_share": waiting / train_seconds if train_seconds else None,
         }
@@ -534,6 +609,7 @@ def run(cfg, coordinator: transport.Coordinator) -> int:
                 server.loop.load_state_dict(resumed["loop"])
                 run_record["resumed_from_step"] = resume_step
             run_record["hospitals"] = server.info
+            run_record["threads"] = {"server": torch.get_num_threads(), "hospitals": [i["threads"] for i in server.info]}
             run_record["setup_time_s"] = time.perf_counter() - started
             run_record.update(server.loop.run())
             server.switch_phase("done")

@@ -33,7 +33,7 @@ def run_worker(cfg) -> int:
         roles = {"split": f"1 server + {cfg.hospitals} hospitals", "ddp": f"{cfg.hospitals} hospitals"}[cfg.method]
         raise UserError(f"torchrun started {world_size} processes but --method {cfg.method} --hospitals "
                         f"{cfg.hospitals} needs {cfg.world_size} ({roles}); use --nproc-per-node {cfg.world_size}")
-    transport.set_threads(cfg)
+    transport.set_threads(cfg, rank)
     coordinator = transport.Coordinator(rank, world_size, cfg.setup_timeout)
     if cfg.method == "ddp":
         from splitrpc import ddp

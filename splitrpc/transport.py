@@ -10,18 +10,22 @@ Roles under ``--method split``: rank 0 is ``server``, ranks 1..N are
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
 from splitrpc.errors import PeerError, UserError
 
 SERVER = "server"
 KEY_PREFIX = "splitrpc"
+CONTEXT_CLOSE_TIMEOUT_S = 30  # releasing a context only sends notices; a peer that is gone cannot hold it up
 
 
 def hospital_name(index: int) -> str:
@@ -36,10 +40,28 @@ def under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def set_threads(cfg) -> int:
-    """Intra-op threads per process: --threads, else this host's cores shared by its processes."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // local)
+def threads_for(cfg, rank: int | None, cores: int, local_processes: int) -> int:
+    """Intra-op threads of one process: ``rank`` under torchrun (None: the local trainer).
+
+    --threads sets every process. Otherwise, under split learning the server gets every
+    core of its host and a hospital one thread when the server shares its host: L1 is a
+    small share of a step's work, and it runs while the server waits or (prefetched)
+    computes, so dividing the cores evenly would leave the server, which does almost
+    all the work, with a fraction of them. --server-threads and --hospital-threads
+    override each role. Other methods divide the host's cores among its processes.
+    """
+    if cfg.threads:
+        return cfg.threads
+    if cfg.method == "split" and rank is not None:
+        if rank == 0:
+            return cfg.server_threads or cores
+        server_here = local_processes > cfg.hospitals  # one host runs every party
+        return cfg.hospital_threads or (1 if server_here else max(1, cores // local_processes))
+    return max(1, cores // local_processes)
+
+
+def set_threads(cfg, rank: int | None = None) -> int:
+    threads = threads_for(cfg, rank, os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     return threads
 
@@ -166,6 +188,39 @@ def stop_rpc(graceful: bool, timeout_s: float) -> None:
         rpc.shutdown(graceful=False)
     except Exception:
         pass
+
+
+class StepContext:
+    """A distributed-autograd context that lives on a thread of its own until ``close()``.
+
+    A context belongs to the thread that opened it (torch has no call that hands one
+    over), yet the forward requests of step k+1 must leave inside step k+1's context
+    while step k runs in its own. So each step's context is opened on a short-lived
+    thread, which sends the step's requests inside it (``send()``, whose result is
+    ``sent``) and then holds the context open. The backward pass and the gradients
+    take the context's ``id`` and work from any thread.
+    """
+
+    def __init__(self, send):
+        self._opened: Future = Future()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._hold, args=(send,), name="autograd-context", daemon=True)
+        self._thread.start()
+        self.id, self.sent = self._opened.result()
+
+    def _hold(self, send) -> None:
+        try:
+            with dist_autograd.context() as context_id:
+                self._opened.set_result((context_id, send()))
+                self._closing.wait()
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits
+            if not self._opened.done():
+                self._opened.set_exception(exc)
+
+    def close(self) -> None:
+        """Release the context (its gradients, here and on every peer it reached)."""
+        self._closing.set()
+        self._thread.join(timeout=CONTEXT_CLOSE_TIMEOUT_S)
 
 
 def all_reduce_mean_(tensors: list[torch.Tensor], group_size: int) -> torch.Tensor:

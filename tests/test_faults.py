@@ -192,7 +192,7 @@ SHAPE = (4, 32, 32)
     ("not a tensor", torch.zeros(8, dtype=torch.uint8), "other than"),
 ])
 def test_message_validation(activations, labels, problem):
-    found = message_problem(activations, labels, 8, SHAPE, torch.float32, torch.uint8, 10)
+    found = message_problem((activations, labels), 8, SHAPE, torch.float32, torch.uint8, 10)
     if problem is None:
         assert found is None
     else:

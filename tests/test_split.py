@@ -96,3 +96,25 @@ def test_end_to_end_on_real_images_over_tcp(cli, tmp_path, cifar_jpeg):
     assert min(accuracies) > 0.25, accuracies
     assert record["final_test_acc"] == pytest.approx(sum(accuracies) / 2)
     assert re.search(r"step 300/300 loss [0-9.]+ lr \S+ \d+ samples/s", result.stdout)
+
+
+def test_prefetching_the_next_hospital_changes_nothing(cli, tmp_path):
+    """Sequential, 3 hospitals, independent L1s, BatchNorm: while the server runs a step, the next
+    step's hospital computes and sends its activations. Losses and every party's final weights are
+    bit-identical to the same run without prefetching, and one request per hospital per step is sent."""
+    common = [*SMALL, "--hospitals", 3, "--schedule", "sequential", "--batch-size", 16, "--max-steps", 14,
+              "--momentum", 0.9, "--synthetic-train", 768, "--synthetic-test", 64]
+    runs = {}
+    for name, flag in (("on", "--prefetch"), ("off", "--no-prefetch")):
+        result = cli("--method", "split", *common, flag, "--save-dir", tmp_path / name, "--out", tmp_path / f"{name}.jsonl")
+        result.out = tmp_path / f"{name}.jsonl"
+        assert result.returncode == 0, result
+        runs[name] = result.records[0]
+    assert runs["on"]["comm"]["prefetched_steps"] == 13 and runs["off"]["comm"]["prefetched_steps"] == 0
+    assert runs["on"]["step_losses"] == runs["off"]["step_losses"]
+    for name in ("trunk.pt", *(f"head-hospital{h}.pt" for h in (1, 2, 3))):
+        a, b = torch.load(tmp_path / "on" / name), torch.load(tmp_path / "off" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    for record in runs.values():
+        assert record["comm"]["round_trips_per_step"] == 1.0
+        assert record["comm"]["gradient_pushes_per_step"] == 1.0
