@@ -109,7 +109,7 @@ def attack_run(record: dict, grids_dir: Path) -> dict:
     train = record["comm"]["per_epoch"]["tcp"]
     return {
         "record_version": 1, "status": "ok", "run_key": cfg.run_key,
-        "defence": {"cut": cfg.cut, "noise": cfg.noise, "nopeek": cfg.nopeek},
+        "defence": {"cut": cfg.cut, "noise": cfg.noise, "nopeek": cfg.nopeek, "codec": cfg.codec},
         "model": cfg.model, "width": cfg.width, "dataset": cfg.dataset,
         "test_acc": record["final_test_acc"], "test_acc_min": record["final_test_acc_min"],
         "train_bytes_per_epoch": train["total"], "train_bytes_per_hospital_per_epoch": train["per_hospital"],
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         for i, record in enumerate(todo, start=1):
             d = record["config"]
-            print(f"[privacy] {i}/{len(todo)}: cut={d['cut']} noise={d['noise']} nopeek={d['nopeek']}", flush=True)
+            print(f"[privacy] {i}/{len(todo)}: cut={d['cut']} noise={d['noise']} nopeek={d['nopeek']} codec={d['codec']}", flush=True)
             result = attack_run(record, Path(args.grids))
             append_jsonl(args.out, result)
             print(f"[privacy]   dcor {result['dcor']:.3f} (R* {result['dcor_bias_corrected']:.3f}), black box "

@@ -32,6 +32,7 @@ LR_SCHEDULES = ("constant", "cosine", "multistep", "onecycle")
 TRANSPORTS = ("tcp", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
+LABEL_MODES = ("server", "hospital")
 CODECS = ("none", "bf16", "fp16", "fp8")  # splitrpc.codec.CODECS; kept here so that config imports no torch
 
 
@@ -75,6 +76,10 @@ class Config:
     dedup_key_file: str = _opt("", "--dedup hmac: the secret shared by the hospitals only (never read by the server); "
                                "{hospital} in the path is replaced by the hospital's number")
     dedup_manifest: str = _opt("", "CSV path,patient_id: images of one patient count as one record (imagefolder)")
+    labels: str = _opt("server", "server: the server computes the loss (labels travel with the activations); "
+                       "hospital: U-shaped, each hospital keeps the last --tail stages and the loss, and labels never "
+                       "leave it", LABEL_MODES)
+    tail: int = _opt(1, "--labels hospital: model stages each hospital keeps at the end (1 = the classifier)")
     codec: str = _opt("none", "how activations travel up and their gradients down: as they are, as bfloat16 or "
                       "float16, or as float8 e4m3 with a float32 scale per channel (about 4x fewer bytes)", CODECS)
     prefetch: bool = _opt(True, "sequential schedule: the next step's hospital computes and sends its activations "
@@ -271,6 +276,12 @@ def validate(cfg: Config) -> Config:
     from splitrpc.models import check_cut, stage_count  # models imports torch; config stays light until here
 
     check_cut(stage_count(cfg.model), cfg.cut, cfg.model)
+    if cfg.labels == "hospital":
+        from splitrpc.models import check_tail
+
+        if cfg.method != "split":
+            raise UserError("--labels hospital is the U-shaped split: it needs --method split")
+        check_tail(stage_count(cfg.model), cfg.cut, cfg.tail, cfg.model)
     if any(not 0 < m < 1 for m in cfg.milestones) or list(cfg.milestones) != sorted(cfg.milestones):
         raise UserError(f"--milestones must be increasing fractions in (0, 1), got {list(cfg.milestones)}")
     if cfg.rpc_threads < 4:

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
+import torch.nn.functional as F
 
 from splitrpc import checkpoint, codec, comm, data, dedup, privacy, transport
 from splitrpc.errors import PeerError
-from splitrpc.models import model_for, split_model
+from splitrpc.models import model_for, split_model, split_u
 from splitrpc.optim import apply_gradients, make_optimizer
 from splitrpc.protocol import key_file, l1_sync_tensors, label_dtype
 
@@ -42,10 +43,22 @@ class Hospital:
         # part, so every L1 starts equal to the local reference's (and the server could
         # rebuild it). private: from this hospital's own randomness, never sent anywhere.
         seed = cfg.seed if cfg.l1_init == "shared" else secrets.randbits(63)
-        self.head, _ = split_model(model_for(cfg, seed), cfg.cut)
+        model = model_for(cfg, seed)
+        # --labels hospital (U-shaped): the last --tail stages and the loss stay here too.
+        self.tail: torch.nn.Sequential | None = None
+        if cfg.labels == "hospital":
+            self.head, _, self.tail = split_u(model, cfg.cut, cfg.tail)
+            self.tail.to(self.device)
+            self.tail_optimizer = make_optimizer(cfg, self.tail.parameters())
+        else:
+            self.head, _ = split_model(model, cfg.cut)
         self.head.to(self.device)
         self.optimizer = make_optimizer(cfg, self.head.parameters())
+        # The training batch whose gradient is awaited: its labels and, U-shaped, its tail's gradients.
+        self.in_flight: dict = {}
+        self.eval_labels: dict[int, torch.Tensor] = {}
         self.label_dtype = label_dtype(cfg.num_classes)
+        self.head_dtype = getattr(torch, cfg.dtype)
         self.ledger = comm.Ledger(transport.hospital_name(index))
         self.dropped: list[int] = []  # positions removed by deduplication, kept for checkpoints
         self.forwards = 0
@@ -75,7 +88,8 @@ class Hospital:
         }
 
     def forward(self, epoch: int, batch: int, lr: float, grad_scale: float) -> tuple:
-        """The wire form of L1's activations for training batch ``batch`` of ``epoch``, and its labels.
+        """The wire form of L1's activations for training batch ``batch`` of ``epoch``, and its labels
+        (U-shaped: the activations only; ``tail_loss`` then takes the trunk's output).
 
         Called inside the server's distributed-autograd context. The gradient of these
         activations comes back through that context (the only other message of a step),
@@ -103,22 +117,49 @@ class Hospital:
         if self.fault and self.forwards >= self.fault[1]:
             activations, labels = inject_fault(self.fault[0], activations, labels, self.cfg.num_classes)
 
+        flight = self.in_flight = {"labels": labels, "tail_gradients": None}
+
         def on_gradient(gradient, wire_gradient):
             # Runs in distributed autograd's thread as the gradient arrives; L1's backward pass and
             # step run on this hospital's own worker, so the server's backward pass need not wait.
             self.ledger.add(transport.SERVER, "received", comm.tensor_bytes(*wire_gradient))
             self.gradients_received += 1
-            self.pending = self.worker.submit(self._step, activations, gradient, lr, grad_scale, extra)
+            self.pending = self.worker.submit(self._step, activations, gradient, lr, grad_scale, extra,
+                                              flight["tail_gradients"])
 
         wire = codec.hospital_send(activations, self.cfg.codec, on_gradient)
-        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(*wire, labels))
-        return (*wire, labels)
+        message = (*wire, labels) if self.tail is None else tuple(wire)  # U-shaped: labels stay here
+        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(*message))
+        return message
 
-    def _step(self, activations, gradient, lr: float, grad_scale: float, extra) -> None:
+    def tail_loss(self, *trunk_output: torch.Tensor) -> tuple:
+        """U-shaped: this hospital's tail and loss on the trunk's output for the batch in flight.
+
+        Returns the gradient of the batch's mean loss with respect to that output (encoded
+        like activations) and the loss itself. The tail's own gradients wait here for the
+        activation gradient, so that L1 and the tail step together, or neither does.
+        """
+        flight = self.in_flight
+        self.ledger.add(transport.SERVER, "received", comm.tensor_bytes(*trunk_output))
+        with self.lock:
+            output = codec.decode(self.cfg.codec, trunk_output, self.head_dtype).detach().requires_grad_()
+            self.tail.train()
+            loss = F.cross_entropy(self.tail(output.to(self.device)), flight["labels"].long().to(self.device))
+            parameters = list(self.tail.parameters())
+            gradients = torch.autograd.grad(loss, [output, *parameters])
+        flight["tail_gradients"] = dict(zip(parameters, gradients[1:]))
+        reply = (*codec.encode(self.cfg.codec, gradients[0]), loss.detach().reshape(1).cpu())
+        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(*reply))
+        return reply
+
+    def _step(self, activations, gradient, lr: float, grad_scale: float, extra, tail_gradients) -> None:
         with self.lock:
             torch.autograd.backward(activations, gradient.to(activations.dtype))
             extra = {p: g for p, g in extra.items() if g is not None} if extra else None
             apply_gradients(self.optimizer, None, lr, grad_scale, extra)
+            if tail_gradients is not None:
+                # The gradient of this hospital's own batch mean, as L1's is after its scale.
+                apply_gradients(self.tail_optimizer, tail_gradients, lr)
 
     def settle(self) -> None:
         """Wait for an L1 step still running from the last gradient (and raise its error, if any)."""
@@ -158,8 +199,27 @@ class Hospital:
             self.head.train()
         labels = labels.to(self.label_dtype)
         wire = codec.encode(self.cfg.codec, activations)
-        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(*wire, labels))
-        return (*wire, labels)
+        if self.tail is not None:
+            self.eval_labels[batch] = labels  # for eval_tail; they stay here
+            message = tuple(wire)
+        else:
+            message = (*wire, labels)
+        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(*message))
+        return message
+
+    @torch.no_grad()
+    def eval_tail(self, batch: int, *trunk_output: torch.Tensor) -> torch.Tensor:
+        """U-shaped evaluation: how many of test batch ``batch`` the tail classifies correctly (only the count leaves)."""
+        self.ledger.add(transport.SERVER, "received", comm.tensor_bytes(*trunk_output))
+        labels = self.eval_labels.pop(batch)
+        with self.lock:
+            self.tail.eval()
+            output = codec.decode(self.cfg.codec, trunk_output, self.head_dtype)
+            predictions = self.tail(output.to(self.device)).argmax(1).cpu()
+            self.tail.train()
+        correct = (predictions == labels.long()).sum().reshape(1).to(torch.int64)
+        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(correct))
+        return correct
 
     @torch.no_grad()
     def average_l1(self) -> None:
@@ -222,6 +282,9 @@ class Hospital:
     def save(self, path: str) -> None:
         self.settle()
         torch.save({k: v.cpu() for k, v in self.head.state_dict().items()}, path)
+        if self.tail is not None:
+            tail_path = Path(path).with_name(f"tail-{transport.hospital_name(self.index)}.pt")
+            torch.save({k: v.cpu() for k, v in self.tail.state_dict().items()}, tail_path)
 
     # --- checkpoints -----------------------------------------------------------------------
     def checkpoint_steps(self) -> list[int]:
@@ -237,6 +300,8 @@ class Hospital:
                 "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "dropped": self.dropped,
             }
+            if self.tail is not None:
+                state.update(tail=self.tail.state_dict(), tail_optimizer=self.tail_optimizer.state_dict())
             checkpoint.save(self.cfg.checkpoint_dir, step, name, state)
         checkpoint.prune(self.cfg.checkpoint_dir, name, self.cfg.checkpoint_keep)
 
@@ -247,6 +312,9 @@ class Hospital:
         with self.lock:
             self.head.load_state_dict(state["head"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.tail is not None:
+                self.tail.load_state_dict(state["tail"])
+                self.tail_optimizer.load_state_dict(state["tail_optimizer"])
             if state["dropped"]:
                 self.shard.drop(state["dropped"])
                 self.dropped = list(state["dropped"])

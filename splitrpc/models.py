@@ -153,6 +153,19 @@ def split_model(model: nn.Sequential, cut: int) -> tuple[nn.Sequential, nn.Seque
     return nn.Sequential(*model[:cut]), nn.Sequential(*model[cut:])
 
 
+def check_tail(stages: int, cut: int, tail: int, name: str = "the model") -> None:
+    if tail < 1 or cut + tail > stages - 1:
+        raise UserError(f"--tail {tail} with --cut {cut} leaves the server no stage of {name} ({stages} stages): "
+                        f"choose --cut + --tail <= {stages - 1}, --tail >= 1")
+
+
+def split_u(model: nn.Sequential, cut: int, tail: int) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
+    """(head, middle, tail) of the U-shaped split: the hospital keeps the first ``cut`` and the last ``tail``
+    stages, the server the middle. Shares the modules of ``model``."""
+    check_tail(len(model), cut, tail)
+    return nn.Sequential(*model[:cut]), nn.Sequential(*model[cut:-tail]), nn.Sequential(*model[-tail:])
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from splitrpc import checkpoint, codec, comm, data, dedup, loop, record, transport
 from splitrpc.errors import PeerError, UserError
 from splitrpc.hospital import Hospital
-from splitrpc.models import activation_shape, model_for, split_model
+from splitrpc.models import activation_shape, model_for, split_model, split_u
 from splitrpc.optim import apply_gradients, make_optimizer
 from splitrpc.protocol import l1_sync_numel, label_dtype
 
@@ -42,13 +42,13 @@ class HospitalFailure(PeerError):
 
 
 def message_problem(message, batch: int, activation_shape: tuple, dtype: torch.dtype, label_dtype: torch.dtype,
-                    num_classes: int, codec_name: str = "none") -> str | None:
-    """What is wrong with a hospital's message ``(*wire activations, labels)``, or None if nothing is."""
+                    num_classes: int, codec_name: str = "none", with_labels: bool = True) -> str | None:
+    """What is wrong with a hospital's message ``(*wire activations, labels)`` (U-shaped: no labels), or None."""
     spec = codec.wire_spec(codec_name, (batch, *activation_shape), dtype)
-    if (not isinstance(message, (tuple, list)) or len(message) != len(spec) + 1
+    if (not isinstance(message, (tuple, list)) or len(message) != len(spec) + with_labels
             or not all(isinstance(t, torch.Tensor) for t in message)):
-        return f"something other than {len(spec)} activation tensor(s) and labels"
-    *wire, labels = message
+        return f"something other than {len(spec)} activation tensor(s)" + (" and labels" if with_labels else "")
+    wire, labels = (message[:-1], message[-1]) if with_labels else (message, torch.zeros(batch, dtype=label_dtype))
     for tensor, (_, expected_dtype) in zip(wire, spec):
         if tensor.dtype != expected_dtype:
             return f"activations of dtype {tensor.dtype}, expected {expected_dtype}"
@@ -66,8 +66,24 @@ def message_problem(message, batch: int, activation_shape: tuple, dtype: torch.d
     return None
 
 
+CORRECT_COUNT_BYTES = 8  # U-shaped evaluation: a hospital's count of correct predictions, one int64
+
 # Calls that serve the measurement itself, not training: left out of the round-trip counts.
 MEASUREMENT_CALLS = frozenset({"switch_phase", "comm_report"})
+
+
+def output_gradient_problem(reply, shape: tuple, dtype: torch.dtype, codec_name: str) -> str | None:
+    """What is wrong with a U-shaped hospital's reply ``(*gradient wire, loss)``, or None."""
+    spec = codec.wire_spec(codec_name, shape, dtype)
+    if (not isinstance(reply, (tuple, list)) or len(reply) != len(spec) + 1
+            or not all(isinstance(t, torch.Tensor) for t in reply)):
+        return "something other than the loss and its gradient"
+    for tensor, (expected_shape, expected_dtype) in zip(reply[:-1], spec):
+        if tuple(tensor.shape) != expected_shape or tensor.dtype != expected_dtype:
+            return f"a loss gradient of {tuple(tensor.shape)} {tensor.dtype}, expected {expected_shape} {expected_dtype}"
+    if not all(torch.isfinite(t.float()).all() for t in reply):
+        return "a non-finite loss or loss gradient"
+    return None
 
 
 class Hospitals:
@@ -128,7 +144,13 @@ class Server:
         self.ledger = comm.Ledger(transport.SERVER)
         model = model_for(cfg)
         self.activation_shape = activation_shape(model, cfg.cut)
-        head, self.trunk = split_model(model, cfg.cut)
+        # U-shaped (--labels hospital): the server holds only the middle; hospitals keep the tail and the loss.
+        self.u_shaped = cfg.labels == "hospital"
+        if self.u_shaped:
+            head, self.trunk, _ = split_u(model, cfg.cut, cfg.tail)
+            self.output_shape = activation_shape(model, len(model) - cfg.tail)
+        else:
+            head, self.trunk = split_model(model, cfg.cut)
         self.l1_numel = l1_sync_numel(head)  # the architecture's size; the server keeps no L1 weights
         del head
         self.trunk.to(self.device)
@@ -225,22 +247,31 @@ class Server:
     def _label_size(self) -> int:
         return torch.empty((), dtype=self.label_dtype).element_size()
 
-    def batch_bytes(self, batch: int) -> tuple[int, int]:
-        """(up, down) bytes of one hospital batch of a training step, from shapes and the codec alone."""
+    def batch_bytes(self, batch: int, training: bool = True) -> tuple[int, int]:
+        """(up, down) bytes of one hospital batch of a training step (or an evaluation), from shapes and the
+        codec alone. Vanilla: activations and labels up, the activation gradient down. U-shaped: activations
+        and the gradient of the trunk's output, plus the loss, up; the trunk's output and the activation
+        gradient down; in evaluation the hospital returns how many it classified correctly."""
         activations = codec.wire_bytes(self.cfg.codec, (batch, *self.activation_shape), self.dtype)
-        return activations + batch * self._label_size, activations
+        if not self.u_shaped:
+            return activations + batch * self._label_size, activations if training else 0
+        output = codec.wire_bytes(self.cfg.codec, (batch, *self.output_shape), self.dtype)
+        if training:
+            return activations + output + self.element_size, activations + output
+        return activations + CORRECT_COUNT_BYTES, output
 
     # --- what a hospital sends ------------------------------------------------------------
-    def _receive(self, hospital: int, message, batch: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Check a hospital's message before it touches the trunk, and count it; returns (wire, labels)."""
+    def _receive(self, hospital: int, message, batch: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Check a hospital's message before it touches the trunk, and count it; returns (wire, labels or None)."""
         name = self.hospitals.name(hospital)
         problem = message_problem(message, batch, self.activation_shape, self.dtype, self.label_dtype,
-                                  self.cfg.num_classes, self.cfg.codec)
+                                  self.cfg.num_classes, self.cfg.codec, with_labels=not self.u_shaped)
         if problem:
             raise HospitalFailure(hospital, f"{name} sent {problem}; rejected before the trunk")
         self.ledger.add(name, "received", comm.tensor_bytes(*message))
-        *wire, labels = message
-        return wire, labels
+        if self.u_shaped:
+            return list(message), None
+        return list(message[:-1]), message[-1]
 
     def _activations(self, hospital: int, wire: list[torch.Tensor]) -> torch.Tensor:
         """The trunk's input from a training message; the backward pass sends its gradient down encoded."""
@@ -350,11 +381,13 @@ class Server:
                 labels.append(y)
                 if self.capture is not None:
                     self.capture[h].append({"epoch": epoch, "batch": b, "activations": inputs[-1].detach().clone(),
-                                            "labels": y.clone()})
+                                            "labels": None if y is None else y.clone()})
             activations = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
-            labels = torch.cat(labels).long()
-            logits = self.trunk(activations.to(self.device))
-            loss = F.cross_entropy(logits, labels.to(self.device))
+            output = self.trunk(activations.to(self.device))
+            if self.u_shaped:  # a second round trip: the trunk's output down, the loss's gradient up
+                loss, objective = self._hospital_losses(participants, output)
+            else:
+                loss = objective = F.cross_entropy(output, torch.cat(labels).long().to(self.device))
             t2 = time.perf_counter()
             upcoming = self._upcoming(participants)
             if upcoming is not None:  # the next step's hospitals compute and send while the trunk works
@@ -362,7 +395,7 @@ class Server:
                 self.prefetches += 1
             try:
                 # Sends each hospital its activation gradient, which it applies to L1 by itself.
-                dist_autograd.backward(context.id, [loss])
+                dist_autograd.backward(context.id, [objective])
             except Exception as exc:
                 names = ", ".join(hospitals.name(h) for h, _ in participants)
                 if len(participants) == 1:
@@ -379,7 +412,36 @@ class Server:
         clock["backward_incl_push"] += t3 - t2
         clock["trunk_optimizer"] += t4 - t3
         self.executed_steps.append(list(participants))
-        return loss.item(), len(labels)
+        return loss.item(), self.cfg.batch_size * len(participants)
+
+    def _hospital_losses(self, participants: Sequence[tuple[int, int]], output: torch.Tensor):
+        """U-shaped: each participant's slice of the trunk's output goes to its hospital, whose tail computes
+        the loss with labels the server never sees, and returns the loss and its gradient for that slice.
+
+        Returns (the step's loss, the objective whose backward pass carries those gradients
+        through the trunk): sum over hospitals of <slice, gradient> / participants, the
+        gradient of the mean loss over every participant's samples, as the vanilla step's.
+        """
+        slices = output.split(self.cfg.batch_size)
+        futures = []
+        for (h, _), piece in zip(participants, slices):
+            wire = codec.encode(self.cfg.codec, piece.detach().cpu())
+            self.ledger.add(self.hospitals.name(h), "sent", comm.tensor_bytes(*wire))
+            futures.append(self.hospitals.call_async(h, "tail_loss", *wire))
+        losses, objective = [], 0
+        for (h, _), piece, future in zip(participants, slices, futures):
+            reply = self.hospitals.wait(h, future)
+            problem = output_gradient_problem(reply, tuple(piece.shape), self.dtype, self.cfg.codec)
+            if problem:
+                raise HospitalFailure(h, f"{self.hospitals.name(h)} sent {problem}; rejected before the trunk")
+            self.ledger.add(self.hospitals.name(h), "received", comm.tensor_bytes(*reply))
+            *wire, loss = reply
+            gradient = codec.decode(self.cfg.codec, wire, self.dtype).to(self.device)
+            if self.capture is not None:
+                self.capture[h][-1]["output_gradient"] = gradient.detach().cpu().clone()
+            losses.append(loss)
+            objective = objective + (piece * gradient).sum()
+        return torch.cat(losses).mean(), objective / len(participants)
 
     def after_step(self, steps_done: int) -> None:
         if self.cfg.l1 == "average" and steps_done % self.cfg.l1_sync_every == 0:
@@ -419,9 +481,16 @@ class Server:
             if b + 1 < batches:  # the next batch travels while this one is scored
                 pending = self.hospitals.call_async(h, "eval_forward", b + 1)
             activations = codec.decode(self.cfg.codec, wire, self.dtype)
-            predictions = self.trunk(activations.to(self.device)).argmax(1).cpu()
-            correct += (predictions == labels.long()).sum().item()
-            seen += len(labels)
+            output = self.trunk(activations.to(self.device))
+            if self.u_shaped:  # the hospital's tail scores its own labels; only the count comes back
+                output_wire = codec.encode(self.cfg.codec, output.cpu())
+                self.ledger.add(self.hospitals.name(h), "sent", comm.tensor_bytes(*output_wire))
+                count = self.hospitals.wait(h, self.hospitals.call_async(h, "eval_tail", b, *output_wire))
+                self.ledger.add(self.hospitals.name(h), "received", comm.tensor_bytes(count))
+                correct += int(count.item())
+            else:
+                correct += (output.argmax(1).cpu() == labels.long()).sum().item()
+            seen += len(output)
         return correct / seen
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -502,9 +571,13 @@ class Server:
             if h in self.hospitals.lost:
                 continue  # a lost hospital's evaluations are not counted (they may have been cut short)
             size, test = cfg.eval_batch_size, info["test_samples"]
-            per_eval = sum(self.batch_bytes(min(size, test - start))[0] for start in range(0, test, size))
-            tables["eval"][self.hospitals.name(h)]["sent"] += self.evaluations * per_eval
-            tables["eval"][transport.SERVER]["received"] += self.evaluations * per_eval
+            batches = [self.batch_bytes(min(size, test - start), training=False) for start in range(0, test, size)]
+            up, down = sum(u for u, _ in batches), sum(d for _, d in batches)
+            name = self.hospitals.name(h)
+            tables["eval"][name]["sent"] += self.evaluations * up
+            tables["eval"][name]["received"] += self.evaluations * down
+            tables["eval"][transport.SERVER]["received"] += self.evaluations * up
+            tables["eval"][transport.SERVER]["sent"] += self.evaluations * down
         for table in tables.values():
             for lost in self.hospitals.lost.values():
                 table.pop(lost["name"], None)  # a lost hospital reports nothing; its row is left out everywhere
