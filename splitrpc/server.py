@@ -292,7 +292,7 @@ class Server:
             # The concatenated loss averages over every participant's samples; scaling a
             # hospital's L1 gradient by the number of participants makes it the gradient of
             # that hospital's own batch mean, as in a sequential step.
-            scale = float(len(participants))
+            scale = float(len(participants)) if self.cfg.l1_grad_scale == "participants" else 1.0
             futures = [hospitals.call_async(h, "step", context_id, lr, scale) for h, _ in participants]
             apply_gradients(self.optimizer, dist_autograd.get_gradients(context_id), lr)
             t4 = time.perf_counter()
