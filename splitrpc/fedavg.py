@@ -144,10 +144,14 @@ class FedAvgTrainer:
                 "tcp_delivered_over_payload": comm.ratio(tcp and tcp["total"] - tcp["retransmitted"], payload["total"]),
             }
 
+        # Training traffic is one model all-reduce per round (a run's last round may be short, its
+        # bytes are not), so an epoch's bytes scale with its rounds, not with its steps.
+        rounds_per_epoch = -(-steps_per_epoch // self.cfg.local_steps)
+
         def per_epoch(table):
-            if table is None or not self.steps:
+            if table is None or not self.rounds:
                 return None
-            scale = steps_per_epoch / self.steps
+            scale = rounds_per_epoch / self.rounds
             per_rank = [table[n]["sent"] + table[n]["received"] for n in names]
             return {"total": table["total"] * scale, "per_hospital": sum(per_rank) / len(per_rank) * scale}
 
@@ -160,6 +164,7 @@ class FedAvgTrainer:
             "extrapolated": self.steps % steps_per_epoch != 0,
             "local_steps": self.cfg.local_steps,
             "rounds": self.rounds,
+            "rounds_per_epoch": rounds_per_epoch,
             "model_bytes_per_round": self.model_bytes,
             "per_epoch": {kind: per_epoch(phases["train"][f"{kind}_bytes"]) for kind in ("analytic", "payload", "tcp")},
             "wait_share": None,

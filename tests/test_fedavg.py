@@ -53,7 +53,10 @@ def test_rounds_and_bytes_three_ways(cli):
     for h in (1, 2, 3):
         assert c["phases"]["train"]["payload_bytes"][f"hospital{h}"] == {"sent": round(3 * per_round),
                                                                          "received": round(3 * per_round)}
-    assert c["per_epoch"]["analytic"]["per_hospital"] == pytest.approx(16 / 10 * 2 * 3 * per_round, abs=2)
+    # An epoch is 4 rounds (16 steps / 4), whatever share of it ran.
+    assert c["rounds_per_epoch"] == 4
+    assert c["per_epoch"]["analytic"]["per_hospital"] == pytest.approx(4 * 2 * per_round, abs=2)
+    assert c["per_epoch"]["payload"]["per_hospital"] == pytest.approx(4 * 2 * per_round, abs=2)
 
 
 @pytest.mark.parametrize("args,pattern", [
