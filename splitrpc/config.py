@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from splitrpc.errors import UserError
 
-METHODS = ("split", "local", "ddp")
+METHODS = ("split", "local", "ddp", "fedavg", "split-local")
 MODELS = ("vgg11", "vgg16", "resnet18", "resnet20", "resnet56")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 NORMS = ("batch", "group", "none")
@@ -24,6 +24,7 @@ PARTITIONS = ("iid", "dirichlet")
 SCHEDULES = ("sequential", "parallel")
 L1_MODES = ("independent", "average")
 L1_INITS = ("shared", "private")
+L1_GRAD_SCALES = ("participants", "none")
 DEDUP_MODES = ("none", "hmac", "psi")
 FAILURE_MODES = ("abort", "continue")
 FAULT_KINDS = ("nan", "inf", "shape", "dtype", "labels")
@@ -43,7 +44,9 @@ def _opt(default, help, choices=None, **kw):
 @dataclass(frozen=True)
 class Config:
     # --- what to run -------------------------------------------------------
-    method: str = _opt("split", "split learning, centralized training in one process, or the DDP baseline", METHODS)
+    method: str = _opt("split", "split learning, centralized training in one process, or the DDP baseline; fedavg: "
+                        "federated averaging; split-local: split learning's arithmetic in one process (N L1 "
+                        "copies + one trunk), the exact reference for --method split", METHODS)
     hospitals: int = _opt(2, "number of hospitals (ranks 1..N under split; ranks 0..N-1 under ddp)")
     # --- model --------------------------------------------------------------
     model: str = _opt("resnet20", "network architecture", MODELS)
@@ -68,6 +71,9 @@ class Config:
     schedule: str = _opt("sequential", "sequential: hospitals take turns; parallel: all hospitals per step", SCHEDULES)
     l1: str = _opt("independent", "each hospital keeps its own L1, or hospitals average L1 weights", L1_MODES)
     l1_sync_every: int = _opt(1, "steps between L1 averages under --l1 average")
+    l1_grad_scale: str = _opt("participants", "parallel schedule: multiply each hospital's L1 gradient by the number "
+                              "of participants (the gradient of its own batch mean, as in a sequential step) or "
+                              "not (none: its share of the concatenated batch's mean)", L1_GRAD_SCALES)
     l1_init: str = _opt("shared", "shared: every L1 starts from --seed, like the local reference (so the server "
                         "could rebuild it); private: each hospital's own randomness (averaged once under --l1 "
                         "average)", L1_INITS)
@@ -104,6 +110,7 @@ class Config:
     warmup_epochs: float = _opt(0.0, "linear warmup from 0 to --lr over this many epochs")
     milestones: tuple = _opt((0.5, 0.75), "multistep: fractions of training at which the LR is multiplied by --gamma")
     gamma: float = _opt(0.1, "multistep: LR factor at each milestone")
+    local_steps: int = _opt(1, "fedavg: local steps per round (a round also ends with every epoch)")
     lr_scaling: bool = _opt(False, "ddp: scale --lr linearly by the number of hospitals (Goyal et al., 2017)")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0 = run all epochs); the LR schedule is unchanged")
     seed: int = _opt(0, "seed for initialisation, partition, data order and augmentation")
@@ -142,7 +149,8 @@ class Config:
     @property
     def world_size(self) -> int:
         """Processes a run needs: the server plus N hospitals, N DDP ranks, or one."""
-        return {"split": self.hospitals + 1, "ddp": self.hospitals, "local": 1}[self.method]
+        return {"split": self.hospitals + 1, "ddp": self.hospitals, "fedavg": self.hospitals, "local": 1,
+                "split-local": 1}[self.method]
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -255,7 +263,7 @@ def validate(cfg: Config) -> Config:
         if choices and value not in choices:
             raise UserError(f"--{name.replace('_', '-')}: unknown value {value!r} (choose from {', '.join(choices)})")
     positive = ("hospitals", "batch_size", "eval_batch_size", "epochs", "l1_sync_every", "rpc_threads",
-                "eval_every", "log_every", "synthetic_train", "synthetic_test")
+                "eval_every", "local_steps", "log_every", "synthetic_train", "synthetic_test")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -333,6 +341,16 @@ def validate(cfg: Config) -> Config:
         if not m or m.group(2) not in FAULT_KINDS or not 1 <= int(m.group(1)) <= cfg.hospitals:
             raise UserError(f"--fault: expected hospital<i>:<kind>@<batch> with kind in {', '.join(FAULT_KINDS)} "
                             f"and i in 1..{cfg.hospitals}, got {cfg.fault!r}")
+    if cfg.local_steps != 1 and cfg.method != "fedavg":
+        raise UserError("--local-steps sets the length of a federated-averaging round: it needs --method fedavg")
+    if cfg.method == "fedavg" and cfg.on_hospital_failure == "continue":
+        raise UserError("--method fedavg supports --on-hospital-failure abort only (its all-reduce group cannot "
+                        "lose a member)")
+    if cfg.l1_grad_scale != "participants" and cfg.method not in ("split", "split-local"):
+        raise UserError("--l1-grad-scale scales split learning's L1 gradients: it needs --method split or split-local")
+    if cfg.method == "split-local" and cfg.l1_init == "private":
+        raise UserError("--method split-local reproduces --l1-init shared only (private L1s come from each "
+                        "hospital's own randomness)")
     if cfg.method == "split" and cfg.world_size < 2:
         raise UserError("--method split needs at least one hospital")
     return cfg

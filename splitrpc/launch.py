@@ -116,8 +116,8 @@ def node_processes(cfg, nnodes: int, node_rank: int, per_node: int) -> int:
     """Processes this node starts: the server alone on node 0 under split, else ``per_node`` hospitals."""
     if not 0 <= node_rank < nnodes:
         raise UserError(f"--node-rank {node_rank} is outside 0..{nnodes - 1}")
-    if cfg.method == "local":
-        raise UserError("--method local runs in one process; it has no multi-node layout")
+    if cfg.method in ("local", "split-local"):
+        raise UserError(f"--method {cfg.method} runs in one process; it has no multi-node layout")
     if cfg.method == "split":
         expected = 1 + (nnodes - 1) * per_node
         if nnodes < 2 or expected != cfg.world_size:
@@ -127,7 +127,7 @@ def node_processes(cfg, nnodes: int, node_rank: int, per_node: int) -> int:
         return 1 if node_rank == 0 else per_node
     if nnodes * per_node != cfg.world_size:
         raise UserError(f"--nnodes {nnodes} x --nproc-per-node {per_node} = {nnodes * per_node} ranks but "
-                        f"--method ddp --hospitals {cfg.hospitals} needs {cfg.world_size}")
+                        f"--method {cfg.method} --hospitals {cfg.hospitals} needs {cfg.world_size}")
     return per_node
 
 

@@ -330,7 +330,7 @@ class Server:
         hospital's L1 gradient by the number of participants makes it the gradient of that
         hospital's own batch mean, as in a sequential step.
         """
-        scale = float(len(participants))
+        scale = float(len(participants)) if self.cfg.l1_grad_scale == "participants" else 1.0
         return transport.StepContext(lambda: [self.hospitals.call_async(h, "forward", epoch, b, lr, scale)
                                               for h, b in participants])
 

@@ -30,7 +30,8 @@ def run_worker(cfg) -> int:
     """One process of a torchrun group: server or hospital (split), or a DDP rank."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world_size != cfg.world_size:
-        roles = {"split": f"1 server + {cfg.hospitals} hospitals", "ddp": f"{cfg.hospitals} hospitals"}[cfg.method]
+        roles = {"split": f"1 server + {cfg.hospitals} hospitals", "ddp": f"{cfg.hospitals} hospitals",
+                 "fedavg": f"{cfg.hospitals} hospitals"}[cfg.method]
         raise UserError(f"torchrun started {world_size} processes but --method {cfg.method} --hospitals "
                         f"{cfg.hospitals} needs {cfg.world_size} ({roles}); use --nproc-per-node {cfg.world_size}")
     transport.set_threads(cfg, rank)
@@ -39,6 +40,10 @@ def run_worker(cfg) -> int:
         from splitrpc import ddp
 
         return ddp.run(cfg, rank, coordinator)
+    if cfg.method == "fedavg":
+        from splitrpc import fedavg
+
+        return fedavg.run(cfg, rank, coordinator)
     if rank == 0:
         from splitrpc import server
 
@@ -68,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
             from splitrpc import local
 
             return local.run(cfg)
+        if cfg.method == "split-local":
+            if distributed and int(os.environ["WORLD_SIZE"]) != 1:
+                raise UserError("--method split-local runs in one process; do not start it with several torchrun "
+                                "processes")
+            from splitrpc import reference
+
+            return reference.run(cfg)
         if not distributed:
             from splitrpc import data, launch
 

@@ -24,6 +24,8 @@ def test_world_size():
     assert parse_args(["--method", "split", "--hospitals", "3"]).world_size == 4
     assert parse_args(["--method", "ddp", "--hospitals", "3"]).world_size == 3
     assert parse_args(["--method", "local", "--hospitals", "3"]).world_size == 1
+    assert parse_args(["--method", "fedavg", "--hospitals", "3"]).world_size == 3
+    assert parse_args(["--method", "split-local", "--hospitals", "3"]).world_size == 1
 
 
 def test_record_round_trip():
@@ -47,6 +49,15 @@ def test_record_round_trip():
     (["--nopeek", "-0.5"], "--nopeek must be a non-negative number"),
     (["--capture-samples", "0"], "--capture-samples must be at least 1"),
     (["--l1-init", "foo"], "--l1-init: unknown value 'foo'"),
+    (["--l1-grad-scale", "half"], "--l1-grad-scale: unknown value 'half'"),
+    (["--method", "ddp", "--l1-grad-scale", "none"], "--l1-grad-scale scales split learning's L1 gradients"),
+    (["--method", "split-local", "--l1-init", "private"], "--method split-local reproduces --l1-init shared only"),
+    (["--method", "fedavg", "--local-steps", "0"], "--local-steps must be at least 1"),
+    (["--method", "fedavg", "--local-steps", "2.5"], "--local-steps: expected int"),
+    (["--method", "ddp", "--local-steps", "4"], "--local-steps sets the length of a federated-averaging round"),
+    (["--method", "fedavg", "--on-hospital-failure", "continue"], "--method fedavg supports --on-hospital-failure "
+                                                                   "abort only"),
+    (["--method", "fedavg", "--checkpoint-dir", "ck"], "--checkpoint-dir and --resume are implemented for --method split"),
 ])
 def test_bad_input_is_one_clear_error(args, message):
     with pytest.raises(UserError) as info:

@@ -1,0 +1,123 @@
+"""Split learning's arithmetic in one process: the exact reference for ``--method split``.
+
+``--method split-local`` keeps N copies of L1 (one per hospital) and one
+trunk, and replays the batches of a split run step for step: each
+participant's L1 runs on that hospital's batch alone (so its BatchNorm sees
+only its own samples, as at the hospital), the activations are concatenated
+for one trunk pass, as the server does, and every L1 takes its own optimizer
+step with the gradient scale the server sends (``--l1-grad-scale``).
+``--l1 average`` averages L1 weights and BatchNorm statistics every
+``--l1-sync-every`` steps, as the hospitals' all-reduce does. There is no
+RPC, no network and no concurrency, so a disagreement with ``--method split``
+is a bug in one of them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from splitrpc import data, loop, record, transport
+from splitrpc.models import model_for, split_model
+from splitrpc.optim import apply_gradients, make_optimizer
+from splitrpc.protocol import l1_sync_tensors
+
+
+def l1_gradient_scale(cfg, participants: int) -> float:
+    """What the server multiplies each participant's L1 gradient by (``--l1-grad-scale``).
+
+    The concatenated loss averages over every participant's samples, so each
+    L1 receives 1/participants of its own batch mean's gradient; ``participants``
+    undoes that, ``none`` keeps it.
+    """
+    return float(participants) if cfg.l1_grad_scale == "participants" else 1.0
+
+
+class SplitReference:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.device = transport.compute_device(cfg)
+        self.shards = [data.load_shard(cfg, h) for h in range(1, cfg.hospitals + 1)]
+        self.test = data.load_test(cfg)
+        # Every party of a split run builds the full model from --seed and keeps its part.
+        _, self.trunk = split_model(model_for(cfg), cfg.cut)
+        self.trunk.to(self.device)
+        self.heads = [split_model(model_for(cfg), cfg.cut)[0].to(self.device) for _ in range(cfg.hospitals)]
+        self.trunk_optimizer = make_optimizer(cfg, self.trunk.parameters())
+        self.head_optimizers = [make_optimizer(cfg, head.parameters()) for head in self.heads]
+        self.l1_syncs = 0
+
+    def train_step(self, epoch: int, index: int, participants, lr: float) -> tuple[float, int]:
+        activations, labels = [], []
+        for h, b in participants:
+            images, y = self.shards[h - 1].batch(epoch, b)
+            activations.append(self.heads[h - 1](images.to(self.device)))
+            labels.append(y)
+        joined = torch.cat(activations) if len(activations) > 1 else activations[0]
+        labels = torch.cat(labels).long().to(self.device)
+        loss = F.cross_entropy(self.trunk(joined), labels)
+        loss.backward()
+        scale = l1_gradient_scale(self.cfg, len(participants))
+        for h, _ in participants:
+            apply_gradients(self.head_optimizers[h - 1], None, lr, scale)
+        apply_gradients(self.trunk_optimizer, None, lr)
+        return loss.item(), len(labels)
+
+    @torch.no_grad()
+    def after_step(self, steps_done: int) -> None:
+        if self.cfg.l1 == "average" and steps_done % self.cfg.l1_sync_every == 0:
+            copies = [l1_sync_tensors(head) for head in self.heads]
+            for tensors in zip(*copies):
+                mean = torch.stack([t.detach() for t in tensors]).sum(0) / len(tensors)
+                for t in tensors:
+                    t.copy_(mean)
+            self.l1_syncs += 1
+
+    @torch.no_grad()
+    def evaluate(self) -> list[float]:
+        """Each hospital's model (its L1 + the trunk) on the test set, as the server evaluates them."""
+        self.trunk.eval()
+        accuracies = []
+        for head in self.heads:
+            head.eval()
+            correct = 0
+            for b in range(self.test.num_batches):
+                images, labels = self.test.batch(b)
+                predictions = self.trunk(head(images.to(self.device))).argmax(1).cpu()
+                correct += (predictions == labels).sum().item()
+            head.train()
+            accuracies.append(correct / len(self.test.labels))
+        self.trunk.train()
+        return accuracies
+
+    def save(self, directory: str) -> None:
+        """The files of a split run: the server's trunk and every hospital's L1."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.cpu() for k, v in self.trunk.state_dict().items()}, Path(directory) / "trunk.pt")
+        for h, head in enumerate(self.heads, start=1):
+            torch.save({k: v.cpu() for k, v in head.state_dict().items()},
+                       Path(directory) / f"head-{transport.hospital_name(h)}.pt")
+
+
+def run(cfg) -> int:
+    started = time.perf_counter()
+    transport.set_threads(cfg)
+    run_record = record.new_record(cfg)
+    trainer = SplitReference(cfg)
+    run_record["hospitals"] = [{"name": transport.hospital_name(i), "train_samples": len(s),
+                                "train_batches": s.num_batches} for i, s in enumerate(trainer.shards, start=1)]
+    plan = data.epoch_plan([s.num_batches for s in trainer.shards], cfg.schedule)
+    run_record["setup_time_s"] = time.perf_counter() - started
+    run_record.update(loop.run(cfg, plan, trainer.train_step, trainer.evaluate, who="split-local",
+                               on_step_end=trainer.after_step))
+    run_record["l1_syncs"] = trainer.l1_syncs
+    if cfg.save_dir:
+        trainer.save(cfg.save_dir)
+    run_record["status"] = "ok"
+    run_record["wall_time_s"] = time.perf_counter() - started
+    record.append_jsonl(cfg.out, run_record)
+    record.print_summary(run_record, "split-local")
+    return 0
