@@ -21,8 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from plots import engine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METHOD_STYLE = {"local": ("tab:gray", "s"), "split": ("tab:blue", "o"), "ddp": ("tab:orange", "^")}
-METHOD_LABEL = {"local": "local (centralized)", "split": "split learning", "ddp": "DDP (sync. SGD)"}
+METHOD_STYLE = {"local": ("tab:gray", "s"), "split": ("tab:blue", "o"), "ddp": ("tab:orange", "^"),
+                "fedavg": ("tab:green", "D"), "split-local": ("tab:purple", "x")}
+METHOD_LABEL = {"local": "local (centralized)", "split": "split learning", "ddp": "DDP (sync. SGD)",
+                "fedavg": "FedAvg", "split-local": "split (one-process reference)"}
 GB = 1e9
 
 
