@@ -34,7 +34,7 @@ import torch
 from splitrpc import data, privacy
 from splitrpc.config import from_dict
 from splitrpc.errors import UserError, report
-from splitrpc.models import build_model, model_for, split_model
+from splitrpc.models import build_model, model_for, split_model, split_u
 from splitrpc.record import append_jsonl
 
 AUX_SAMPLES = 5000  # public auxiliary data: the first images of the CIFAR-10 test split
@@ -85,8 +85,19 @@ def attack_run(record: dict, grids_dir: Path) -> dict:
     torch.manual_seed(ATTACKER_SEED)
 
     # The server's own trunk, as trained; the true L1 only for the white-box bound.
-    _, trunk = split_model(model_for(cfg), cfg.cut)
-    trunk.load_state_dict(torch.load(model_dir / "trunk.pt"))
+    also_train = []
+    if cfg.labels == "hospital":
+        # U-shaped: the server holds only the middle. It appends a tail of its own (from its own
+        # initialisation) and trains it with the surrogate, the middle frozen.
+        _, middle, _ = split_u(model_for(cfg), cfg.cut, cfg.tail)
+        middle.load_state_dict(torch.load(model_dir / "trunk.pt"))
+        torch.manual_seed(ATTACKER_SEED)
+        _, _, attacker_tail = split_u(build_model(cfg.model, cfg.num_classes, cfg.width, cfg.norm), cfg.cut, cfg.tail)
+        trunk = torch.nn.Sequential(middle, attacker_tail)
+        also_train = list(attacker_tail.parameters())
+    else:
+        _, trunk = split_model(model_for(cfg), cfg.cut)
+        trunk.load_state_dict(torch.load(model_dir / "trunk.pt"))
     true_head, _ = split_model(model_for(cfg), cfg.cut)
     true_head.load_state_dict(torch.load(model_dir / "head-hospital1.pt"))
     torch.manual_seed(ATTACKER_SEED)
@@ -96,7 +107,8 @@ def attack_run(record: dict, grids_dir: Path) -> dict:
     count = len(aux_labels)
 
     black_box = privacy.attack(trunk, template, aux_images, aux_labels, activations,
-                               surrogate_steps=SURROGATE_STEPS, decoder_steps=DECODER_STEPS, seed=ATTACKER_SEED)
+                               surrogate_steps=SURROGATE_STEPS, decoder_steps=DECODER_STEPS, seed=ATTACKER_SEED,
+                               also_train=also_train)
     white_box = privacy.invert_white_box(true_head, activations, steps=WHITE_BOX_STEPS, seed=ATTACKER_SEED)
     black = privacy.leakage_report(inputs, black_box, activations, cfg.dataset)
     white = privacy.leakage_report(inputs, white_box, activations, cfg.dataset)
@@ -109,7 +121,8 @@ def attack_run(record: dict, grids_dir: Path) -> dict:
     train = record["comm"]["per_epoch"]["tcp"]
     return {
         "record_version": 1, "status": "ok", "run_key": cfg.run_key,
-        "defence": {"cut": cfg.cut, "noise": cfg.noise, "nopeek": cfg.nopeek, "codec": cfg.codec},
+        "defence": {"cut": cfg.cut, "noise": cfg.noise, "nopeek": cfg.nopeek, "codec": cfg.codec,
+                    "labels": cfg.labels, "tail": cfg.tail if cfg.labels == "hospital" else 0},
         "model": cfg.model, "width": cfg.width, "dataset": cfg.dataset,
         "test_acc": record["final_test_acc"], "test_acc_min": record["final_test_acc_min"],
         "train_bytes_per_epoch": train["total"], "train_bytes_per_hospital_per_epoch": train["per_hospital"],

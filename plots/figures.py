@@ -249,6 +249,8 @@ def defence_label(d: dict) -> str:
         parts.append(f"NoPeek {d['nopeek']:g}")
     if d.get("codec", "none") != "none":  # rows from before the codecs have no such key
         parts.append(d["codec"])
+    if d.get("labels") == "hospital":
+        parts.append(f"U-shaped, tail {d['tail']}")
     return ", ".join(parts)
 
 
@@ -315,7 +317,7 @@ def privacy_table(attacks: list[dict]) -> list[str]:
              "dCor R* (bias-corrected) | black-box PSNR (dB) | black-box SSIM | white-box PSNR (dB) | white-box SSIM |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for a in sorted(attacks, key=lambda a: (a["defence"]["cut"], a["defence"]["noise"], a["defence"]["nopeek"],
-                                             a["defence"].get("codec", "none"))):
+                                             a["defence"].get("codec", "none"), a["defence"].get("tail", 0))):
         lines.append(
             f"| {defence_label(a['defence'])} | {a['test_acc']:.4f} / {a['test_acc_min']:.4f} | "
             f"{'x'.join(map(str, a['activation_shape']))} | {a['train_bytes_per_hospital_per_epoch'] / 1e6:.1f} | "

@@ -112,7 +112,8 @@ class Hospital:
                 self.nopeek_values.append(penalty.item() / self.cfg.nopeek)
             self.forwards += 1
             if self.capture is not None:
-                self.capture.append({"epoch": epoch, "batch": batch, "inputs": images.clone()})
+                # The labels too: an auditor holding both sides scores label leakage (U-shaped) against them.
+                self.capture.append({"epoch": epoch, "batch": batch, "inputs": images.clone(), "labels": labels.clone()})
         labels = labels.to(self.label_dtype)
         if self.fault and self.forwards >= self.fault[1]:
             activations, labels = inject_fault(self.fault[0], activations, labels, self.cfg.num_classes)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -253,7 +253,8 @@ def _adam_step(optimizer: torch.optim.Optimizer, loss: Tensor, parameters: list[
 
 def train_surrogate_head(trunk: nn.Module, head_template: nn.Module, aux_images: Tensor, aux_labels: Tensor,
                          steps: int = SURROGATE_STEPS, lr: float = SURROGATE_LR,
-                         batch_size: int = ATTACK_BATCH_SIZE, seed: int = 0) -> nn.Module:
+                         batch_size: int = ATTACK_BATCH_SIZE, seed: int = 0,
+                         also_train: Sequence[nn.Parameter] = ()) -> nn.Module:
     """A copy of ``head_template`` trained so that ``trunk(surrogate(x))`` classifies aux data, trunk frozen.
 
     The trunk is run in eval mode (its normalisation statistics are those it learnt
@@ -262,7 +263,9 @@ def train_surrogate_head(trunk: nn.Module, head_template: nn.Module, aux_images:
     expects, i.e. close to the real head's. Returns the surrogate in eval mode.
     """
     surrogate = copy.deepcopy(head_template)
-    parameters = [p for p in surrogate.parameters() if p.requires_grad]
+    # also_train: against a U-shaped split the server lacks the classifier, so it trains its own
+    # tail (part of ``trunk``) together with the surrogate.
+    parameters = [p for p in surrogate.parameters() if p.requires_grad] + list(also_train)
     optimizer = torch.optim.Adam(parameters, lr=lr)
     with _in_mode(trunk, training=False):
         surrogate.train()
@@ -355,11 +358,11 @@ def reconstruct(decoder: nn.Module, activations: Tensor, batch_size: int = RECON
 def attack(trunk: nn.Module, head_template: nn.Module, aux_images: Tensor, aux_labels: Tensor,
            received_activations: Tensor, surrogate_steps: int = SURROGATE_STEPS, decoder_steps: int = DECODER_STEPS,
            surrogate_lr: float = SURROGATE_LR, decoder_lr: float = DECODER_LR,
-           batch_size: int = ATTACK_BATCH_SIZE, seed: int = 0) -> Tensor:
+           batch_size: int = ATTACK_BATCH_SIZE, seed: int = 0, also_train: Sequence[nn.Parameter] = ()) -> Tensor:
     """The query-free attack end to end: a surrogate head, a decoder trained on its activations,
     and that decoder's reconstructions (normalised space) of the activations the server received."""
     surrogate = train_surrogate_head(trunk, head_template, aux_images, aux_labels, surrogate_steps, surrogate_lr,
-                                     batch_size, seed)
+                                     batch_size, seed, also_train)
     decoder = train_decoder(surrogate, aux_images, decoder_steps, decoder_lr, batch_size, seed)
     return reconstruct(decoder, received_activations)
 
