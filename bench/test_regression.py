@@ -211,7 +211,7 @@ def test_split_steps_sequential_prefetch(benchmark, rpc_group):
             state["steps_done"] += 1
 
     benchmark.pedantic(two_steps, rounds=6, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["prefetched_steps"] = server.prefetches
+    benchmark.extra_info["prefetched_steps"] = server.log.prefetched
     benchmark.extra_info["samples_per_call"] = 256
 
 

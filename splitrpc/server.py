@@ -25,7 +25,7 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
-from splitrpc import checkpoint, codec, comm, data, dedup, loop, record, transport
+from splitrpc import accounting, checkpoint, codec, comm, data, dedup, loop, record, transport
 from splitrpc.errors import PeerError, UserError
 from splitrpc.hospital import Hospital
 from splitrpc.models import activation_shape, model_for, split_model, split_u
@@ -65,8 +65,6 @@ def message_problem(message, batch: int, activation_shape: tuple, dtype: torch.d
         return f"labels outside 0..{num_classes - 1} (found {low}..{high})"
     return None
 
-
-CORRECT_COUNT_BYTES = 8  # U-shaped evaluation: a hospital's count of correct predictions, one int64
 
 # Calls that serve the measurement itself, not training: left out of the round-trip counts.
 MEASUREMENT_CALLS = frozenset({"switch_phase", "comm_report"})
@@ -157,7 +155,6 @@ class Server:
         self.optimizer = make_optimizer(cfg, self.trunk.parameters())
         self.dtype = getattr(torch, cfg.dtype)
         self.label_dtype = label_dtype(cfg.num_classes)
-        self.element_size = torch.empty((), dtype=self.dtype).element_size()
         self.hospitals = Hospitals(cfg)
         # Construction on a hospital loads its shard; a failure there surfaces here.
         self.info = self.hospitals.call_all("describe", timeout=cfg.setup_timeout)
@@ -167,14 +164,11 @@ class Server:
         self.dedup_record: dict | None = None
         # Where the server's training time goes (seconds), and the participants of every
         # step that ran in this process (for the analytic bytes).
-        self.time = defaultdict(float)
-        self.executed_steps: list[list[tuple[int, int]]] = []
-        self.gradient_pushes: dict[int, int] = defaultdict(int)
+        self.log = accounting.StepLog()
+        self.bytes = accounting.SplitBytes(cfg, self.activation_shape, self.output_shape if self.u_shaped else None,
+                                           self.l1_numel)
         # The next step's forward requests, sent while this step runs (see _upcoming): ((epoch, participants, lr), StepContext).
         self.prefetched: tuple[tuple, transport.StepContext] | None = None
-        self.prefetches = 0
-        self.l1_syncs = 0
-        self.evaluations = 0
         # --capture-dir: the last activations received from each hospital, for leakage audits.
         keep = -(-cfg.capture_samples // cfg.batch_size)
         self.capture = {h: deque(maxlen=keep) for h in range(1, cfg.hospitals + 1)} if cfg.capture_dir else None
@@ -229,7 +223,7 @@ class Server:
             drops, stats = dedup.plan_removals(tokens)
         self.info = [call(h, "dedup_drop", drops.get(h, [])) for h in ids]
         self.switch_phase("setup")
-        up, down = self.batch_bytes(1)
+        up, down = self.bytes.batch(1)
         per_sample = up + down  # activations and label up, gradient down
         dropped = sum(before) - sum(i["train_samples"] for i in self.info)
         return {
@@ -242,23 +236,6 @@ class Server:
             "seconds": time.perf_counter() - started,
             "training_bytes_saved_per_epoch": dropped * per_sample,
         }
-
-    @property
-    def _label_size(self) -> int:
-        return torch.empty((), dtype=self.label_dtype).element_size()
-
-    def batch_bytes(self, batch: int, training: bool = True) -> tuple[int, int]:
-        """(up, down) bytes of one hospital batch of a training step (or an evaluation), from shapes and the
-        codec alone. Vanilla: activations and labels up, the activation gradient down. U-shaped: activations
-        and the gradient of the trunk's output, plus the loss, up; the trunk's output and the activation
-        gradient down; in evaluation the hospital returns how many it classified correctly."""
-        activations = codec.wire_bytes(self.cfg.codec, (batch, *self.activation_shape), self.dtype)
-        if not self.u_shaped:
-            return activations + batch * self._label_size, activations if training else 0
-        output = codec.wire_bytes(self.cfg.codec, (batch, *self.output_shape), self.dtype)
-        if training:
-            return activations + output + self.element_size, activations + output
-        return activations + CORRECT_COUNT_BYTES, output
 
     # --- what a hospital sends ------------------------------------------------------------
     def _receive(self, hospital: int, message, batch: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -279,7 +256,7 @@ class Server:
 
         def on_gradient(wire_gradient):
             self.ledger.add(name, "sent", comm.tensor_bytes(*wire_gradient))
-            self.gradient_pushes[hospital] += 1
+            self.log.gradient_pushes[hospital] += 1
 
         return codec.server_receive(wire, self.cfg.codec, self.dtype, on_gradient)
 
@@ -362,7 +339,7 @@ class Server:
             self.prefetched = None
 
     def _step(self, epoch: int, participants: Sequence[tuple[int, int]], lr: float) -> tuple[float, int]:
-        hospitals, clock = self.hospitals, self.time
+        hospitals, clock = self.hospitals, self.log.seconds
         t0 = time.perf_counter()
         key = (epoch, tuple(participants), lr)
         if self.prefetched is not None and self.prefetched[0] == key:
@@ -392,7 +369,7 @@ class Server:
             upcoming = self._upcoming(participants)
             if upcoming is not None:  # the next step's hospitals compute and send while the trunk works
                 self.prefetched = (upcoming, self._open_step(*upcoming))
-                self.prefetches += 1
+                self.log.prefetched += 1
             try:
                 # Sends each hospital its activation gradient, which it applies to L1 by itself.
                 dist_autograd.backward(context.id, [objective])
@@ -411,7 +388,7 @@ class Server:
         clock["trunk_forward"] += t2 - t1
         clock["backward_incl_push"] += t3 - t2
         clock["trunk_optimizer"] += t4 - t3
-        self.executed_steps.append(list(participants))
+        self.log.steps.append(list(participants))
         return loss.item(), self.cfg.batch_size * len(participants)
 
     def _hospital_losses(self, participants: Sequence[tuple[int, int]], output: torch.Tensor):
@@ -446,7 +423,7 @@ class Server:
     def after_step(self, steps_done: int) -> None:
         if self.cfg.l1 == "average" and steps_done % self.cfg.l1_sync_every == 0:
             self.hospitals.call_all("average_l1")
-            self.l1_syncs += 1
+            self.log.l1_syncs += 1
         final = steps_done == self.loop.total_steps  # also the final state, so a longer run can continue from it
         if self.cfg.checkpoint_dir and (final or self.checkpoint_every and steps_done % self.checkpoint_every == 0):
             self.save_checkpoint(steps_done)
@@ -468,7 +445,7 @@ class Server:
                     accuracies.append(None)
         finally:
             self.trunk.train()
-        self.evaluations += 1
+        self.log.evaluations += 1
         return accuracies
 
     def _evaluate_hospital(self, h: int, info: dict) -> float:
@@ -546,90 +523,13 @@ class Server:
         return state
 
     # --- the record -------------------------------------------------------------------------
-    def analytic(self) -> dict[str, dict]:
-        """Bytes implied by shapes alone, for the steps and evaluations that ran."""
-        cfg = self.cfg
-        up, down = self.batch_bytes(cfg.batch_size)
-        tables = {"train": defaultdict(lambda: defaultdict(float)), "eval": defaultdict(lambda: defaultdict(float))}
-        for table in tables.values():
-            for name in [transport.SERVER, *self.hospitals.names]:  # every party, even one that never took part
-                table[name]["sent"] += 0
-        train = tables["train"]
-        for participants in self.executed_steps:
-            for h, _ in participants:
-                name = self.hospitals.name(h)
-                train[name]["sent"] += up
-                train[name]["received"] += down
-                train[transport.SERVER]["received"] += up
-                train[transport.SERVER]["sent"] += down
-        if self.l1_syncs:
-            ring = comm.ring_allreduce_bytes(self.l1_numel * self.element_size, cfg.hospitals)
-            for name in self.hospitals.names:
-                train[name]["sent"] += self.l1_syncs * ring
-                train[name]["received"] += self.l1_syncs * ring
-        for h, info in zip(range(1, cfg.hospitals + 1), self.info):
-            if h in self.hospitals.lost:
-                continue  # a lost hospital's evaluations are not counted (they may have been cut short)
-            size, test = cfg.eval_batch_size, info["test_samples"]
-            batches = [self.batch_bytes(min(size, test - start), training=False) for start in range(0, test, size)]
-            up, down = sum(u for u, _ in batches), sum(d for _, d in batches)
-            name = self.hospitals.name(h)
-            tables["eval"][name]["sent"] += self.evaluations * up
-            tables["eval"][name]["received"] += self.evaluations * down
-            tables["eval"][transport.SERVER]["received"] += self.evaluations * up
-            tables["eval"][transport.SERVER]["sent"] += self.evaluations * down
-        for table in tables.values():
-            for lost in self.hospitals.lost.values():
-                table.pop(lost["name"], None)  # a lost hospital reports nothing; its row is left out everywhere
-        return {phase: comm.party_table(t) for phase, t in tables.items()}
-
     def communication(self, steps_per_epoch: int, train_seconds: float) -> dict:
+        """The record's ``comm``: every party's own counts, with the analytic count of what ran."""
         reports = [self.ledger.report()] + self.call_live("comm_report")
-        analytic = self.analytic()
-        phases = {}
-        for phase in comm.PHASES:
-            payload, tcp, store = comm.phase_tables(reports, phase)
-            phases[phase] = {
-                "seconds": self.ledger.seconds.get(phase, 0.0),
-                "analytic_bytes": analytic.get(phase),
-                "payload_bytes": payload,
-                "tcp_bytes": tcp,
-                "tcp_store_bytes": store,
-                "tcp_over_payload": comm.ratio(tcp and tcp["total"], payload["total"]),
-                "tcp_delivered_over_payload": comm.ratio(tcp and tcp["total"] - tcp["retransmitted"], payload["total"]),
-            }
-        steps = len(self.executed_steps)
-
-        def per_epoch(table):
-            """Training bytes per epoch: measured over the steps that ran, scaled to a full epoch."""
-            if table is None or not steps:
-                return None
-            scale = steps_per_epoch / steps
-            names = [self.hospitals.name(h) for h in self.hospitals.live]
-            per_hospital = [table.get(n, {}).get("sent", 0) + table.get(n, {}).get("received", 0) for n in names]
-            return {"total": table["total"] * scale, "per_hospital": sum(per_hospital) / len(per_hospital) * scale}
-
-        waiting = self.time["waiting_for_activations"]
-        participations = sum(len(p) for p in self.executed_steps)
-        return {
-            "method": "split",
-            "transport": self.cfg.transport,
-            "phases": phases,
-            "measured_steps": steps,
-            "steps_per_epoch": steps_per_epoch,
-            "extrapolated": steps % steps_per_epoch != 0,
-            "per_epoch": {kind: per_epoch(phases["train"][f"{kind}_bytes"]) for kind in ("analytic", "payload", "tcp")},
-            "lost_hospitals": [lost["name"] for lost in self.hospitals.lost.values()],
-            "server_time_s": dict(self.time),
-            # Requests the server sent per hospital per step it took part in (the forward, plus any
-            # L1 averaging or checkpoint calls), and the gradient messages distributed autograd sent.
-            "round_trips_per_step": comm.ratio(sum(self.hospitals.requests["train"].values()), participations),
-            "gradient_pushes_per_step": comm.ratio(sum(self.gradient_pushes.values()), participations),
-            "prefetched_steps": self.prefetches,
-            "codec": self.cfg.codec,
-            # Time the server sat waiting for hospitals (their compute and the network), as a share of training.
-            "wait_share": waiting / train_seconds if train_seconds else None,
-        }
+        names = {h: self.hospitals.name(h) for h in range(1, self.cfg.hospitals + 1)}
+        analytic = self.bytes.tables(self.log, names, self.info, self.hospitals.lost)
+        return accounting.split_record(self.cfg, reports, analytic, self.log, steps_per_epoch, train_seconds,
+                                       names, self.hospitals)
 
     def write_capture(self) -> dict:
         """What the server received last from each hospital, and (on each hospital's disk) the inputs behind it."""

@@ -5,7 +5,7 @@ import torch
 
 from splitrpc.config import parse_args
 from splitrpc.hospital import Hospital
-from splitrpc.models import model_for, stage_count
+from splitrpc.models import stage_count
 
 pytestmark = pytest.mark.distributed
 
