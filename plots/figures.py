@@ -57,11 +57,17 @@ def train_bytes_per_hospital_epoch(record: dict, kind: str = "tcp") -> float | N
     return entry and entry["per_hospital"]
 
 
+# No date and no matplotlib version in the files: `make plots` on the committed results must
+# leave a clean tree (tests/test_plots.py compares bytes).
+REPRODUCIBLE_METADATA = {".pdf": {"CreationDate": None, "Creator": None, "Producer": None},
+                         ".png": {"Software": None}}
+
+
 def save(fig, name: str, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     for p in paths:
-        fig.savefig(p, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
+        fig.savefig(p, dpi=150, bbox_inches="tight", metadata=REPRODUCIBLE_METADATA[p.suffix])
     plt.close(fig)
     return paths
 
