@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
-from splitrpc import checkpoint, comm, data, dedup, privacy, transport
+from splitrpc import checkpoint, comm, console, data, dedup, privacy, transport
 from splitrpc.errors import PeerError
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
@@ -272,7 +272,7 @@ def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
         dist.init_process_group("gloo", store=dist.PrefixStore("hospitals", coordinator.store),
                                 rank=rank - 1, world_size=cfg.hospitals)
     transport.start_rpc(cfg, rank, cfg.world_size)
-    print(f"[{name}] pid {os.getpid()} joined; data stays here", flush=True)
+    console.line(f"[{name}] pid {os.getpid()} joined; data stays here")
     beat_every = min(5.0, cfg.rpc_timeout / 4)
     last_beat = 0.0
     try:
