@@ -84,10 +84,10 @@ class Hospital:
             if self.cfg.nopeek:
                 # NoPeek: this hospital's own loss term, lambda * dCor(inputs, what leaves), whose
                 # gradient is added to the one the server sends back (at the step).
-                penalty = self.cfg.nopeek * privacy.distance_correlation(images, activations)
+                dcor = privacy.distance_correlation(images, activations)
                 self.nopeek_grads = dict(zip(self.head.parameters(), torch.autograd.grad(
-                    penalty, list(self.head.parameters()), retain_graph=True, allow_unused=True)))
-                self.nopeek_values.append(penalty.item() / self.cfg.nopeek)
+                    self.cfg.nopeek * dcor, list(self.head.parameters()), retain_graph=True, allow_unused=True)))
+                self.nopeek_values.append(dcor.item())
             self.forwards += 1
             if self.capture is not None:
                 self.capture.append({"epoch": epoch, "batch": batch, "inputs": images.clone()})
