@@ -46,12 +46,19 @@ def train_l1(cfg, monkeypatch, steps: int):
     return sent, initial, h.head.state_dict(), h.nopeek_values
 
 
-def test_zero_strength_defences_are_bit_identical(cache_dir, monkeypatch):
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_zero_strength_defences_are_bit_identical(cache_dir, monkeypatch, one_thread):
     # The defences' code paths forced on at strength 0 (noise 0 x N(0, 1) added to what
     # leaves, NoPeek's penalty gradient 0 x grad dCor added to L1's) against the paths absent.
     from splitrpc.config import parse_args
 
-    torch.set_num_threads(1)
     plain_cfg = parse_args([*BASE, "--cache-dir", cache_dir, "--momentum", "0.9"])
     zero_cfg = plain_cfg.replace(noise=EnabledZero(0.0), nopeek=EnabledZero(0.0))
     noise_draws = []
