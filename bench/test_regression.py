@@ -27,12 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
+from bench.rpc_bytes import SIZES, wire_bytes
 from bench.rpc_peer import echo
 from bench.steps import MODELS, config, ddp_setup, ddp_step
 from splitrpc import comm, transport
 
 REPO = Path(__file__).resolve().parents[1]
-SIZES = {"64KB": 64 * 1024, "1MB": 1 << 20, "8MB": 8 << 20}  # one sample ... one batch of activations
 
 
 def _free_port() -> int:
@@ -103,8 +103,19 @@ def tcp_echo():
 def test_rpc_round_trip(benchmark, rpc_group, size):
     tensor = torch.zeros(SIZES[size] // 4)
     benchmark.extra_info["payload_bytes_per_call"] = 2 * comm.tensor_bytes(tensor)
-    result = benchmark(lambda: rpc.rpc_sync("hospital1", echo, args=(tensor,)))
+    calls = 0
+
+    def call():
+        nonlocal calls
+        calls += 1
+        return rpc.rpc_sync("hospital1", echo, args=(tensor,))
+
+    before = wire_bytes(comm.store_port())
+    result = benchmark(call)
+    after = wire_bytes(comm.store_port())
     assert result.shape == tensor.shape
+    if before and after:  # the kernel's count (heartbeats of the group included), beside the payload
+        benchmark.extra_info["tcp_bytes_per_call"] = (after[0] - before[0] + after[1] - before[1]) / calls
 
 
 @pytest.mark.parametrize("size", list(SIZES))

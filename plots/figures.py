@@ -61,11 +61,17 @@ def train_bytes_per_hospital_epoch(record: dict, kind: str = "tcp") -> float | N
     return entry and entry["per_hospital"]
 
 
+# No date and no matplotlib version in the files: `make plots` on the committed results must
+# leave a clean tree (tests/test_plots.py compares bytes).
+REPRODUCIBLE_METADATA = {".pdf": {"CreationDate": None, "Creator": None, "Producer": None},
+                         ".png": {"Software": None}}
+
+
 def save(fig, name: str, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     for p in paths:
-        fig.savefig(p, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
+        fig.savefig(p, dpi=150, bbox_inches="tight", metadata=REPRODUCIBLE_METADATA[p.suffix])
     plt.close(fig)
     return paths
 
@@ -202,8 +208,8 @@ def fig_three_ways(experiments: dict[str, list[dict]], out_dir: Path, name: str)
     rows.sort()
     fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(rows)), 4.5), constrained_layout=True)
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r[1] for r in rows], width=0.4, label="payload counted in code / analytic")
-    ax.bar([i + 0.2 for i in x], [r[2] for r in rows], width=0.4, label="kernel TCP bytes / analytic")
+    ax.bar([i - 0.2 for i in x], [r[1] for r in rows], width=0.4, label="payload: our code's own count (bookkeeping) / analytic")
+    ax.bar([i + 0.2 for i in x], [r[2] for r in rows], width=0.4, label="kernel TCP bytes (independent measurement) / analytic")
     ax.axhline(1.0, color="k", linewidth=0.8)
     lo = min(min(r[1], r[2]) for r in rows)
     hi = max(max(r[1], r[2]) for r in rows)

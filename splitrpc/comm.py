@@ -1,11 +1,19 @@
 """Communication accounting, three ways.
 
 1. analytic: bytes implied by tensor shapes alone (no measurement);
-2. payload: bytes of the tensors our code hands to the transport, counted as
-   they are handed over (RPC arguments and results, the activation gradients
-   that distributed autograd sends back, DDP's gradient buckets);
+2. payload: our code's own count of the tensors it hands to the transport,
+   booked as they are handed over (RPC arguments and results, the activation
+   gradients that distributed autograd sends back, DDP's gradient buckets).
+   It restates the same shapes (numel x element size of tensors that have the
+   analytic shapes; the server books a message after checking it against
+   them; DDP and L1 averaging book a ring all-reduce's share), so payload =
+   analytic is a bookkeeping check (every message counted once, in the right
+   phase, direction and party), not evidence about the wire;
 3. tcp: bytes the kernel's TCP sockets of each process sent and received,
    read from the per-socket counters (``ss -tinpH``) before and after a phase.
+   This is the independent measurement: TCP / payload says what the transport
+   added (framing, control messages, retransmissions) and would expose bytes
+   our code sends without counting them.
 
 Each is kept per party (``server``, ``hospital<i>`` / ``rank<r>``) and per
 direction (``sent``, ``received``), for a phase (``setup``, ``train``,

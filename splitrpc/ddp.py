@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from splitrpc import comm, data, loop, record, transport
+from splitrpc import comm, console, data, loop, record, transport
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import LRSchedule, apply_gradients, make_optimizer
 
@@ -195,7 +195,7 @@ def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
             plan = data.epoch_plan(trainer.batches, "parallel")
             peak = cfg.lr * cfg.hospitals if cfg.lr_scaling else cfg.lr
             if rank == 0:
-                print(f"[rank0] pid {os.getpid()} joined; {cfg.hospitals} ranks, peak lr {peak:g}", flush=True)
+                console.line(f"[rank0] pid {os.getpid()} joined; {cfg.hospitals} ranks, peak lr {peak:g}")
             run_record["hospitals"] = [{"name": transport.hospital_name(r + 1), "train_batches": n}
                                        for r, n in enumerate(trainer.batches)]
             run_record["setup_time_s"] = time.perf_counter() - started

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from splitrpc import console
+
 
 class UserError(Exception):
     """Bad input or environment: printed as ``splitrpc: error: <message>``, exit code 2."""
@@ -27,5 +29,5 @@ class PeerError(Exception):
 
 def report(exc: BaseException, who: str = "") -> int:
     prefix = f"splitrpc[{who}]" if who else "splitrpc"
-    print(f"{prefix}: error: {exc}", file=sys.stderr, flush=True)
+    console.line(f"{prefix}: error: {exc}", sys.stderr)
     return getattr(exc, "exit_code", 1)

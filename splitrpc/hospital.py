@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
-from splitrpc import checkpoint, codec, comm, data, dedup, privacy, transport
+from splitrpc import checkpoint, codec, comm, console, data, dedup, privacy, transport
 from splitrpc.errors import PeerError
 from splitrpc.models import model_for, split_model, split_u
 from splitrpc.optim import apply_gradients, make_optimizer
@@ -106,10 +106,10 @@ class Hospital:
             if self.cfg.nopeek:
                 # NoPeek: this hospital's own loss term, lambda * dCor(inputs, what leaves), whose
                 # gradient is added to the one the server sends back (at the step).
-                penalty = self.cfg.nopeek * privacy.distance_correlation(images, activations)
+                dcor = privacy.distance_correlation(images, activations)
                 extra = dict(zip(self.head.parameters(), torch.autograd.grad(
-                    penalty, list(self.head.parameters()), retain_graph=True, allow_unused=True)))
-                self.nopeek_values.append(penalty.item() / self.cfg.nopeek)
+                    self.cfg.nopeek * dcor, list(self.head.parameters()), retain_graph=True, allow_unused=True)))
+                self.nopeek_values.append(dcor.item())
             self.forwards += 1
             if self.capture is not None:
                 # The labels too: an auditor holding both sides scores label leakage (U-shaped) against them.
@@ -366,7 +366,7 @@ def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
         dist.init_process_group("gloo", store=dist.PrefixStore("hospitals", coordinator.store),
                                 rank=rank - 1, world_size=cfg.hospitals)
     transport.start_rpc(cfg, rank, cfg.world_size)
-    print(f"[{name}] pid {os.getpid()} joined; data stays here", flush=True)
+    console.line(f"[{name}] pid {os.getpid()} joined; data stays here")
     beat_every = min(5.0, cfg.rpc_timeout / 4)
     last_beat = 0.0
     try:

@@ -33,6 +33,7 @@ import socket
 import sys
 import uuid
 
+from splitrpc import console
 from splitrpc.errors import UserError, report
 
 SHUTDOWN_GRACE_S = 5  # after one worker fails, the others get this long to exit before SIGKILL
@@ -78,11 +79,11 @@ def _run_agent(config, argv: list[str], rendezvous: str) -> int:
             # others were then stopped by the agent). A worker that exits with a code has
             # already printed its one line.
             signal_text = f" by signal {-first.exitcode}" if first.exitcode else ""
-            print(f"splitrpc: run failed: rank {rank} was killed{signal_text}", file=sys.stderr, flush=True)
+            console.line(f"splitrpc: run failed: rank {rank} was killed{signal_text}", sys.stderr)
             return 1
         return first.exitcode
     except SignalException as exc:  # Ctrl-C or a SIGTERM: the agent has stopped the workers
-        print(f"splitrpc: stopped by signal {exc.sigval.name}", file=sys.stderr, flush=True)
+        console.line(f"splitrpc: stopped by signal {exc.sigval.name}", sys.stderr)
         return 128 + int(exc.sigval)
     except Exception as exc:  # the agent's own failures: rendezvous timeouts, unreachable store
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -145,7 +146,7 @@ def multinode(args, train_argv: list[str]) -> int:
                 "--rdzv-id", args.run_id, "--rdzv-conf", f"timeout={args.rdzv_timeout}",
                 "-m", "splitrpc.train", *train_argv]
     if args.print_torchrun:
-        print(shlex.join(torchrun))
+        console.line(shlex.join(torchrun))
         return 0
     from torch.distributed.launcher.api import LaunchConfig
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         from splitrpc.config import parse_args
 
         if mode == "world-size":
-            print(parse_args(rest).world_size)
+            console.line(str(parse_args(rest).world_size))
             return 0
         if mode == "local":
             from splitrpc.train import main as train_main

@@ -9,12 +9,13 @@ import os
 import platform
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import torch
+
+from splitrpc import console
 
 RECORD_VERSION = 1
 
@@ -94,7 +95,7 @@ class Progress:
 
     def print(self, message: str) -> None:
         if not self.quiet:
-            print(f"[{self.who}] {message}", file=sys.stdout, flush=True)
+            console.line(f"[{self.who}] {message}")
 
 
 def summarize_epoch(epoch: int, losses: list[float], samples: int, seconds: float, lr: float,
@@ -124,10 +125,10 @@ def print_summary(run: dict, who: str) -> None:
     if run.get("final_test_acc_min") is not None and run["final_test_acc_min"] != acc:
         line += f" (min over hospitals {run['final_test_acc_min']:.4f})"
     line += f"; wall time {run.get('wall_time_s', 0):.1f}s"
-    print(f"[{who}] {line}", flush=True)
+    console.line(f"[{who}] {line}")
     comm = run.get("comm")
     if comm:
         train = comm["phases"]["train"]
         parts = [f"{kind} {human_bytes(train[f'{kind}_bytes']['total'])}" for kind in ("analytic", "payload", "tcp")
                  if train.get(f"{kind}_bytes")]
-        print(f"[{who}] training traffic over {comm['measured_steps']} steps: {', '.join(parts)}", flush=True)
+        console.line(f"[{who}] training traffic over {comm['measured_steps']} steps: {', '.join(parts)}")

@@ -25,7 +25,7 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
-from splitrpc import accounting, checkpoint, codec, comm, data, dedup, loop, record, transport
+from splitrpc import accounting, checkpoint, codec, comm, console, data, dedup, loop, record, transport
 from splitrpc.errors import PeerError, UserError
 from splitrpc.hospital import Hospital
 from splitrpc.models import activation_shape, model_for, split_model, split_u
@@ -272,7 +272,7 @@ class Server:
         self.hospitals.lost[failure.index] = {"name": name, "step": step, "error": str(failure)}
         self.coordinator.mark_lost(name)
         detail = str(failure).removeprefix(f"{name}: ")
-        print(f"[server] lost {name} ({detail}); continuing with {len(self.hospitals.live)} hospitals", flush=True)
+        console.line(f"[server] lost {name} ({detail}); continuing with {len(self.hospitals.live)} hospitals")
         if not self.hospitals.live:
             raise PeerError("every hospital has been lost") from None
 
@@ -561,7 +561,7 @@ def run(cfg, coordinator: transport.Coordinator) -> int:
     coordinator.mark_ready()
     coordinator.wait_all_ready(cfg.setup_timeout)
     transport.start_rpc(cfg, 0, cfg.world_size)
-    print(f"[server] pid {os.getpid()} joined; {cfg.hospitals} hospitals", flush=True)
+    console.line(f"[server] pid {os.getpid()} joined; {cfg.hospitals} hospitals")
     try:
         with coordinator.reporting(transport.SERVER):
             server = Server(cfg, coordinator)

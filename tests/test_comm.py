@@ -1,4 +1,10 @@
-"""Communication counted three ways: analytic (shapes), payload (counted in code), tcp (kernel)."""
+"""Communication counted three ways: analytic (shapes), payload (our code's count of what it hands
+over), tcp (the kernel).
+
+payload = analytic is a bookkeeping check: both come from the same shapes, so it catches a message
+counted twice, missed, or booked to the wrong phase or party, not a transport that sends more. The
+independent check is TCP against payload: the kernel's count, within a bounded framing overhead above.
+"""
 
 import socket
 
@@ -48,8 +54,10 @@ def check_three_ways(record, phases=("train", "eval")):
     c = record["comm"]
     for phase in phases:
         p = c["phases"][phase]
-        assert p["payload_bytes"] == p["analytic_bytes"], phase  # exactly, per party and direction
+        # Bookkeeping: our count of what we handed over restates the shapes, per party and direction.
+        assert p["payload_bytes"] == p["analytic_bytes"], phase
         assert p["payload_bytes"]["total"] > 0
+        # The independent measurement: the kernel carried the payload plus a bounded overhead.
         # Loopback retransmissions (a loaded host) are wire bytes but no payload explains them.
         ratio = p["tcp_delivered_over_payload"]
         assert 1.0 <= ratio <= 1 + TCP_OVERHEAD, (phase, ratio)

@@ -16,14 +16,60 @@ def received(tmp_path, name):
     return torch.cat([b["activations"] for b in torch.load(tmp_path / name / "hospital1-received.pt")])
 
 
-def test_zero_strength_defences_are_bit_identical(cli, tmp_path):
-    plain = cli(*BASE, "--max-steps", 8, "--save-dir", tmp_path / "plain")
-    zero = cli(*BASE, "--max-steps", 8, "--noise", 0, "--nopeek", 0, "--save-dir", tmp_path / "zero",
-               "--out", tmp_path / "zero.jsonl")
-    assert plain.returncode == 0 and zero.returncode == 0, (plain, zero)
-    for name in ("trunk.pt", "head-hospital1.pt"):
-        a, b = torch.load(tmp_path / "plain" / name), torch.load(tmp_path / "zero" / name)
-        assert all(torch.equal(a[k], b[k]) for k in a)
+class EnabledZero(float):
+    """0.0 that is true: turns a defence's code path on (``if cfg.noise:``) at strength zero."""
+
+    def __bool__(self):
+        return True
+
+
+def train_l1(cfg, monkeypatch, steps: int):
+    """A hospital's side of ``steps`` training steps, in this process: what it sends, and L1 after.
+
+    The server's part is stood in for by a fixed linear loss on the activations, whose
+    gradient is handed to the hospital's end of the cut as distributed autograd hands it.
+    """
+    from splitrpc import hospital as hospital_module
+
+    h = hospital_module.Hospital(cfg, 1)
+    initial = {k: v.clone() for k, v in h.head.state_dict().items()}
+    sent = []
+    for step in range(steps):
+        activations, _ = h.forward(0, step, cfg.lr, 1.0)
+        sent.append(activations.detach().clone())
+        weights = torch.empty(activations.shape).normal_(generator=torch.Generator().manual_seed(step))
+        torch.autograd.backward(activations, weights)  # runs the hospital's L1 step (on its worker)
+        h.settle()
+    sent.append(h.eval_forward(0)[0])
+    return sent, initial, h.head.state_dict(), h.nopeek_values
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_zero_strength_defences_are_bit_identical(cache_dir, monkeypatch, one_thread):
+    # The defences' code paths forced on at strength 0 (noise 0 x N(0, 1) added to what
+    # leaves, NoPeek's penalty gradient 0 x grad dCor added to L1's) against the paths absent.
+    from splitrpc.config import parse_args
+
+    plain_cfg = parse_args([*BASE, "--cache-dir", cache_dir, "--momentum", "0.9"])
+    zero_cfg = plain_cfg.replace(noise=EnabledZero(0.0), nopeek=EnabledZero(0.0))
+    noise_draws = []
+    randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: noise_draws.append(a) or randn(*a, **k))
+    plain_sent, initial, plain_l1, plain_dcor = train_l1(plain_cfg, monkeypatch, steps=6)
+    assert noise_draws == [] and plain_dcor == []  # no defence ran
+    zero_sent, _, zero_l1, zero_dcor = train_l1(zero_cfg, monkeypatch, steps=6)
+    assert len(noise_draws) == 7 and len(zero_dcor) == 6  # both ran: 6 training batches + 1 evaluation batch
+    assert len(plain_sent) == len(zero_sent) == 7
+    assert all(torch.equal(a, b) for a, b in zip(plain_sent, zero_sent))
+    assert plain_l1.keys() == zero_l1.keys() and all(torch.equal(plain_l1[k], zero_l1[k]) for k in plain_l1)
+    assert not torch.equal(initial["0.0.weight"], plain_l1["0.0.weight"])  # L1 did train in the steps compared
 
 
 def test_noise_is_present_in_what_the_server_receives(cli, tmp_path):

@@ -163,7 +163,8 @@ def test_hung_hospital_continue_goes_on_without_it(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("mode", ["abort", "continue"])
 def test_nan_activations_are_rejected_before_the_trunk(cli, tmp_path, mode):
-    result = cli(*BASE, "--fault", "hospital2:nan@3", "--on-hospital-failure", mode, timeout=180)
+    result = cli(*BASE, "--fault", "hospital2:nan@3", "--on-hospital-failure", mode, "--record-step-losses",
+                 timeout=180)
     if mode == "abort":
         assert result.returncode == 1
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
@@ -175,7 +176,10 @@ def test_nan_activations_are_rejected_before_the_trunk(cli, tmp_path, mode):
         (record,) = result.records
         assert record["lost_hospitals"][0]["name"] == "hospital2"
         assert "non-finite" in record["lost_hospitals"][0]["error"]
-        assert all(torch.isfinite(torch.tensor(record["step_losses"] if "step_losses" in record else [0.0])))
+        # hospital1's 40 batches (2 epochs of 20) and hospital2's two before its fault, all finite:
+        # the NaN batch was rejected before the trunk and the steps after it went on without hospital2.
+        assert len(record["step_losses"]) == 40 + 2
+        assert torch.isfinite(torch.tensor(record["step_losses"])).all()
 
 
 SHAPE = (4, 32, 32)

@@ -73,7 +73,16 @@ def test_cut_out_of_range(cut):
         split_model(build_model("resnet20"), cut)
 
 
-@pytest.mark.parametrize("norm", ["group", "none"])
-def test_other_norms_build_and_run(norm):
-    model = build_model("resnet20", width=0.5, norm=norm)
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+@pytest.mark.parametrize("norm,layer", [("group", torch.nn.GroupNorm), ("none", torch.nn.Identity)])
+@pytest.mark.parametrize("name", ["vgg11", "resnet20"])
+def test_other_norms_build_and_run(name, norm, layer):
+    model = build_model(name, width=0.5, norm=norm)
+    kinds = {type(m) for m in model.modules()}
+    assert torch.nn.BatchNorm2d not in kinds and layer in kinds  # the norm asked for, and no BatchNorm
+    head, _ = split_model(model, 1)
+    assert [type(m) for m in head.modules() if not isinstance(m, torch.nn.Sequential)] == \
+        [torch.nn.Conv2d, layer, torch.nn.ReLU]
+    model.train()
+    x = torch.randn(4, 3, 32, 32)
+    # Without BatchNorm a sample's output does not depend on the rest of its batch.
+    assert torch.allclose(model(x)[:2], model(x[:2]), rtol=1e-4, atol=1e-5)

@@ -70,7 +70,15 @@ def test_apply_gradients_matches_a_plain_step():
         assert torch.equal(pa, pb)
 
 
-def test_adam():
-    cfg = parse_args(["--optimizer", "adam", "--lr", "0.001"])
-    opt = make_optimizer(cfg, [torch.nn.Parameter(torch.ones(2))])
-    assert isinstance(opt, torch.optim.Adam)
+def test_adam_takes_its_settings_from_the_config():
+    cfg = parse_args(["--optimizer", "adam", "--lr", "0.001", "--beta1", "0.8", "--beta2", "0.99",
+                      "--weight-decay", "1e-3"])
+    ours, theirs = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = make_optimizer(cfg, [ours])
+    reference = torch.optim.Adam([theirs], lr=0.001, betas=(0.8, 0.99), weight_decay=1e-3)
+    for step in range(3):
+        gradient = torch.tensor([0.5, -2.0]) * (step + 1)
+        apply_gradients(opt, {ours: gradient}, 0.001)
+        theirs.grad = gradient.clone()
+        reference.step()
+    assert isinstance(opt, torch.optim.Adam) and torch.equal(ours, theirs)

@@ -7,12 +7,17 @@ from conftest import REPO
 from plots.figures import main
 
 
-def test_summary_is_regenerated_exactly_from_the_committed_results(tmp_path):
+def test_summary_and_figures_are_regenerated_byte_for_byte_from_the_committed_results(tmp_path):
+    # `make plots` on a clean checkout must leave a clean tree: same summary, same set of
+    # figures, and the same bytes in each (no creation date or version stamp in the files).
     summary = tmp_path / "summary.md"
     assert main(["--out-dir", str(tmp_path / "figures"), "--summary", str(summary)]) == 0
     assert summary.read_text() == (REPO / "plots" / "summary.md").read_text(), "run `make plots` and commit"
-    committed = {p.name for p in (REPO / "plots" / "figures").iterdir()}
-    assert {p.name for p in (tmp_path / "figures").iterdir()} == committed
+    committed = {p.name: p.read_bytes() for p in (REPO / "plots" / "figures").iterdir()}
+    regenerated = {p.name: p.read_bytes() for p in (tmp_path / "figures").iterdir()}
+    assert regenerated.keys() == committed.keys()
+    changed = [name for name in committed if regenerated[name] != committed[name]]
+    assert not changed, f"regenerated figures differ from the committed ones: {changed}"
 
 
 def test_every_successful_run_has_a_row(tmp_path):
