@@ -28,6 +28,14 @@ def baseline() -> dict:
     return {b["name"]: b["extra_info"] for b in runs}
 
 
+def test_fp8_split_bytes_per_step_match_the_baseline(cli):
+    committed = baseline()["test_split_step_fp8"]["server_bytes_per_step"]
+    result = cli(*COMMON, *MODELS["resnet20"], "--method", "split", "--codec", "fp8", "--max-steps", 2)
+    assert result.returncode == 0, result
+    server = result.records[0]["comm"]["phases"]["train"]["payload_bytes"]["server"]
+    assert {"sent": server["sent"] / 2, "received": server["received"] / 2} == committed
+
+
 @pytest.mark.parametrize("model", list(MODELS))
 def test_split_bytes_per_step_match_the_baseline(cli, model):
     committed = baseline()[f"test_split_step[{model}]"]["server_bytes_per_step"]
