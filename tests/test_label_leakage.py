@@ -90,8 +90,9 @@ def test_gradients_independent_of_labels_leak_nothing():
     # AUC over ~200 positives and ~1800 negatives has a standard error of ~0.02
     for key in ("norm_auc", "cosine_auc", "direction_mean_auc"):
         assert abs(report[key] - 0.5) < 0.03, key
+    # accuracy over ~1950 samples at chance 0.1 has a standard error of ~0.007
     for key in ("direction_mean_acc", "direction_nearest_acc", "cluster_known_acc"):
-        assert abs(report[key] - 0.1) < 0.03, key
+        assert abs(report[key] - 0.1) < 0.02, key
 
 
 def test_hungarian_matching_is_the_best_one_to_one_labelling():
