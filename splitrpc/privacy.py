@@ -375,24 +375,36 @@ def total_variation(images: Tensor) -> Tensor:
 def invert_white_box(head: nn.Module, activations: Tensor, steps: int = WHITE_BOX_STEPS, lr: float = WHITE_BOX_LR,
                      tv_weight: float = WHITE_BOX_TV_WEIGHT, seed: int = 0,
                      image_shape: tuple[int, int, int] = IMAGE_SHAPE,
-                     init_std: float = WHITE_BOX_INIT_STD) -> Tensor:
+                     init_std: float = WHITE_BOX_INIT_STD, batch_statistics: bool = False) -> Tensor:
     """Images whose activations through the known ``head`` match ``activations`` (rMLE, He et al. 2019).
 
     Minimises mean((head(x) - a)^2) + tv_weight * total_variation(x) with Adam from
     small seeded noise around the mean image (0 in normalised space). The head runs
     in eval mode, so every image is inverted independently, and is left unchanged.
+    ``batch_statistics=True`` runs a copy of the head in train mode instead, so its
+    normalisation uses the statistics of the batch being inverted, as the hospital's
+    training forward did: the right model for activations of one training batch when
+    the attacker lacks the head's running statistics (e.g. it only has the initial
+    weights). Normalisation over the batch erases each channel's offset and scale
+    shared by the whole batch, so the result is then rescaled to mean 0 and std 1 per
+    channel over the batch: the statistics of normalised data, which are public.
     Returns the images in normalised space.
     """
+    if batch_statistics:
+        head = copy.deepcopy(head)  # train-mode forwards update running statistics: the caller's head keeps its own
     generator = torch.Generator().manual_seed(seed)
     start = torch.randn((len(activations), *image_shape), generator=generator, dtype=activations.dtype)
     images = (init_std * start).to(activations.device).requires_grad_(True)
     target = activations.detach()
     optimizer = torch.optim.Adam([images], lr=lr)
-    with _in_mode(head, training=False):
+    with _in_mode(head, training=batch_statistics):
         for _ in range(steps):
             loss = F.mse_loss(head(images), target) + tv_weight * total_variation(images)
             optimizer.zero_grad(set_to_none=True)
             _adam_step(optimizer, loss, [images])
+    if batch_statistics:
+        centred = images.detach() - images.detach().mean(dim=(0, 2, 3), keepdim=True)
+        return centred / centred.std(dim=(0, 2, 3), keepdim=True).clamp_min(ACTIVATION_STD_FLOOR)
     return images.detach()
 
 
