@@ -27,8 +27,10 @@ classifier, Gaussian noise, max norm, deeper tails; and Li et al.'s binary setti
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +142,32 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def table(path: str) -> str:
+    """The README's table from a results file: each setting's attacks at the first and the last point."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = ["| server receives | task | test acc | norm AUC | cosine AUC | direction acc | k-means acc "
+             "(oracle) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["mode"] == "vanilla":
+            lines.append("| labels (vanilla split) | 10-class | = local | 1 | 1 | 1.000 | 1.000 |")
+            continue
+        what = {"none": "gradient", "noise": f"gradient + noise x{r.get('noise_ratio')}",
+                "max_norm": "gradient, max norm"}[r["defence"]]
+        what += f", tail {r['tail']}"
+        cells = []
+        for key in ("norm_auc", "cosine_auc", "direction_mean_acc"):
+            if key == "norm_auc" and r["task"] == "binary":
+                values = [p["norm_auc_per_class"][1] for p in r["points"]]  # the rare positive class
+            else:
+                values = [p[key] for p in r["points"]]
+            cells.append(f"{_fmt(values[0])} -> {_fmt(values[-1])}")
+        first, last = r["points"][0], r["points"][-1]
+        cells.append(f"{_fmt(first['cluster_known_acc'])} ({_fmt(first['cluster_oracle_acc'])}) -> "
+                     f"{_fmt(last['cluster_known_acc'])} ({_fmt(last['cluster_oracle_acc'])})")
+        lines.append(f"| {what} | {r['task']} | {r['test_acc']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.label_leakage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,8 +178,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a training option of the emulation, e.g. --set dataset=synthetic")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/label_leakage.jsonl")
+    parser.add_argument("--table", action="store_true", help="only print the README's table from --out")
     args = parser.parse_args(argv)
     try:
+        if args.table:
+            if not Path(args.out).exists():
+                raise UserError(f"{args.out}: no results yet (python -m bench.label_leakage)")
+            print(table(args.out))
+            return 0
         try:
             deeper_tails = [int(t) for t in args.deeper_tails.split(",") if t]
         except ValueError:

@@ -6,7 +6,7 @@ Under ``--l1-init shared`` every party builds the whole model from ``--seed``, s
 the server can rebuild L1's *initial* weights (``model_for(cfg, seed)`` then
 ``split_model``); it never holds the trained L1. This bench measures what that
 buys it: short split-learning runs (1 hospital, VGG-11 x0.25, CIFAR-10 JPEG) stop
-after 1, a few dozen and a few hundred steps (``--max-steps``, one trajectory:
+after 1, 25 and 100 steps (``--max-steps``, one trajectory:
 runs are deterministic) and keep the last batch the server received
 (``--capture-dir``) and the final weights (``--save-dir``). Each capture is
 inverted (optimisation-based white-box inversion, splitrpc.privacy) through
@@ -97,17 +97,41 @@ def attack(record: dict, directory: Path) -> list[dict]:
     return rows
 
 
+def table(path: str) -> str:
+    """The README's table from a results file: PSNR / SSIM per initialisation, training point and head."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = ["| --l1-init | after step | L1 moved | test acc | seed-rebuilt initial L1 (what the server knows) "
+             "| true trained L1 (never held by the server) | mean image |", "|---|---|---|---|---|---|---|"]
+    for init in ("shared", "private"):
+        for n in sorted({r["steps"] for r in rows if r["l1_init"] == init}):
+            by_head = {r["head"]: r for r in rows if r["l1_init"] == init and r["steps"] == n}
+            if set(by_head) != {"initial", "trained"}:
+                continue
+            first = by_head["initial"]
+            lines.append(f"| {init} | {n} | {first['l1_weight_change']:.3f} | {first['test_acc']:.3f} | "
+                         + " | ".join(f"{by_head[h]['psnr']:.2f} dB / {by_head[h]['ssim']:.3f}"
+                                      for h in ("initial", "trained"))
+                         + f" | {first['floor_psnr']:.2f} dB / {first['floor_ssim']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.shared_init", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", default="1,30,300", help="training steps at which the runs stop")
+    parser.add_argument("--steps", default="1,25,100", help="training steps at which the runs stop")
     parser.add_argument("--inits", default="shared,private")
     parser.add_argument("--captures", default="results/captures/shared-init", help="where runs keep captures")
     parser.add_argument("--runs-out", default="results/captures/shared-init/runs.jsonl")
     parser.add_argument("--out", default="results/shared_init.jsonl")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--table", action="store_true", help="only print the README's table from --out")
     args = parser.parse_args(argv)
     try:
+        if args.table:
+            if not Path(args.out).exists():
+                raise UserError(f"{args.out}: no results yet (python -m bench.shared_init)")
+            print(table(args.out))
+            return 0
         try:
             steps = [int(s) for s in args.steps.split(",")]
         except ValueError:
