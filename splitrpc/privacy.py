@@ -385,10 +385,9 @@ def invert_white_box(head: nn.Module, activations: Tensor, steps: int = WHITE_BO
     normalisation uses the statistics of the batch being inverted, as the hospital's
     training forward did: the right model for activations of one training batch when
     the attacker lacks the head's running statistics (e.g. it only has the initial
-    weights). Normalisation over the batch erases each channel's offset and scale
-    shared by the whole batch, so the result is then rescaled to mean 0 and std 1 per
-    channel over the batch: the statistics of normalised data, which are public.
-    Returns the images in normalised space.
+    weights). Normalisation over the batch erases each channel's offset and the scale
+    shared by the whole batch, so those come out arbitrary: rescale the result with
+    ``match_batch_moments``. Returns the images in normalised space.
     """
     if batch_statistics:
         head = copy.deepcopy(head)  # train-mode forwards update running statistics: the caller's head keeps its own
@@ -402,10 +401,21 @@ def invert_white_box(head: nn.Module, activations: Tensor, steps: int = WHITE_BO
             loss = F.mse_loss(head(images), target) + tv_weight * total_variation(images)
             optimizer.zero_grad(set_to_none=True)
             _adam_step(optimizer, loss, [images])
-    if batch_statistics:
-        centred = images.detach() - images.detach().mean(dim=(0, 2, 3), keepdim=True)
-        return centred / centred.std(dim=(0, 2, 3), keepdim=True).clamp_min(ACTIVATION_STD_FLOOR)
     return images.detach()
+
+
+def match_batch_moments(images: Tensor, mean: Tensor | float = 0.0, std: Tensor | float = 1.0) -> Tensor:
+    """Shift and scale (N, C, H, W) images so that each channel has ``mean`` and ``std`` over the batch.
+
+    Restores what normalisation over the batch erased from a batch-statistics
+    inversion, given moments the attacker can know: 0 and 1 for normalised data, or
+    those of public data passed through the same augmentation.
+    """
+    shape = (1, images.shape[1], 1, 1)
+    mean = torch.as_tensor(mean, dtype=images.dtype).reshape(-1).expand(images.shape[1]).reshape(shape)
+    std = torch.as_tensor(std, dtype=images.dtype).reshape(-1).expand(images.shape[1]).reshape(shape)
+    centred = images - images.mean(dim=(0, 2, 3), keepdim=True)
+    return centred / centred.std(dim=(0, 2, 3), keepdim=True).clamp_min(ACTIVATION_STD_FLOOR) * std + mean
 
 
 # --------------------------------------------------------------------------- reporting
