@@ -195,6 +195,9 @@ def test_bench_emulates_u_shaped_gradients_and_records_every_setting(tmp_path, c
     # what the server gets back has the shape of what its trunk sent down: VGG-11 x0.25 stages 7 and 5
     assert rows[1]["gradient_shape"] == [128, 2, 2]
     assert rows[5]["gradient_shape"] == [128, 4, 4]
+    table = label_leakage.table(str(out)).splitlines()
+    assert len(table) == 2 + len(rows) and table[2].startswith("| labels (vanilla split) |")
+    assert table[3].startswith("| gradient, tail 1 | 10-class |") and "1.000 -> 1.000" in table[3]
     code = label_leakage.main(["--deeper-tails", "8", "--steps", "1", "--window", "1", "--out", str(out),
                                "--set", "dataset=synthetic", "--set", f"cache_dir={cache_dir}"])
     assert code == 2
