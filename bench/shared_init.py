@@ -120,6 +120,7 @@ def attack(record: dict, directory: Path) -> list[dict]:
                      "ssim_true_moments": privacy.ssim(bound, originals, data_range=1.0),
                      "floor_psnr": privacy.psnr(floor, originals, data_range=1.0),
                      "floor_ssim": privacy.ssim(floor, originals, data_range=1.0),
+                     # relative distance of the true L1's convolution from the seed-rebuilt one
                      "l1_weight_change": gap[0], "seconds": time.perf_counter() - started})
     return rows
 
@@ -127,8 +128,9 @@ def attack(record: dict, directory: Path) -> list[dict]:
 def table(path: str) -> str:
     """The README's table from a results file: PSNR / SSIM per initialisation, training point and head."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    lines = ["| --l1-init | after step | L1 moved | test acc | seed-rebuilt initial L1 (what the server knows) "
-             "| true trained L1 (never held by the server) | mean image |", "|---|---|---|---|---|---|---|"]
+    lines = ["| --l1-init | after step | true L1 vs seed-rebuilt | test acc | through the seed-rebuilt initial L1 "
+             "(what the server knows) | through the true L1 (never held by the server) | mean image |",
+             "|---|---|---|---|---|---|---|"]
     for init in ("shared", "private"):
         for n in sorted({r["steps"] for r in rows if r["l1_init"] == init}):
             by_head = {r["head"]: r for r in rows if r["l1_init"] == init and r["steps"] == n}
