@@ -92,7 +92,7 @@ def defend(gradients: torch.Tensor, setting: dict, generator: torch.Generator) -
 
 
 @torch.no_grad()
-def test_accuracy(model: torch.nn.Module, test: data.TestSet, setting: dict) -> float:
+def evaluate(model: torch.nn.Module, test: data.TestSet, setting: dict) -> float:
     model.eval()
     correct = sum((model(test.batch(b)[0]).argmax(1) == task_labels(test.batch(b)[1], setting)).sum().item()
                   for b in range(test.num_batches))
@@ -133,7 +133,7 @@ def run_setting(cfg, setting: dict, steps: int, window: int, shard: data.Shard, 
         labels = torch.cat([y for _, y in collected[s]])
         result = privacy.label_leakage_report(gradients, labels, cfg.num_classes, KNOWN_PER_CLASS, ATTACK_SEED)
         points.append({"steps": [s + 1, s + len(collected[s])], **result})
-    return {"test_acc": test_accuracy(model, test, setting), "final_loss": sum(losses[-window:]) / min(window, len(losses)),
+    return {"test_acc": evaluate(model, test, setting), "final_loss": sum(losses[-window:]) / min(window, len(losses)),
             "points": points, "seconds": time.perf_counter() - started,
             "gradient_shape": list(received.shape[1:])}
 
