@@ -77,3 +77,14 @@ def test_a_wrong_seed_recovers_nothing(received):
     images, activations = received
     wrong_l1, _ = split_model(model_for(CFG, CFG.seed + 1), 1)  # a private L1: the server's guess is wrong
     assert psnr(invert(wrong_l1, activations), images) < psnr(torch.zeros_like(images), images)  # measured 8.9 dB
+
+
+def test_bench_bad_input_is_one_line(tmp_path, capsys):
+    from bench import shared_init
+
+    assert shared_init.main(["--inits", "public", "--captures", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "splitrpc: error: --inits takes shared and/or private, --steps positive integers"
+    assert shared_init.main(["--steps", "1,x", "--captures", str(tmp_path)]) == 2
+    assert "--steps expects comma-separated integers" in capsys.readouterr().err
+    assert shared_init.main(["--table", "--out", str(tmp_path / "none.jsonl")]) == 2
+    assert "no results yet" in capsys.readouterr().err
