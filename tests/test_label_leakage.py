@@ -202,3 +202,12 @@ def test_bench_emulates_u_shaped_gradients_and_records_every_setting(tmp_path, c
                                "--set", "dataset=synthetic", "--set", f"cache_dir={cache_dir}"])
     assert code == 2
     assert "leaves the server no stage" in capsys.readouterr().err
+
+
+def test_readme_table_regenerates_from_the_committed_results():
+    from pathlib import Path
+
+    from bench import label_leakage
+
+    repo = Path(__file__).resolve().parents[1]
+    assert label_leakage.table(str(repo / "results" / "label_leakage.jsonl")) in (repo / "README.md").read_text()

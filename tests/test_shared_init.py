@@ -88,3 +88,12 @@ def test_bench_bad_input_is_one_line(tmp_path, capsys):
     assert "--steps expects comma-separated integers" in capsys.readouterr().err
     assert shared_init.main(["--table", "--out", str(tmp_path / "none.jsonl")]) == 2
     assert "no results yet" in capsys.readouterr().err
+
+
+def test_readme_table_regenerates_from_the_committed_results():
+    from pathlib import Path
+
+    from bench import shared_init
+
+    repo = Path(__file__).resolve().parents[1]
+    assert shared_init.table(str(repo / "results" / "shared_init.jsonl")) in (repo / "README.md").read_text()
