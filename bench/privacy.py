@@ -42,6 +42,7 @@ SURROGATE_STEPS = 1500
 DECODER_STEPS = 1500
 WHITE_BOX_STEPS = 300
 GRID_IMAGES = 8
+KNOWN_PER_CLASS = 5  # labels the attacker knows per class (as in bench.label_leakage)
 ATTACKER_SEED = 12345  # the attacker's own initialisation, unrelated to the hospitals'
 
 
@@ -53,6 +54,26 @@ def load_capture(directory: Path, hospital: str) -> tuple[torch.Tensor, torch.Te
     if not keys:
         raise UserError(f"{directory}: no batch kept by both the server and {hospital}")
     return (torch.cat([inputs[k]["inputs"] for k in keys]), torch.cat([received[k]["activations"] for k in keys]))
+
+
+def label_leakage(record: dict, cfg) -> dict:
+    """What the server learns of hospital1's labels from what it received.
+
+    Vanilla: it receives them (accuracy 1.0 by construction). U-shaped: the label attacks
+    of splitrpc.privacy on the loss gradients the server kept, scored against the labels
+    the hospital kept (aligned by epoch and batch); the server knows KNOWN_PER_CLASS
+    labels per class, and only the others are scored.
+    """
+    if cfg.labels != "hospital":
+        return {"server_has_labels": True, "direction_mean_acc": 1.0}
+    directory = Path(record["capture"]["dir"])
+    received = {(b["epoch"], b["batch"]): b for b in torch.load(directory / "hospital1-received.pt")}
+    kept = {(b["epoch"], b["batch"]): b for b in torch.load(directory / "hospital1-inputs.pt")}
+    keys = sorted(set(received) & set(kept))
+    gradients = torch.cat([received[k]["output_gradient"] for k in keys])
+    labels = torch.cat([kept[k]["labels"] for k in keys])
+    report = privacy.label_leakage_report(gradients, labels, cfg.num_classes, KNOWN_PER_CLASS, seed=ATTACKER_SEED)
+    return {"server_has_labels": False, **{k: v for k, v in report.items() if not k.endswith("per_class")}}
 
 
 def auxiliary_images(cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +152,7 @@ def attack_run(record: dict, grids_dir: Path) -> dict:
         "dcor": black["dcor"], "dcor_bias_corrected": black["dcor_bias_corrected"],
         "black_box": {"psnr": black["psnr"], "ssim": black["ssim"]},
         "white_box": {"psnr": white["psnr"], "ssim": white["ssim"]},
+        "labels": label_leakage(record, cfg),
         "attack": {"aux_samples": count, "surrogate_steps": SURROGATE_STEPS, "decoder_steps": DECODER_STEPS,
                    "white_box_steps": WHITE_BOX_STEPS, "seconds": time.perf_counter() - started},
     }

@@ -320,16 +320,25 @@ def _gb(x):
 def privacy_table(attacks: list[dict]) -> list[str]:
     lines = ["## privacy (attacks on what the server received)", "",
              "| defence | test acc (mean / min) | activation shape | train MB per hospital per epoch | dCor | "
-             "dCor R* (bias-corrected) | black-box PSNR (dB) | black-box SSIM | white-box PSNR (dB) | white-box SSIM |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "dCor R* (bias-corrected) | black-box PSNR (dB) | black-box SSIM | white-box PSNR (dB) | white-box SSIM | "
+             "label inference acc (chance) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in sorted(attacks, key=lambda a: (a["defence"]["cut"], a["defence"]["noise"], a["defence"]["nopeek"],
                                              a["defence"].get("codec", "none"), a["defence"].get("tail", 0))):
         lines.append(
             f"| {defence_label(a['defence'])} | {a['test_acc']:.4f} / {a['test_acc_min']:.4f} | "
             f"{'x'.join(map(str, a['activation_shape']))} | {a['train_bytes_per_hospital_per_epoch'] / 1e6:.1f} | "
             f"{a['dcor']:.3f} | {a['dcor_bias_corrected']:.3f} | {a['black_box']['psnr']:.2f} | "
-            f"{a['black_box']['ssim']:.3f} | {a['white_box']['psnr']:.2f} | {a['white_box']['ssim']:.3f} |")
+            f"{a['black_box']['ssim']:.3f} | {a['white_box']['psnr']:.2f} | {a['white_box']['ssim']:.3f} | "
+            f"{label_leak_text(a.get('labels'))} |")
     return lines + [""]
+
+
+def label_leak_text(labels: dict | None) -> str:
+    """Rows attacked before the label attacks existed have none: the server held the labels there."""
+    if labels is None or labels.get("server_has_labels", True):
+        return "1 (holds them)"
+    return f"{labels['direction_mean_acc']:.3f} ({labels['chance']:.2f})"
 
 
 def dedup_table(records: list[dict]) -> list[str]:
