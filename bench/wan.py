@@ -60,7 +60,11 @@ MASTER_PORT = 29500  # every run has its own namespaces, so a fixed port cannot 
 DEFAULT_TIMEOUT_S = 900
 TBF_MIN_BURST_B = 64 * 1024  # at least one 64 KiB GSO segment, or tbf drops it
 TBF_BURST_S = 0.005  # bucket depth in time at high rates (timer granularity)
-TBF_QUEUE_S = 0.2  # queue before tbf drops: deep enough that TCP keeps the link full
+# Queue before tbf drops. A drop costs TCP a retransmission and a window cut, and leaves the
+# TCP counters (which count what was handed to the link) above what crossed it: deep enough that
+# TCP's window (autotuned to a few MB) fits.
+TBF_QUEUE_S = 1.0
+TBF_MIN_QUEUE_B = 8 * 1024 * 1024
 KILL_WAIT_S = 5
 NS_PREFIX = "srpc"
 _RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?)(bit|bps)?(?:/s)?\s*$", re.IGNORECASE)
@@ -112,7 +116,8 @@ def _run(cmd: list[str], what: str, check: bool = True) -> subprocess.CompletedP
 def _tbf(rate: float) -> list[str]:
     byte_rate = rate / 8
     burst = max(TBF_MIN_BURST_B, int(byte_rate * TBF_BURST_S))
-    return ["tbf", "rate", f"{int(rate)}bit", "burst", str(burst), "limit", str(int(byte_rate * TBF_QUEUE_S) + burst)]
+    return ["tbf", "rate", f"{int(rate)}bit", "burst", str(burst), "limit",
+            str(max(TBF_MIN_QUEUE_B, int(byte_rate * TBF_QUEUE_S)) + burst)]
 
 
 def check_environment() -> None:
@@ -182,11 +187,11 @@ class Network:
                     _run(["ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", *_tbf(p.rate)],
                          f"{p.name}: shaping {dev} with tbf")
 
-    def qdisc_bytes(self) -> dict[str, dict[str, int]]:
-        """Bytes each link passed so far: ``up`` (party -> bridge) and ``down`` (bridge -> party)."""
+    def qdisc_counts(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """(bytes passed, packets dropped) so far per link: ``up`` (party -> bridge), ``down`` (bridge -> party)."""
         out = {}
         for p in self.parties:
-            out[p.name] = {"up": _qdisc_sent(p.netns, PARTY_IFNAME), "down": _qdisc_sent(self.bridge_ns, p.bridge_port)}
+            out[p.name] = {"up": _qdisc_stats(p.netns, PARTY_IFNAME), "down": _qdisc_stats(self.bridge_ns, p.bridge_port)}
         return out
 
     def kill_processes(self) -> None:
@@ -212,12 +217,13 @@ class Network:
         self.created.clear()
 
 
-def _qdisc_sent(netns: str, dev: str) -> int:
+def _qdisc_stats(netns: str, dev: str) -> tuple[int, int]:
     proc = _run(["ip", "netns", "exec", netns, "tc", "-s", "-j", "qdisc", "show", "dev", dev], "tc -s", check=False)
     try:
-        return sum(int(q.get("bytes", 0)) for q in json.loads(proc.stdout or "[]") if q.get("root"))
-    except (ValueError, TypeError, AttributeError):
-        return 0
+        roots = [q for q in json.loads(proc.stdout or "[]") if q.get("root")]
+    except ValueError:
+        return 0, 0
+    return sum(int(q.get("bytes", 0)) for q in roots), sum(int(q.get("drops", 0)) for q in roots)
 
 
 class _Stop(Exception):
@@ -276,7 +282,7 @@ def run(train_argv: list[str], rate: float | None, server_rate: float | None = N
     started = time.perf_counter()
     try:
         net.build()
-        before = net.qdisc_bytes()
+        before = net.qdisc_counts()
         env_python = os.environ.get("PYTHON", sys.executable)
         for p in net.parties:
             cmd = ["ip", "netns", "exec", p.netns, "env", f"TP_SOCKET_IFNAME={PARTY_IFNAME}",
@@ -306,7 +312,7 @@ def run(train_argv: list[str], rate: float | None, server_rate: float | None = N
                       f"stopped (logs in {logs})", file=sys.stderr, flush=True)
                 return 124
             time.sleep(0.2)
-        after = net.qdisc_bytes()
+        after = net.qdisc_counts()
         if failed := [name for name, code in codes.items() if code != 0]:
             _stop_all(procs)
             name = failed[0]
@@ -352,7 +358,8 @@ def link_summary(net: Network, before: dict, after: dict, run_record: dict, wall
             "rate_bit_s": p.rate,
             "address": p.address,
             # The whole run (set-up, training, evaluation), counted by the link's shapers.
-            "qdisc_bytes": {d: after[p.name][d] - before[p.name][d] for d in ("up", "down")},
+            "qdisc_bytes": {d: after[p.name][d][0] - before[p.name][d][0] for d in ("up", "down")},
+            "qdisc_drops": {d: after[p.name][d][1] - before[p.name][d][1] for d in ("up", "down")},
             # Training only, counted by the party's own TCP sockets (the comm object's numbers).
             "train_tcp_bytes": {"up": sent, "down": received},
             "train_achieved_bit_s": ({"up": 8 * sent / train_s, "down": 8 * received / train_s}
