@@ -158,6 +158,41 @@ def project(record: dict, model: dict, rtts_s=PROJECTED_RTTS_S) -> dict:
             "note": "RTT > 0 is a projection (no delay emulation here)"}
 
 
+def at_rate(reference: dict, rate: float | None, rtt_s: float = 0.0) -> float:
+    """Predicted seconds per step of a setting (from its unshaped run) with every hospital link at ``rate``."""
+    links, _ = step_links(reference)
+    for link in links.values():
+        link["rate"] = rate
+    cfg = reference["config"]
+    trips, _ = round_trips(reference)
+    compute = reference["train_time_s"] / reference["steps"]
+    return compute + transfer_seconds(cfg["method"], links, cfg.get("schedule", "parallel")) + trips * rtt_s
+
+
+def crossover(split_reference: dict, ddp_reference: dict, rtt_s: float = 0.0, low: float = 1e5,
+              high: float = 1e11) -> dict:
+    """The link rate below which split learning's step is faster than DDP's, by the model.
+
+    ``{"rate_bit_s": r or None, "split_faster_below": bool}``: split wins at every rate below r
+    (None when one method wins at every rate in [low, high]; then ``winner`` names it).
+    Both times are c + b / rate (+ trips x RTT), so they cross at most once.
+    """
+    def gap(rate):  # > 0: split slower
+        return at_rate(split_reference, rate, rtt_s) - at_rate(ddp_reference, rate, rtt_s)
+
+    g_low, g_high = gap(low), gap(high)
+    if (g_low > 0) == (g_high > 0):
+        return {"rate_bit_s": None, "winner": "ddp" if g_low > 0 else "split", "range_bit_s": [low, high]}
+    lo, hi = math.log(low), math.log(high)
+    for _ in range(100):  # bisection on log(rate)
+        mid = (lo + hi) / 2
+        if (gap(math.exp(mid)) > 0) == (g_low > 0):
+            lo = mid
+        else:
+            hi = mid
+    return {"rate_bit_s": math.exp((lo + hi) / 2), "split_faster_below": g_low < 0, "range_bit_s": [low, high]}
+
+
 def load(path: str) -> list[dict]:
     try:
         lines = Path(path).read_text().splitlines()

@@ -103,3 +103,26 @@ def test_projection_adds_round_trips_times_rtt_per_step_and_scales_to_an_epoch()
     assert projection["s_per_step"]["100ms"] == pytest.approx(3.528 + 2 * 0.1)
     assert projection["s_per_epoch"]["10ms"] == pytest.approx(100 * (3.528 + 2 * 0.01))
     assert "projection" in projection["note"]
+
+
+def reference(method, compute_s, up, down, steps=2):
+    r = record(method, train_s=compute_s * steps, steps=steps, rate=None)
+    r["comm"]["phases"]["train"]["tcp_bytes"] = {h: {"sent": up * steps, "received": down * steps}
+                                                for h in ("hospital1", "hospital2")}
+    del r["wan"]["links"]["server"]
+    return r
+
+
+def test_crossover_is_where_compute_saved_equals_transfer_lost():
+    # split: 2 s compute + 2 x 1,514,000 wire bytes (up, then down); DDP: 1 s + 4,542,000 both ways at once.
+    # 2 + 24.224e6 / r = 1 + 36.336e6 / r at r = 12.112 Mbit/s; below it split is faster.
+    split, ddp = reference("split", 2.0, 1448000, 1448000), reference("ddp", 1.0, 4344000, 4344000)
+    assert timemodel.at_rate(split, 12.112e6) == pytest.approx(4.0)
+    assert timemodel.at_rate(ddp, 12.112e6) == pytest.approx(4.0)
+    cross = timemodel.crossover(split, ddp)
+    assert cross["rate_bit_s"] == pytest.approx(12.112e6, rel=1e-9) and cross["split_faster_below"]
+
+
+def test_no_crossover_when_one_method_wins_everywhere():
+    split, ddp = reference("split", 2.0, 4344000, 4344000), reference("ddp", 1.0, 4344000, 4344000)
+    assert timemodel.crossover(split, ddp) == {"rate_bit_s": None, "winner": "ddp", "range_bit_s": [1e5, 1e11]}

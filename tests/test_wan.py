@@ -146,3 +146,34 @@ def test_bad_options_are_one_line_before_any_namespace():
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "link rate" in proc.stderr, proc
     proc = wan("--rate", RATE, "--", *TINY[:-2], "--method", "local")
     assert proc.returncode == 2 and "split or ddp" in proc.stderr, proc
+
+
+def test_harness_runs_link_cases_through_bench_wan(tmp_path):
+    from bench import harness
+
+    config = tmp_path / "links.toml"
+    config.write_text('name = "links"\ntimeout = 300\n[base]\nmethod = "split"\nhospitals = 2\n'
+                      '[matrix]\nlink-rate = ["none", "20mbit"]\n')
+    runs = harness.expand(harness.load(str(config)))
+    assert [r["link_rate"] for r in runs] == ["none", "20mbit"]
+    assert len({harness.run_key(r) for r in runs}) == 2
+    cmd = harness.command(runs[1], "KEY", tmp_path / "links.jsonl", 300)
+    assert cmd[1:3] == ["-m", "bench.wan"]
+    wan_part, train_part = cmd[:cmd.index("--")], cmd[cmd.index("--") + 1:]
+    assert wan_part[wan_part.index("--rate") + 1] == "20mbit"
+    assert wan_part[wan_part.index("--compute-reference") + 1] == str(tmp_path / "links.jsonl")
+    assert float(wan_part[wan_part.index("--timeout") + 1]) < 300  # it tears down before the harness kills it
+    assert train_part == ["--method", "split", "--hospitals", "2", "--run-key", "KEY"]
+    plain = harness.command({"method": "split"}, "KEY", tmp_path / "x.jsonl", 300)
+    assert plain[1:3] == ["-m", "splitrpc.train"]
+
+
+@pytest.mark.parametrize("matrix, message", [('link-rate = ["fast"]', "link rate"),
+                                             ('link-delay = ["10ms"]', "unknown link option")])
+def test_harness_rejects_bad_link_options_before_running(tmp_path, matrix, message):
+    from bench import harness
+
+    config = tmp_path / "bad.toml"
+    config.write_text(f'name = "bad"\n[base]\nmethod = "split"\n[matrix]\n{matrix}\n')
+    with pytest.raises(UserError, match=message):
+        harness.expand(harness.load(str(config)))
