@@ -217,6 +217,32 @@ class Network:
         self.created.clear()
 
 
+def stale_namespaces() -> list[str]:
+    """Namespaces of runs whose launcher is dead (killed with SIGKILL, so it could not tear down)."""
+    listing = _run(["ip", "netns", "list"], "listing namespaces", check=False).stdout
+    stale = []
+    for name in (line.split()[0] for line in listing.splitlines() if line.strip()):
+        m = re.fullmatch(rf"{NS_PREFIX}([0-9a-f]+)[0-9a-f]{{4}}-(br|server|h\d+|probe)", name)
+        if m and not Path(f"/proc/{int(m.group(1), 16)}").exists():
+            stale.append(name)
+    return stale
+
+
+def cleanup() -> int:
+    """Remove what killed runs left behind: processes inside their namespaces, then the namespaces."""
+    stale = stale_namespaces()
+    for netns in stale:
+        for pid in _run(["ip", "netns", "pids", netns], "listing processes", check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+    for netns in stale:
+        _run(["ip", "netns", "del", netns], f"removing {netns}", check=False)
+    print(f"bench.wan: removed {len(stale)} stale namespace(s){': ' + ' '.join(stale) if stale else ''}")
+    return 0
+
+
 def _qdisc_stats(netns: str, dev: str) -> tuple[int, int]:
     proc = _run(["ip", "netns", "exec", netns, "tc", "-s", "-j", "qdisc", "show", "dev", dev], "tc -s", check=False)
     try:
@@ -336,6 +362,8 @@ def run(train_argv: list[str], rate: float | None, server_rate: float | None = N
         print(f"splitrpc: stopped by signal {stop}; network removed", file=sys.stderr, flush=True)
         return 128 + stop.signum
     finally:
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the teardown short
         _stop_all(procs)
         net.close()
         for s, handler in previous.items():
@@ -392,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compute-reference", default="",
                         help="a results file holding an unshaped run of the same setting: the record then gets the "
                              "time model's prediction and its error (bench/timemodel.py)")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="remove the namespaces (and processes in them) of runs whose launcher was SIGKILLed")
     parser.add_argument("--log-dir", default="", help="keep every party's log here (default: removed)")
 
     def fail(message):
@@ -400,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.error = fail
     try:
         args = parser.parse_args(ours)
+        if args.cleanup:
+            if os.geteuid() != 0:
+                raise UserError("bench.wan needs root (network namespaces, veth pairs and tc); run it as root")
+            return cleanup()
         if not train_argv:
             raise UserError("give the training options after `--`, e.g. -- --method split --hospitals 2")
         if not args.timeout > 0:

@@ -177,3 +177,22 @@ def test_harness_rejects_bad_link_options_before_running(tmp_path, matrix, messa
     config.write_text(f'name = "bad"\n[base]\nmethod = "split"\n[matrix]\n{matrix}\n')
     with pytest.raises(UserError, match=message):
         harness.expand(harness.load(str(config)))
+
+
+@needs_netns
+def test_cleanup_removes_what_a_killed_launcher_left_and_nothing_else():
+    dead = f"srpc{0x7ffffff:x}beef-h1"  # a pid above any pid_max: that launcher is gone
+    alive = f"srpc{os.getpid():x}beef-h1"  # this process: a live launcher's namespace stays
+    for name in (dead, alive):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    sleeper = subprocess.Popen(["ip", "netns", "exec", dead, "sleep", "60"])
+    try:
+        proc = wan("--cleanup")
+        assert proc.returncode == 0, proc
+        assert proc.stdout.strip() == f"bench.wan: removed 1 stale namespace(s): {dead}"
+        assert sleeper.wait(timeout=10) == -9  # the process inside was killed
+        assert dead not in netns_names() and alive in netns_names()
+    finally:
+        sleeper.kill()
+        for name in (dead, alive):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
