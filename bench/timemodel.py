@@ -144,8 +144,21 @@ def check(record: dict, reference: dict) -> dict:
         "error": model["predicted_s"] / measured - 1,
         "within_target": abs(model["predicted_s"] / measured - 1) <= TARGET_ERROR,
         "target": TARGET_ERROR,
+        "server_compute_ratio": server_compute_ratio(record, reference),
     })
     return model
+
+
+def server_compute_ratio(record: dict, reference: dict) -> float | None:
+    """Split only: the server's pure-compute timers (trunk forward + optimizer) per step in this run over the
+    reference's. Far from 1 means the machine's load changed between the two runs (a shared host), which the
+    model cannot see: the reference's compute is then the wrong compute for this run."""
+    def per_step(r):
+        t = (r.get("comm") or {}).get("server_time_s")
+        return (t["trunk_forward"] + t["trunk_optimizer"]) / r["steps"] if t else None
+
+    a, b = per_step(record), per_step(reference)
+    return a / b if a and b else None
 
 
 def project(record: dict, model: dict, rtts_s=PROJECTED_RTTS_S) -> dict:
@@ -220,10 +233,41 @@ def evaluate(records: list[dict]) -> list[dict]:
         if reference is None:
             row["model_check"] = None  # no unshaped run of this setting yet
         else:
-            row["model_check"] = rec.get("time_model") or check(rec, reference)
+            row["model_check"] = check(rec, reference)  # recomputed: the record's copy may predate a newer reference
             row["projection"] = project(rec, row["model_check"])
         rows.append(row)
     return rows
+
+
+PROJECTED_RATES_BIT_S = (1e9, 100e6, 50e6, 20e6, 10e6)
+
+
+def projections(records: list[dict], rates=PROJECTED_RATES_BIT_S, rtts_s=PROJECTED_RTTS_S) -> list[dict]:
+    """Per setting (from its unshaped run): seconds per full epoch at each rate and RTT, and the
+    split/DDP crossover rate at each RTT. All of it model output; RTT > 0 is never measured here."""
+    refs: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        if r.get("status") == "ok" and is_reference(r):
+            cfg = r["config"]
+            refs.setdefault((cfg["model"], cfg["hospitals"], cfg["batch_size"]), {})[cfg["method"]] = r
+    out = []
+    for (model, n, batch), by_method in sorted(refs.items()):
+        entry = {"model": model, "hospitals": n, "batch_size": batch, "methods": {}}
+        for method, ref in sorted(by_method.items()):
+            steps = ref["steps_per_epoch"]
+            entry["methods"][method] = {
+                "compute_s_per_step": ref["train_time_s"] / ref["steps"],
+                "steps_per_epoch": steps,
+                "round_trips_per_step": round_trips(ref)[0],
+                "round_trips_source": round_trips(ref)[1],
+                "s_per_epoch": {f"{rate / 1e6:g}mbit": {f"{rtt * 1000:g}ms": at_rate(ref, rate, rtt) * steps
+                                                        for rtt in rtts_s} for rate in rates},
+            }
+        if len(by_method) == 2:
+            entry["crossover"] = {f"{rtt * 1000:g}ms": crossover(by_method["split"], by_method["ddp"], rtt)
+                                  for rtt in rtts_s}
+        out.append(entry)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="", help="also write every check and projection here")
     args = parser.parse_args(argv)
     try:
-        rows = evaluate(load(args.results))
+        records = load(args.results)
     except UserError as exc:
         return report(exc)
+    rows = evaluate(records)
+    projected = projections(records)
     print(f"{'model':9} {'method':6} {'N':>2} {'rate':>9} {'compute':>8} {'transfer':>9} {'predicted':>10} "
-          f"{'measured':>9} {'error':>7}   s/epoch at RTT 0 / 10 / 100 ms")
+          f"{'measured':>9} {'error':>7} {'load':>5}   s/epoch at RTT 0 / 10 / 100 ms")
     for row in rows:
         m = row["model_check"]
         rate = f"{row['rate_bit_s'] / 1e6:g}M" if row["rate_bit_s"] else "-"
@@ -246,10 +292,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         epoch = row["projection"]["s_per_epoch"]
         print(f"{row['model']:9} {row['method']:6} {row['hospitals']:>2} {rate:>9} {m['compute_s']:8.2f} "
-              f"{m['transfer_s']:9.2f} {m['predicted_s']:10.2f} {m['measured_s']:9.2f} {m['error']:+7.1%}   "
+              f"{m['transfer_s']:9.2f} {m['predicted_s']:10.2f} {m['measured_s']:9.2f} {m['error']:+7.1%} "
+              f"{'' if m.get('server_compute_ratio') is None else format(m['server_compute_ratio'], '.2f'):>5}   "
               f"{epoch['0ms']:.0f} / {epoch['10ms']:.0f} / {epoch['100ms']:.0f}")
+    for entry in projected:
+        for rtt, cross in (entry.get("crossover") or {}).items():
+            text = (f"split faster below {cross['rate_bit_s'] / 1e6:.1f} Mbit/s" if cross["rate_bit_s"] and
+                    cross["split_faster_below"] else f"split faster above {cross['rate_bit_s'] / 1e6:.1f} Mbit/s"
+                    if cross["rate_bit_s"] else f"{cross['winner']} faster at every rate")
+            print(f"crossover {entry['model']} N={entry['hospitals']} RTT {rtt}: {text}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+        Path(args.json).write_text(json.dumps({"checks": rows, "projections": projected}, indent=1,
+                                              sort_keys=True) + "\n")
     return 0
 
 
