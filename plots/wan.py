@@ -1,6 +1,6 @@
 """Hospitals on slow links: seconds per epoch against link rate, split learning vs DDP.
 
-    python -m plots    # also draws plots/figures/wan_epoch_vs_rate.{png,pdf} when results/wan.jsonl exists
+    python -m plots    # also draws plots/wan/wan_epoch_vs_rate.{png,pdf} when results/wan.jsonl exists
 
 Points: shaped runs (bench.wan), seconds per step measured x steps per epoch.
 Lines: the time model (bench/timemodel.py) from each setting's unshaped run:
@@ -67,7 +67,9 @@ def fig_epoch_vs_rate(records: list[dict], out_dir: Path, name: str) -> list[Pat
             cross = timemodel.crossover(refs["split"], refs["ddp"])
             if cross["rate_bit_s"]:
                 ax.axvline(cross["rate_bit_s"] / 1e6, color="gray", lw=0.8, ls=":")
-                ax.annotate(f"crossover {cross['rate_bit_s'] / 1e6:.0f} Mbit/s", (cross["rate_bit_s"] / 1e6, 0.95),
+                side = "below" if cross["split_faster_below"] else "above"
+                ax.annotate(f"split faster {side} {cross['rate_bit_s'] / 1e6:.0f} Mbit/s",
+                            (cross["rate_bit_s"] / 1e6, 0.95),
                             xycoords=("data", "axes fraction"), fontsize=7, ha="left")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -86,8 +88,9 @@ def fig_epoch_vs_rate(records: list[dict], out_dir: Path, name: str) -> list[Pat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m plots (wan)", add_help=False)
     parser.add_argument("--results-dir", default=str(REPO / "results"))
-    parser.add_argument("--out-dir", default=str(REPO / "plots" / "figures"))
+    # A folder of its own: plots/figures holds exactly what plots.figures draws (tests/test_plots.py).
+    parser.add_argument("--wan-out-dir", default=str(REPO / "plots" / "wan"))
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    for path in fig_epoch_vs_rate(load(Path(args.results_dir)), Path(args.out_dir), "wan_epoch_vs_rate"):
+    for path in fig_epoch_vs_rate(load(Path(args.results_dir)), Path(args.wan_out_dir), "wan_epoch_vs_rate"):
         print(f"plots: wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return 0

@@ -196,3 +196,17 @@ def test_cleanup_removes_what_a_killed_launcher_left_and_nothing_else():
         sleeper.kill()
         for name in (dead, alive):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_time_model_and_figure_regenerate_from_the_committed_results(tmp_path):
+    from plots import wan as wan_plots
+
+    results = REPO / "results" / "wan.jsonl"
+    assert timemodel.main([str(results), "--json", str(tmp_path / "model.json")]) == 0
+    assert (tmp_path / "model.json").read_text() == (REPO / "results" / "wan_model.json").read_text(), \
+        "run `python -m bench.timemodel results/wan.jsonl --json results/wan_model.json` and commit"
+    assert wan_plots.main(["--wan-out-dir", str(tmp_path / "fig")]) == 0
+    assert {p.name for p in (tmp_path / "fig").iterdir()} == {p.name for p in (REPO / "plots" / "wan").iterdir()}
+    # Every shaped run carries the model's check, written when it ran.
+    shaped = [r for r in timemodel.load(str(results)) if not timemodel.is_reference(r)]
+    assert shaped and all("error" in r["time_model"] for r in shaped)
