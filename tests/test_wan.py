@@ -18,8 +18,8 @@ RATE = "10mbit"
 # vgg11 at width 1/4, cut 1: 16 x 32 x 32 float32 activations = 64 KiB a sample, 2 MiB a batch of 32 each
 # way per step, ~1.8 s on a 10 Mbit/s link, against a few tens of ms of compute.
 TINY = ["--method", "split", "--hospitals", "2", "--model", "vgg11", "--width", "0.25", "--dataset", "synthetic",
-        "--synthetic-train", "512", "--synthetic-test", "32", "--batch-size", "32", "--eval-batch-size", "32",
-        "--max-steps", "3", "--schedule", "parallel", "--threads", "1", "--log-every", "100"]
+        "--synthetic-train", "512", "--synthetic-test", "8", "--batch-size", "32", "--eval-batch-size", "32",
+        "--max-steps", "2", "--schedule", "parallel", "--threads", "1", "--log-every", "100"]
 
 
 def _namespaces_unavailable() -> str:
