@@ -304,6 +304,8 @@ def run(train_argv: list[str], rate: float | None, server_rate: float | None = N
     logs.mkdir(parents=True, exist_ok=True)
     record_file = workdir / "record.jsonl"
     procs: list[subprocess.Popen] = []
+    log_files = []
+    keep_logs = False  # a failed run keeps its scratch logs, which its error line points to
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     started = time.perf_counter()
     try:
@@ -319,6 +321,7 @@ def run(train_argv: list[str], rate: float | None, server_rate: float | None = N
                    "--rdzv-timeout", str(int(min(timeout_s, cfg.setup_timeout))),
                    "--", *train_argv, "--out", str(record_file)]
             log = open(logs / f"{p.name}.log", "w")
+            log_files.append(log)
             # The record writer's output is the run's output; the others' goes to their logs.
             to = None if (p.node_rank == 0 and echo) else log
             procs.append(subprocess.Popen(cmd, stdout=to, stderr=log if to else subprocess.STDOUT,
@@ -334,6 +337,7 @@ def run(train_argv: list[str], rate: float | None, server_rate: float | None = N
                 break
             if time.perf_counter() > deadline:
                 _stop_all(procs)
+                keep_logs = True
                 print(f"splitrpc: error: bench.wan: the run did not finish within --timeout {timeout_s:g} s; "
                       f"stopped (logs in {logs})", file=sys.stderr, flush=True)
                 return 124
@@ -341,6 +345,7 @@ def run(train_argv: list[str], rate: float | None, server_rate: float | None = N
         after = net.qdisc_counts()
         if failed := [name for name, code in codes.items() if code != 0]:
             _stop_all(procs)
+            keep_logs = True
             name = failed[0]
             print(f"splitrpc: error: bench.wan: {name} exited with code {codes[name]}: "
                   f"{_first_error(logs / f'{name}.log')} (logs in {logs})", file=sys.stderr, flush=True)
@@ -348,8 +353,10 @@ def run(train_argv: list[str], rate: float | None, server_rate: float | None = N
         if out:
             records = record_file.read_text().splitlines() if record_file.exists() else []
             if not records:
+                keep_logs = True
                 raise UserError(f"the run wrote no record (logs in {logs})")
             run_record = json.loads(records[-1])
+            run_record["config"]["out"] = out  # not the scratch file the parties wrote to
             run_record["wan"] = link_summary(net, before, after, run_record, time.perf_counter() - started)
             if compute_reference and Path(compute_reference).exists() and not timemodel.is_reference(run_record):
                 reference = timemodel.find_reference(timemodel.load(compute_reference), run_record)
@@ -368,7 +375,11 @@ def run(train_argv: list[str], rate: float | None, server_rate: float | None = N
         net.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if not log_dir:
+        for log in log_files:
+            log.close()
+        if keep_logs and not log_dir:
+            (workdir / "record.jsonl").unlink(missing_ok=True)
+        else:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
