@@ -210,3 +210,22 @@ def test_time_model_and_figure_regenerate_from_the_committed_results(tmp_path):
     # Every shaped run carries the model's check, written when it ran.
     shaped = [r for r in timemodel.load(str(results)) if not timemodel.is_reference(r)]
     assert shaped and all("error" in r["time_model"] for r in shaped)
+
+
+@needs_netns
+def test_ddp_ranks_are_the_hospitals_and_their_gradients_cross_the_shaped_links(tmp_path):
+    out = tmp_path / "runs.jsonl"
+    ddp = [a if a != "split" else "ddp" for a in TINY]
+    proc = wan("--rate", "50mbit", "--timeout", 100, "--out", out, "--", *ddp, "--cache-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = [__import__("json").loads(line) for line in out.read_text().splitlines()][-1]
+    assert record["comm"]["method"] == "ddp"
+    links = record["wan"]["links"]
+    assert sorted(links) == ["hospital1", "hospital2"]  # no server under DDP; hospital1 (node 0) holds the rendezvous
+    assert [n.rsplit("-", 1)[1] for n in record["wan"]["namespaces"]] == ["br", "h1", "h2"]
+    gradient = record["comm"]["gradient_bytes_per_step"] * record["steps"]  # a 2-rank ring moves all of it each way
+    for link in links.values():
+        assert link["rate_bit_s"] == 50e6
+        for direction in ("up", "down"):
+            assert link["qdisc_bytes"][direction] >= link["train_tcp_bytes"][direction] >= gradient
+    assert not set(record["wan"]["namespaces"]) & netns_names()
