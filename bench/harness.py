@@ -9,6 +9,13 @@ together), and optional ``[[include]]`` extra runs and ``[[exclude]]`` rules.
 Top-level keys: ``name`` (results file stem), ``timeout`` (seconds per run),
 ``description``.
 
+Options named ``link-*`` are not training options: a run with ``link-rate``
+(every hospital's link, e.g. "20mbit"; "none" = unshaped) and optionally
+``link-server-rate`` runs across network namespaces on shaped links through
+``bench.wan`` (root only), and its record gains the link measurements and the
+time model's check against the unshaped run of the same setting (list "none"
+first so that it runs before the shaped ones).
+
 Each run is ``python -m splitrpc.train`` in its own process (which starts its
 own torchrun group) with ``--run-key``: a hash of its options. Runs already
 in the results file with status "ok" are skipped, so an interrupted matrix
@@ -32,6 +39,7 @@ import tomllib
 from collections import deque
 from pathlib import Path
 
+from bench.wan import parse_rate
 from splitrpc.config import from_dict
 from splitrpc.errors import UserError, report
 from splitrpc.record import append_jsonl
@@ -83,10 +91,42 @@ def expand(spec: dict) -> list[dict]:
     for options in runs:
         key = run_key(options)
         if key not in seen:
-            from_dict(options)  # a bad option stops the matrix before anything runs
+            from_dict(training_options(options))  # a bad option stops the matrix before anything runs
+            for rate in link_options(options).values():
+                parse_rate(str(rate))
             seen.add(key)
             unique.append(options)
     return unique
+
+
+LINK_PREFIX = "link_"
+LINK_FLAGS = {"link_rate": "--rate", "link_server_rate": "--server-rate"}
+
+
+def training_options(options: dict) -> dict:
+    return {k: v for k, v in options.items() if not k.startswith(LINK_PREFIX)}
+
+
+def link_options(options: dict) -> dict:
+    links = {k: v for k, v in options.items() if k.startswith(LINK_PREFIX)}
+    unknown = set(links) - set(LINK_FLAGS)
+    if unknown:
+        raise UserError(f"unknown link option(s) {sorted(unknown)}; known: {sorted(LINK_FLAGS)}")
+    return links
+
+
+def command(options: dict, key: str, results: Path, timeout: float) -> list[str]:
+    """The run's command: the trainer itself, or bench.wan around it when the options name links."""
+    train = [*flags(training_options(options)), "--run-key", key]
+    links = link_options(options)
+    if not links:
+        return [sys.executable, "-m", "splitrpc.train", *train, "--out", str(results)]
+    wan = [sys.executable, "-m", "bench.wan", "--out", str(results), "--compute-reference", str(results),
+           # bench.wan stops and tears its network down itself, before the harness would kill it.
+           "--timeout", f"{max(1.0, timeout - 2 * STOP_GRACE_S):g}"]
+    for name, value in links.items():
+        wan += [LINK_FLAGS[name], str(value)]
+    return [*wan, "--", *train]
 
 
 def run_key(options: dict) -> str:
@@ -166,7 +206,7 @@ def execute(options: dict, key: str, results: Path, log: Path, timeout: float) -
     ``{run_key}`` in an option's value is replaced by the run's key (a directory per run).
     """
     options = {k: v.replace("{run_key}", key) if isinstance(v, str) else v for k, v in options.items()}
-    cmd = [sys.executable, "-m", "splitrpc.train", *flags(options), "--run-key", key, "--out", str(results)]
+    cmd = command(options, key, results, timeout)
     log.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=ERROR_TAIL_LINES)
     with open(log, "w") as fh:

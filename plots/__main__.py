@@ -1,5 +1,7 @@
 import sys
 
+from plots import wan
 from plots.figures import main
 
-sys.exit(main())
+code = main()
+sys.exit(code or wan.main())

@@ -1,0 +1,311 @@
+"""Seconds per training step over slow links: a model checked against shaped runs, and projections.
+
+    python -m bench.timemodel results/wan.jsonl [--json results/wan_model.json]
+
+A step costs its compute, plus the time its bytes take on the links, plus
+round trips x RTT::
+
+    t_step = t_compute + t_transfer + round_trips x RTT
+
+* ``t_compute``: seconds per step of the same setting on an unshaped network
+  (the reference run: same options, links at veth speed), measured.
+* ``t_transfer``: bytes per link per step (the kernel's TCP counters of each
+  party, ``comm.phases.train.tcp_bytes``) / link rate, with Ethernet/IP/TCP
+  framing added (the shaper counts frames, TCP counts payload). Split
+  learning moves activations up and then gradients down, one after the other:
+  the up phase lasts as long as its slowest link (hospitals in parallel under
+  ``--schedule parallel``; their sum under ``sequential``), then the down
+  phase likewise; a shaped server link carries the sum of the hospitals'
+  bytes. DDP's ring all-reduce sends and receives at once: a step lasts as
+  long as the busiest direction of the slowest link.
+* ``round_trips x RTT``: **a projection**. This machine cannot add delay
+  (no ``netem``), so every measured run has RTT ~ 0 and this term is only
+  ever extrapolated. Split learning makes ``comm["round_trips_per_step"]``
+  RPC round trips per hospital per step when the record says so, else 2
+  (forward, then step; issue 10 reduces this to 1). A DDP step is a ring
+  all-reduce per gradient bucket, each 2(N-1) one-way hops, i.e. N-1 RTTs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from splitrpc.errors import UserError, report
+
+# Ethernet (14) + IPv4 (20) + TCP with timestamps (32) per 1448-byte segment at MTU 1500:
+# tbf meters whole frames, the TCP counters count payload.
+MSS_B = 1448
+FRAME_OVERHEAD_B = 14 + 20 + 32
+WIRE_FACTOR = (MSS_B + FRAME_OVERHEAD_B) / MSS_B
+SPLIT_ROUND_TRIPS_FALLBACK = 2  # forward, step (one RPC each per hospital and step) until issue 10
+DDP_FIRST_BUCKET_B = 1024 * 1024  # torch DDP: the first bucket is 1 MiB, the others bucket_cap_mb = 25 MiB
+DDP_BUCKET_B = 25 * 1024 * 1024
+TARGET_ERROR = 0.15
+PROJECTED_RTTS_S = (0.0, 0.010, 0.030, 0.100)
+IGNORED_KEYS = {"run_key", "out", "tag", "config"}  # not part of a setting
+
+
+def transfer_seconds(method: str, links: dict, schedule: str = "parallel", server: dict | None = None) -> float:
+    """Seconds a step spends on the links.
+
+    ``links``: {hospital: {"rate": bit/s or None, "up": bytes, "down": bytes}} per step;
+    ``server``: the same for a shaped server link under split (None: unshaped).
+    """
+    def secs(nbytes: float, rate: float | None) -> float:
+        return 0.0 if rate is None else nbytes * WIRE_FACTOR * 8 / rate
+
+    if method == "ddp":
+        return max((max(secs(l["up"], l["rate"]), secs(l["down"], l["rate"])) for l in links.values()), default=0.0)
+    combine = max if schedule == "parallel" else sum
+    total = 0.0
+    for direction in ("up", "down"):
+        hospitals = combine([secs(l[direction], l["rate"]) for l in links.values()] or [0.0])
+        shaped_server = secs(server[direction], server["rate"]) if server else 0.0
+        total += max(hospitals, shaped_server)
+    return total
+
+
+def round_trips(record: dict) -> tuple[float, str]:
+    """(round trips per step on the critical path, where the number comes from)."""
+    comm = record.get("comm") or {}
+    cfg = record["config"]
+    if cfg["method"] == "ddp":
+        gradient = comm.get("gradient_bytes_per_step") or 0
+        buckets = 1 + math.ceil(max(0, gradient - DDP_FIRST_BUCKET_B) / DDP_BUCKET_B) if gradient else 1
+        return buckets * (cfg["hospitals"] - 1), f"ddp: {buckets} gradient buckets x (N-1) RTTs of a ring all-reduce"
+    per_hospital = comm.get("round_trips_per_step")
+    source = "record comm.round_trips_per_step"
+    if per_hospital is None:
+        per_hospital, source = SPLIT_ROUND_TRIPS_FALLBACK, "not in the record: 2 assumed (forward, step)"
+    # Parallel: the hospitals' round trips overlap; sequential: they queue.
+    factor = 1 if cfg.get("schedule", "parallel") == "parallel" else cfg["hospitals"]
+    return per_hospital * factor, source
+
+
+def step_links(record: dict) -> tuple[dict, dict | None]:
+    """Per-step bytes and rate of every hospital link (and the server's if shaped) from a shaped run's record."""
+    steps = record["steps"]
+    tcp = record["comm"]["phases"]["train"]["tcp_bytes"]
+    wan = record["wan"]["links"]
+    links, server = {}, None
+    for party, link in wan.items():
+        entry = {"rate": link["rate_bit_s"], "up": tcp[party]["sent"] / steps, "down": tcp[party]["received"] / steps}
+        if party == "server":
+            server = entry if link["rate_bit_s"] else None
+        else:
+            links[party] = entry
+    return links, server
+
+
+def setting(record: dict) -> str:
+    return json.dumps({k: v for k, v in record["config"].items() if k not in IGNORED_KEYS}, sort_keys=True)
+
+
+def is_reference(record: dict) -> bool:
+    wan = record.get("wan")
+    return bool(wan) and all(link["rate_bit_s"] is None for link in wan["links"].values())
+
+
+def find_reference(records: list[dict], record: dict) -> dict | None:
+    """The newest ok unshaped run of the same setting."""
+    key = setting(record)
+    matches = [r for r in records if r.get("status") == "ok" and is_reference(r) and setting(r) == key]
+    return matches[-1] if matches else None
+
+
+def predict(record: dict, compute_s: float, rtt_s: float = 0.0) -> dict:
+    links, server = step_links(record)
+    transfer = transfer_seconds(record["config"]["method"], links, record["config"].get("schedule", "parallel"), server)
+    trips, source = round_trips(record)
+    return {
+        "compute_s": compute_s,
+        "transfer_s": transfer,
+        "round_trips_per_step": trips,
+        "round_trips_source": source,
+        "rtt_s": rtt_s,
+        "latency_s": trips * rtt_s,
+        "latency_note": "projection: no delay can be emulated here (no netem); measured runs have RTT ~ 0",
+        "predicted_s": compute_s + transfer + trips * rtt_s,
+    }
+
+
+def check(record: dict, reference: dict) -> dict:
+    """The model against one shaped run: predicted vs measured seconds per step."""
+    compute = reference["train_time_s"] / reference["steps"]
+    model = predict(record, compute)
+    measured = record["train_time_s"] / record["steps"]
+    model.update({
+        "compute_source": f"unshaped run {reference['config'].get('run_key') or reference['run_id']}",
+        "measured_s": measured,
+        "error": model["predicted_s"] / measured - 1,
+        "within_target": abs(model["predicted_s"] / measured - 1) <= TARGET_ERROR,
+        "target": TARGET_ERROR,
+        "server_compute_ratio": server_compute_ratio(record, reference),
+    })
+    return model
+
+
+def server_compute_ratio(record: dict, reference: dict) -> float | None:
+    """Split only: the server's pure-compute timers (trunk forward + optimizer) per step in this run over the
+    reference's. Far from 1 means the machine's load changed between the two runs (a shared host), which the
+    model cannot see: the reference's compute is then the wrong compute for this run."""
+    def per_step(r):
+        t = (r.get("comm") or {}).get("server_time_s")
+        return (t["trunk_forward"] + t["trunk_optimizer"]) / r["steps"] if t else None
+
+    a, b = per_step(record), per_step(reference)
+    return a / b if a and b else None
+
+
+def project(record: dict, model: dict, rtts_s=PROJECTED_RTTS_S) -> dict:
+    """Seconds per full epoch at each RTT (steps per epoch from the record)."""
+    steps = record.get("steps_per_epoch") or record["comm"].get("steps_per_epoch")
+    per_step = {f"{rtt * 1000:g}ms": model["compute_s"] + model["transfer_s"] + model["round_trips_per_step"] * rtt
+                for rtt in rtts_s}
+    return {"steps_per_epoch": steps, "s_per_step": per_step,
+            "s_per_epoch": {k: v * steps for k, v in per_step.items()},
+            "note": "RTT > 0 is a projection (no delay emulation here)"}
+
+
+def at_rate(reference: dict, rate: float | None, rtt_s: float = 0.0) -> float:
+    """Predicted seconds per step of a setting (from its unshaped run) with every hospital link at ``rate``."""
+    links, _ = step_links(reference)
+    for link in links.values():
+        link["rate"] = rate
+    cfg = reference["config"]
+    trips, _ = round_trips(reference)
+    compute = reference["train_time_s"] / reference["steps"]
+    return compute + transfer_seconds(cfg["method"], links, cfg.get("schedule", "parallel")) + trips * rtt_s
+
+
+def crossover(split_reference: dict, ddp_reference: dict, rtt_s: float = 0.0, low: float = 1e5,
+              high: float = 1e11) -> dict:
+    """The link rate below which split learning's step is faster than DDP's, by the model.
+
+    ``{"rate_bit_s": r or None, "split_faster_below": bool}``: split wins at every rate below r
+    (None when one method wins at every rate in [low, high]; then ``winner`` names it).
+    Both times are c + b / rate (+ trips x RTT), so they cross at most once.
+    """
+    def gap(rate):  # > 0: split slower
+        return at_rate(split_reference, rate, rtt_s) - at_rate(ddp_reference, rate, rtt_s)
+
+    g_low, g_high = gap(low), gap(high)
+    if (g_low > 0) == (g_high > 0):
+        return {"rate_bit_s": None, "winner": "ddp" if g_low > 0 else "split", "range_bit_s": [low, high]}
+    lo, hi = math.log(low), math.log(high)
+    for _ in range(100):  # bisection on log(rate)
+        mid = (lo + hi) / 2
+        if (gap(math.exp(mid)) > 0) == (g_low > 0):
+            lo = mid
+        else:
+            hi = mid
+    return {"rate_bit_s": math.exp((lo + hi) / 2), "split_faster_below": g_low < 0, "range_bit_s": [low, high]}
+
+
+def load(path: str) -> list[dict]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"no such results file: {path}") from None
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def evaluate(records: list[dict]) -> list[dict]:
+    rows = []
+    for rec in records:
+        if rec.get("status") != "ok" or not rec.get("wan") or is_reference(rec):
+            continue
+        reference = find_reference(records, rec)
+        cfg = rec["config"]
+        row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "model": cfg["model"], "width": cfg["width"],
+               "hospitals": cfg["hospitals"], "rate_bit_s": rec["wan"]["rate_bit_s"],
+               "server_rate_bit_s": rec["wan"]["server_rate_bit_s"]}
+        if reference is None:
+            row["model_check"] = None  # no unshaped run of this setting yet
+        else:
+            row["model_check"] = check(rec, reference)  # recomputed: the record's copy may predate a newer reference
+            row["projection"] = project(rec, row["model_check"])
+        rows.append(row)
+    return rows
+
+
+PROJECTED_RATES_BIT_S = (1e9, 100e6, 50e6, 20e6, 10e6)
+
+
+def projections(records: list[dict], rates=PROJECTED_RATES_BIT_S, rtts_s=PROJECTED_RTTS_S) -> list[dict]:
+    """Per setting (from its unshaped run): seconds per full epoch at each rate and RTT, and the
+    split/DDP crossover rate at each RTT. All of it model output; RTT > 0 is never measured here."""
+    refs: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        if r.get("status") == "ok" and is_reference(r):
+            cfg = r["config"]
+            refs.setdefault((cfg["model"], cfg["hospitals"], cfg["batch_size"]), {})[cfg["method"]] = r
+    out = []
+    for (model, n, batch), by_method in sorted(refs.items()):
+        entry = {"model": model, "hospitals": n, "batch_size": batch, "methods": {}}
+        for method, ref in sorted(by_method.items()):
+            steps = ref["steps_per_epoch"]
+            entry["methods"][method] = {
+                "compute_s_per_step": ref["train_time_s"] / ref["steps"],
+                "steps_per_epoch": steps,
+                "round_trips_per_step": round_trips(ref)[0],
+                "round_trips_source": round_trips(ref)[1],
+                "s_per_epoch": {f"{rate / 1e6:g}mbit": {f"{rtt * 1000:g}ms": at_rate(ref, rate, rtt) * steps
+                                                        for rtt in rtts_s} for rate in rates},
+            }
+        if len(by_method) == 2:
+            entry["crossover"] = {f"{rtt * 1000:g}ms": crossover(by_method["split"], by_method["ddp"], rtt)
+                                  for rtt in rtts_s}
+        out.append(entry)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.timemodel", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="a results file with bench.wan records (e.g. results/wan.jsonl)")
+    parser.add_argument("--json", default="", help="also write every check and projection here")
+    args = parser.parse_args(argv)
+    try:
+        records = load(args.results)
+    except UserError as exc:
+        return report(exc)
+    rows = evaluate(records)
+    projected = projections(records)
+    print(f"{'model':9} {'method':6} {'N':>2} {'rate':>9} {'compute':>8} {'transfer':>9} {'predicted':>10} "
+          f"{'measured':>9} {'error':>7} {'load':>5}   s/epoch at RTT 0 / 10 / 100 ms")
+    for row in rows:
+        m = row["model_check"]
+        rate = f"{row['rate_bit_s'] / 1e6:g}M" if row["rate_bit_s"] else "-"
+        if m is None:
+            print(f"{row['model']:9} {row['method']:6} {row['hospitals']:>2} {rate:>9}   (no unshaped reference run)")
+            continue
+        epoch = row["projection"]["s_per_epoch"]
+        print(f"{row['model']:9} {row['method']:6} {row['hospitals']:>2} {rate:>9} {m['compute_s']:8.2f} "
+              f"{m['transfer_s']:9.2f} {m['predicted_s']:10.2f} {m['measured_s']:9.2f} {m['error']:+7.1%} "
+              f"{'' if m.get('server_compute_ratio') is None else format(m['server_compute_ratio'], '.2f'):>5}   "
+              f"{epoch['0ms']:.0f} / {epoch['10ms']:.0f} / {epoch['100ms']:.0f}")
+    for entry in projected:
+        for rtt, cross in (entry.get("crossover") or {}).items():
+            text = (f"split faster below {cross['rate_bit_s'] / 1e6:.1f} Mbit/s" if cross["rate_bit_s"] and
+                    cross["split_faster_below"] else f"split faster above {cross['rate_bit_s'] / 1e6:.1f} Mbit/s"
+                    if cross["rate_bit_s"] else f"{cross['winner']} faster at every rate")
+            print(f"crossover {entry['model']} N={entry['hospitals']} RTT {rtt}: {text}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"checks": rows, "projections": projected}, indent=1,
+                                              sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Hospitals on slow links: seconds per epoch against link rate, split learning vs DDP.
+
+    python -m plots    # also draws plots/wan/wan_epoch_vs_rate.{png,pdf} when results/wan.jsonl exists
+
+Points: shaped runs (bench.wan), seconds per step measured x steps per epoch.
+Lines: the time model (bench/timemodel.py) from each setting's unshaped run:
+compute + bytes / rate, and dashed with a projected RTT of 50 ms (no delay
+can be emulated here). Every number comes from results/wan.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import timemodel  # noqa: E402
+from plots.figures import METHOD_LABEL, METHOD_STYLE, REPO, save  # noqa: E402
+
+RESULTS = "wan.jsonl"
+PROJECTED_RTT_S = 0.05
+RATES = np.logspace(6, 10, 60)  # 1 Mbit/s .. 10 Gbit/s
+
+
+def load(results_dir: Path) -> list[dict]:
+    path = results_dir / RESULTS
+    if not path.exists():
+        return []
+    return [r for r in timemodel.load(str(path)) if r.get("status") == "ok" and r.get("wan")]
+
+
+def settings(records: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """{(model, hospitals): {method: unshaped reference record}}."""
+    out: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        if timemodel.is_reference(r):
+            cfg = r["config"]
+            out.setdefault((cfg["model"], cfg["hospitals"]), {})[cfg["method"]] = r
+    return dict(sorted(out.items()))
+
+
+def fig_epoch_vs_rate(records: list[dict], out_dir: Path, name: str) -> list[Path]:
+    groups = settings(records)
+    if not groups:
+        return []
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4), squeeze=False)
+    for ax, ((model, n), refs) in zip(axes[0], groups.items()):
+        for method, ref in sorted(refs.items()):
+            color, marker = METHOD_STYLE[method]
+            steps = ref["steps_per_epoch"]
+            ax.plot(RATES / 1e6, [timemodel.at_rate(ref, r) * steps for r in RATES], color=color,
+                    label=f"{METHOD_LABEL[method]}: model")
+            ax.plot(RATES / 1e6, [timemodel.at_rate(ref, r, PROJECTED_RTT_S) * steps for r in RATES], color=color,
+                    ls="--", lw=1, label=f"{METHOD_LABEL[method]}: model + RTT {PROJECTED_RTT_S * 1000:g} ms (projected)")
+            shaped = [r for r in records if not timemodel.is_reference(r) and timemodel.setting(r) == timemodel.setting(ref)]
+            ax.plot([r["wan"]["rate_bit_s"] / 1e6 for r in shaped],
+                    [r["train_time_s"] / r["steps"] * steps for r in shaped], marker, color=color, ls="none",
+                    label=f"{METHOD_LABEL[method]}: measured")
+        if len(refs) == 2:
+            cross = timemodel.crossover(refs["split"], refs["ddp"])
+            if cross["rate_bit_s"]:
+                ax.axvline(cross["rate_bit_s"] / 1e6, color="gray", lw=0.8, ls=":")
+                side = "below" if cross["split_faster_below"] else "above"
+                ax.annotate(f"split faster {side} {cross['rate_bit_s'] / 1e6:.0f} Mbit/s",
+                            (cross["rate_bit_s"] / 1e6, 0.95),
+                            xycoords=("data", "axes fraction"), fontsize=7, ha="left")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("link rate per hospital (Mbit/s, both directions)")
+        ax.set_ylabel("seconds per epoch")
+        ax.set_title(f"{model}, N = {n}, cut 1, batch 128/hospital", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("Hospitals on shaped links (network namespaces + tbf; server link unshaped)", fontsize=9)
+    fig.tight_layout()
+    paths = save(fig, name, out_dir)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m plots (wan)", add_help=False)
+    parser.add_argument("--results-dir", default=str(REPO / "results"))
+    # A folder of its own: plots/figures holds exactly what plots.figures draws (tests/test_plots.py).
+    parser.add_argument("--wan-out-dir", default=str(REPO / "plots" / "wan"))
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    for path in fig_epoch_vs_rate(load(Path(args.results_dir)), Path(args.wan_out_dir), "wan_epoch_vs_rate"):
+        print(f"plots: wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    return 0

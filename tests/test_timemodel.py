@@ -1,0 +1,128 @@
+"""bench.timemodel with known numbers: bytes on the wire / rate, round trips, checks and projections."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import timemodel
+from bench.timemodel import transfer_seconds
+
+MBIT8 = 8e6  # 1 MB/s
+FRAMES = 1514 / 1448  # a 1448-byte TCP segment is a 1514-byte Ethernet frame
+
+
+def test_wire_factor_is_ethernet_ip_tcp_framing():
+    assert timemodel.WIRE_FACTOR == pytest.approx(FRAMES, abs=0)
+
+
+def links(up1, down1, up2, down2, rate=MBIT8):
+    return {"hospital1": {"rate": rate, "up": up1, "down": down1},
+            "hospital2": {"rate": rate, "up": up2, "down": down2}}
+
+
+def test_split_parallel_is_slowest_upload_then_slowest_download():
+    # 1,448,000 payload bytes = 1,514,000 on the wire = 1.514 s at 1 MB/s.
+    assert transfer_seconds("split", links(1448000, 724000, 724000, 1448000)) == pytest.approx(1.514 + 1.514)
+
+
+def test_split_sequential_adds_the_hospitals():
+    assert transfer_seconds("split", links(1448000, 724000, 724000, 1448000), "sequential") == \
+        pytest.approx(2 * (1.514 + 0.757))
+
+
+def test_a_shaped_server_link_carries_every_hospital():
+    server = {"rate": MBIT8, "up": 2172000, "down": 2172000}  # the server's received and sent bytes
+    assert transfer_seconds("split", links(1448000, 724000, 724000, 1448000), "parallel", server) == \
+        pytest.approx(2 * 2.271)
+    # A fast server link does not slow the step.
+    server_fast = {**server, "rate": 100 * MBIT8}
+    assert transfer_seconds("split", links(1448000, 724000, 724000, 1448000), "parallel", server_fast) == \
+        pytest.approx(1.514 + 1.514)
+
+
+def test_ddp_sends_and_receives_at_once():
+    assert transfer_seconds("ddp", links(1448000, 1448000, 724000, 1448000)) == pytest.approx(1.514)
+
+
+def test_unshaped_links_cost_no_time():
+    assert transfer_seconds("split", links(1448000, 1448000, 1448000, 1448000, rate=None)) == 0.0
+
+
+def record(method="split", hospitals=2, schedule="parallel", comm_extra=None, train_s=7.056, steps=2, rate=MBIT8):
+    tcp = {"hospital1": {"sent": 2 * 1448000, "received": 2 * 724000},
+           "hospital2": {"sent": 2 * 724000, "received": 2 * 1448000},
+           "server": {"sent": 2 * 2172000, "received": 2 * 2172000}}
+    return {
+        "status": "ok", "run_id": "r", "steps": steps, "train_time_s": train_s, "steps_per_epoch": 100,
+        "config": {"method": method, "hospitals": hospitals, "schedule": schedule, "model": "m", "width": 1.0,
+                   "run_key": "k" + str(rate), "out": "/tmp/x"},
+        "comm": {"phases": {"train": {"tcp_bytes": tcp}}, **(comm_extra or {})},
+        "wan": {"rate_bit_s": rate, "server_rate_bit_s": None,
+                "links": {"server": {"rate_bit_s": None}, "hospital1": {"rate_bit_s": rate},
+                          "hospital2": {"rate_bit_s": rate}}},
+    }
+
+
+def test_round_trips_fall_back_to_two_and_say_so():
+    trips, source = timemodel.round_trips(record())
+    assert trips == 2 and "2 assumed" in source
+    trips, source = timemodel.round_trips(record(comm_extra={"round_trips_per_step": 1}))
+    assert trips == 1 and "record" in source
+    assert timemodel.round_trips(record(hospitals=3, schedule="sequential"))[0] == 6
+
+
+def test_ddp_round_trips_are_buckets_times_ring_hops():
+    # 58,913,064 gradient bytes: a 1 MiB first bucket and 3 buckets of up to 25 MiB; a 4-rank ring: 3 RTTs each.
+    trips, _ = timemodel.round_trips(record("ddp", 4, comm_extra={"gradient_bytes_per_step": 58913064}))
+    assert trips == 4 * 3
+
+
+def test_check_against_a_run_and_its_unshaped_reference():
+    shaped = record()  # 7.056 s over 2 steps = 3.528 s a step
+    reference = record(train_s=1.0, rate=None)  # 0.5 s a step of compute
+    assert timemodel.find_reference([reference, shaped], shaped) is reference
+    result = timemodel.check(shaped, reference)
+    assert result["compute_s"] == pytest.approx(0.5)
+    assert result["transfer_s"] == pytest.approx(3.028)
+    assert result["predicted_s"] == pytest.approx(3.528)
+    assert result["error"] == pytest.approx(0.0, abs=1e-12) and result["within_target"]
+    slow = timemodel.check(record(train_s=2 * 3.528 / 0.8), reference)  # measured 25 % above the model
+    assert slow["error"] == pytest.approx(-0.2) and not slow["within_target"]
+
+
+def test_a_reference_must_be_the_same_setting():
+    other = record(train_s=1.0, rate=None)
+    other["config"]["hospitals"] = 4
+    assert timemodel.find_reference([other], record()) is None
+
+
+def test_projection_adds_round_trips_times_rtt_per_step_and_scales_to_an_epoch():
+    shaped, reference = record(), record(train_s=1.0, rate=None)
+    projection = timemodel.project(shaped, timemodel.check(shaped, reference))
+    assert projection["s_per_step"]["0ms"] == pytest.approx(3.528)
+    assert projection["s_per_step"]["100ms"] == pytest.approx(3.528 + 2 * 0.1)
+    assert projection["s_per_epoch"]["10ms"] == pytest.approx(100 * (3.528 + 2 * 0.01))
+    assert "projection" in projection["note"]
+
+
+def reference(method, compute_s, up, down, steps=2):
+    r = record(method, train_s=compute_s * steps, steps=steps, rate=None)
+    r["comm"]["phases"]["train"]["tcp_bytes"] = {h: {"sent": up * steps, "received": down * steps}
+                                                for h in ("hospital1", "hospital2")}
+    del r["wan"]["links"]["server"]
+    return r
+
+
+def test_crossover_is_where_compute_saved_equals_transfer_lost():
+    # split: 2 s compute + 2 x 1,514,000 wire bytes (up, then down); DDP: 1 s + 4,542,000 both ways at once.
+    # 2 + 24.224e6 / r = 1 + 36.336e6 / r at r = 12.112 Mbit/s; below it split is faster.
+    split, ddp = reference("split", 2.0, 1448000, 1448000), reference("ddp", 1.0, 4344000, 4344000)
+    assert timemodel.at_rate(split, 12.112e6) == pytest.approx(4.0)
+    assert timemodel.at_rate(ddp, 12.112e6) == pytest.approx(4.0)
+    cross = timemodel.crossover(split, ddp)
+    assert cross["rate_bit_s"] == pytest.approx(12.112e6, rel=1e-9) and cross["split_faster_below"]
+
+
+def test_no_crossover_when_one_method_wins_everywhere():
+    split, ddp = reference("split", 2.0, 4344000, 4344000), reference("ddp", 1.0, 4344000, 4344000)
+    assert timemodel.crossover(split, ddp) == {"rate_bit_s": None, "winner": "ddp", "range_bit_s": [1e5, 1e11]}
