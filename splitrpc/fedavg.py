@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from splitrpc import comm, data, loop, record, transport
+from splitrpc import comm, console, data, loop, record, transport
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
 from splitrpc.protocol import l1_sync_tensors
@@ -200,8 +200,8 @@ def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
             trainer.steps_per_epoch = len(plan)
             trainer.total_steps = loop.Loop.total_steps_of(cfg, len(plan))
             if rank == 0:
-                print(f"[rank0] pid {os.getpid()} joined; {cfg.hospitals} ranks, {cfg.local_steps} local step(s) "
-                      f"per round", flush=True)
+                console.line(f"[rank0] pid {os.getpid()} joined; {cfg.hospitals} ranks, {cfg.local_steps} local "
+                             f"step(s) per round")
             run_record["hospitals"] = [{"name": transport.hospital_name(r + 1), "train_batches": n}
                                        for r, n in enumerate(trainer.batches)]
             run_record["setup_time_s"] = time.perf_counter() - started
