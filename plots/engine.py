@@ -63,8 +63,8 @@ def codec_table(records: list[dict]) -> list[str]:
                 if r["config"].get("codec", "none") == "none"}
     lines = ["## codec (activations and gradients at the cut, same seed and steps as float32)", "",
              "| model | N | codec | final acc (mean / min) | vs float32 (points) | payload MB per hospital per epoch | "
-             "vs float32 | tcp/payload | samples/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "vs float32 | tcp/payload |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (_model(r["config"]), r["config"]["hospitals"],
                                             CODEC_ORDER[r["config"].get("codec", "none")])):
         cfg = r["config"]
@@ -78,7 +78,7 @@ def codec_table(records: list[dict]) -> list[str]:
         lines.append(
             f"| {_model(cfg)} | {cfg['hospitals']} | {cfg.get('codec', 'none')} | "
             f"{r['final_test_acc']:.4f} / {r['final_test_acc_min']:.4f} | {gap} | {per_hospital / 1e6:.0f} | "
-            f"{bytes_ratio} | {'' if ratio is None else f'{ratio:.4f}'} | {r['samples_per_s']:.0f} |")
+            f"{bytes_ratio} | {'' if ratio is None else f'{ratio:.4f}'} |")
     return lines + [""]
 
 
