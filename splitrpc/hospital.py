@@ -9,6 +9,7 @@ activations, and ``step`` applies it here.
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import threading
@@ -73,7 +74,9 @@ class Hospital:
         # L1's backward pass and step run here, one at a time, as gradients arrive.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="l1-step")
         self.pending: Future | None = None
-        self.gradients_received = 0
+        self.pending_lock = threading.Lock()
+        # (server step, this hospital's state before it): undone if the server retries that step.
+        self.attempt: tuple[int, dict] = (-1, {})
 
     def describe(self) -> dict:
         """Sizes the server needs to plan steps. No sample or index leaves."""
@@ -87,18 +90,27 @@ class Hospital:
             "threads": torch.get_num_threads(),
         }
 
-    def forward(self, epoch: int, batch: int, lr: float, grad_scale: float) -> tuple:
+    def forward(self, epoch: int, batch: int, lr: float, grad_scale: float, step: int = -1,
+                tail_scale: float = 1.0) -> tuple:
         """The wire form of L1's activations for training batch ``batch`` of ``epoch``, and its labels
         (U-shaped: the activations only; ``tail_loss`` then takes the trunk's output).
 
         Called inside the server's distributed-autograd context. The gradient of these
         activations comes back through that context (the only other message of a step),
         and L1 then takes its step here at rate ``lr``, its gradient multiplied by
-        ``grad_scale``: the step needs no request of its own.
+        ``grad_scale``: the step needs no request of its own. ``step`` numbers the server's
+        optimizer steps: a forward for the step this hospital last computed is the server
+        retrying that step after another hospital failed in it, and whatever the first
+        attempt did here (BatchNorm statistics, an L1 step if its gradient came) is undone
+        first, so that the step is taken once.
         """
         self.settle()  # the previous batch's L1 step comes first
         images, labels = self.shard.batch(epoch, batch)
         with self.lock:
+            if step >= 0 and step == self.attempt[0]:
+                self._restore(self.attempt[1])
+            else:
+                self.attempt = (step, self._snapshot())
             self.head.train()
             activations = self.protect(self.head(images.to(self.device)).cpu(),
                                        data.derived_seed(self.cfg.seed, data.NOISE, self.index, epoch, batch))
@@ -114,19 +126,20 @@ class Hospital:
             if self.capture is not None:
                 # The labels too: an auditor holding both sides scores label leakage (U-shaped) against them.
                 self.capture.append({"epoch": epoch, "batch": batch, "inputs": images.clone(), "labels": labels.clone()})
-        labels = labels.to(self.label_dtype)
-        if self.fault and self.forwards >= self.fault[1]:
-            activations, labels = inject_fault(self.fault[0], activations, labels, self.cfg.num_classes)
-
-        flight = self.in_flight = {"labels": labels, "tail_gradients": None}
+            labels = labels.to(self.label_dtype)
+            if self.fault and self.forwards >= self.fault[1]:
+                activations, labels = inject_fault(self.fault[0], activations, labels, self.cfg.num_classes)
+            flight = self.in_flight = {"labels": labels, "tail_gradients": None}
 
         def on_gradient(gradient, wire_gradient):
             # Runs in distributed autograd's thread as the gradient arrives; L1's backward pass and
             # step run on this hospital's own worker, so the server's backward pass need not wait.
             self.ledger.add(transport.SERVER, "received", comm.tensor_bytes(*wire_gradient))
-            self.gradients_received += 1
-            self.pending = self.worker.submit(self._step, activations, gradient, lr, grad_scale, extra,
-                                              flight["tail_gradients"])
+            if self.in_flight is not flight:
+                return  # a late gradient of an attempt the server has abandoned
+            with self.pending_lock:
+                self.pending = self.worker.submit(self._step, activations, gradient, lr, grad_scale, extra,
+                                                  flight["tail_gradients"], tail_scale)
 
         wire = codec.hospital_send(activations, self.cfg.codec, on_gradient)
         message = (*wire, labels) if self.tail is None else tuple(wire)  # U-shaped: labels stay here
@@ -153,20 +166,40 @@ class Hospital:
         self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(*reply))
         return reply
 
-    def _step(self, activations, gradient, lr: float, grad_scale: float, extra, tail_gradients) -> None:
+    def _step(self, activations, gradient, lr: float, grad_scale: float, extra, tail_gradients,
+              tail_scale: float) -> None:
         with self.lock:
-            torch.autograd.backward(activations, gradient.to(activations.dtype))
-            extra = {p: g for p, g in extra.items() if g is not None} if extra else None
-            apply_gradients(self.optimizer, None, lr, grad_scale, extra)
-            if tail_gradients is not None:
-                # The gradient of this hospital's own batch mean, as L1's is after its scale.
-                apply_gradients(self.tail_optimizer, tail_gradients, lr)
+            try:
+                torch.autograd.backward(activations, gradient.to(activations.dtype))
+                extra = {p: g for p, g in extra.items() if g is not None} if extra else None
+                apply_gradients(self.optimizer, None, lr, grad_scale, extra)
+                if tail_gradients is not None:
+                    # The server divides each hospital's loss gradient by the participants, and L1's
+                    # gradient comes back multiplied by grad_scale: the tail's is scaled to match.
+                    apply_gradients(self.tail_optimizer, tail_gradients, lr, tail_scale)
+            finally:
+                self.optimizer.zero_grad(set_to_none=True)  # a failed step leaves no gradient behind
 
     def settle(self) -> None:
         """Wait for an L1 step still running from the last gradient (and raise its error, if any)."""
-        pending, self.pending = self.pending, None
+        with self.pending_lock:
+            pending, self.pending = self.pending, None
         if pending is not None:
             pending.result()
+
+    def _snapshot(self) -> dict:
+        """What one step changes here: L1 (with BatchNorm's statistics), the tail, their optimizers."""
+        state = {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.tail is not None:
+            state.update(tail=self.tail.state_dict(), tail_optimizer=self.tail_optimizer.state_dict())
+        return copy.deepcopy(state)
+
+    def _restore(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.tail is not None:
+            self.tail.load_state_dict(state["tail"])
+            self.tail_optimizer.load_state_dict(state["tail_optimizer"])
 
     def protect(self, activations: torch.Tensor, noise_seed: int) -> torch.Tensor:
         """--noise: Gaussian noise on everything that leaves this hospital (training and evaluation)."""

@@ -57,7 +57,10 @@ def message_problem(message, batch: int, activation_shape: tuple, dtype: torch.d
     for tensor, (expected, _) in zip(wire, spec):
         if tuple(tensor.shape) != expected or len(labels) != batch:
             return f"activations of shape {tuple(tensor.shape)} with {len(labels)} labels, expected {expected}"
-    bad = sum((~torch.isfinite(t.detach().float() if t.element_size() == 1 else t.detach())).sum().item() for t in wire)
+    if codec_name == "fp8" and not bool((wire[1] > 0).all()):
+        return "float8 scales that are not positive"
+    # Decoded, as the trunk would see them: a finite but huge scale can still overflow.
+    bad = (~torch.isfinite(codec.decode(codec_name, [t.detach() for t in wire], dtype))).sum().item()
     if bad:
         return f"{bad} non-finite activation values"
     low, high = labels.min().item(), labels.max().item()
@@ -79,7 +82,12 @@ def output_gradient_problem(reply, shape: tuple, dtype: torch.dtype, codec_name:
     for tensor, (expected_shape, expected_dtype) in zip(reply[:-1], spec):
         if tuple(tensor.shape) != expected_shape or tensor.dtype != expected_dtype:
             return f"a loss gradient of {tuple(tensor.shape)} {tensor.dtype}, expected {expected_shape} {expected_dtype}"
-    if not all(torch.isfinite(t.float()).all() for t in reply):
+    if tuple(reply[-1].shape) != (1,) or not reply[-1].is_floating_point():
+        return f"a loss of shape {tuple(reply[-1].shape)} and dtype {reply[-1].dtype}, expected one float"
+    if codec_name == "fp8" and not bool((reply[1] > 0).all()):
+        return "float8 scales that are not positive"
+    decoded = codec.decode(codec_name, list(reply[:-1]), dtype)
+    if not (bool(torch.isfinite(decoded).all()) and bool(torch.isfinite(reply[-1]).all())):
         return "a non-finite loss or loss gradient"
     return None
 
@@ -223,8 +231,7 @@ class Server:
             drops, stats = dedup.plan_removals(tokens)
         self.info = [call(h, "dedup_drop", drops.get(h, [])) for h in ids]
         self.switch_phase("setup")
-        up, down = self.bytes.batch(1)
-        per_sample = up + down  # activations and label up, gradient down
+        per_sample = sum(self.bytes.batch(cfg.batch_size)) / cfg.batch_size  # a step's messages, per sample
         dropped = sum(before) - sum(i["train_samples"] for i in self.info)
         return {
             "mode": cfg.dedup,
@@ -285,7 +292,7 @@ class Server:
             if not live:
                 return None, 0  # every hospital of this step is gone: the schedule moves on without it
             try:
-                return self._step(epoch, live, lr)
+                return self._step(epoch, live, lr, step)
             except HospitalFailure as failure:
                 self.discard_prefetch()
                 self.lose(failure, step)  # raises under abort; otherwise retry without it
@@ -299,20 +306,25 @@ class Server:
                     self.lose(HospitalFailure(h, f"{self.hospitals.name(h)}: did not answer after a failed "
                                                  f"backward pass"), step)
 
-    def _open_step(self, epoch: int, participants: Sequence[tuple[int, int]], lr: float) -> transport.StepContext:
+    def _open_step(self, epoch: int, participants: Sequence[tuple[int, int]], lr: float,
+                   step: int) -> transport.StepContext:
         """A step's distributed-autograd context, with every participant's forward request sent inside it.
 
         A request carries the rate of the L1 step its hospital takes when the gradient comes
         back. The concatenated loss averages over every participant's samples; scaling a
         hospital's L1 gradient by the number of participants makes it the gradient of that
-        hospital's own batch mean, as in a sequential step.
+        hospital's own batch mean, as in a sequential step. U-shaped, the tail's gradient is
+        that of the hospital's own mean already, and is scaled by ``scale / participants``
+        to match (1 by default).
         """
         scale = float(len(participants)) if self.cfg.l1_grad_scale == "participants" else 1.0
-        return transport.StepContext(lambda: [self.hospitals.call_async(h, "forward", epoch, b, lr, scale)
+        tail_scale = scale / len(participants)
+        return transport.StepContext(lambda: [self.hospitals.call_async(h, "forward", epoch, b, lr, scale, step,
+                                                                        tail_scale)
                                               for h, b in participants])
 
     def _upcoming(self, participants: Sequence[tuple[int, int]]) -> tuple | None:
-        """(epoch, participants, lr) of the next step if its hospitals may compute it now, while this step runs.
+        """(epoch, participants, lr, step) of the next step if its hospitals may compute it now, while this step runs.
 
         Only where that changes nothing: the next step's hospitals take no part in this one
         (their L1 does not move before they compute), L1s are independent (no average after
@@ -331,22 +343,23 @@ class Server:
         following = [(h, b) for h, b in following if h not in self.hospitals.lost]
         if not following or {h for h, _ in following} & {h for h, _ in participants}:
             return None
-        return epoch, tuple(following), lr
+        return epoch, tuple(following), lr, steps_done
 
     def discard_prefetch(self) -> None:
         if self.prefetched is not None:
             self.prefetched[1].close()
             self.prefetched = None
 
-    def _step(self, epoch: int, participants: Sequence[tuple[int, int]], lr: float) -> tuple[float, int]:
+    def _step(self, epoch: int, participants: Sequence[tuple[int, int]], lr: float,
+              step: int) -> tuple[float, int]:
         hospitals, clock = self.hospitals, self.log.seconds
         t0 = time.perf_counter()
-        key = (epoch, tuple(participants), lr)
+        key = (epoch, tuple(participants), lr, step)
         if self.prefetched is not None and self.prefetched[0] == key:
             context, self.prefetched = self.prefetched[1], None
         else:
             self.discard_prefetch()
-            context = self._open_step(epoch, participants, lr)
+            context = self._open_step(epoch, participants, lr, step)
         try:
             # One request per hospital: its L1 activations (sent already if prefetched).
             replies = [hospitals.wait(h, f) for (h, _), f in zip(participants, context.sent)]
@@ -545,7 +558,10 @@ class Server:
         torch.save({k: v.cpu() for k, v in self.trunk.state_dict().items()}, Path(directory) / "trunk.pt")
         for h in self.hospitals.live:
             path = str(Path(directory).resolve() / f"head-{self.hospitals.name(h)}.pt")
-            self.hospitals.wait(h, self.hospitals.call_async(h, "save", path))
+            try:  # a hospital's last L1 step surfaces here if it failed
+                self.hospitals.wait(h, self.hospitals.call_async(h, "save", path))
+            except HospitalFailure as failure:
+                self.lose(failure, self.loop.state["steps_done"] if self.loop else 0)
 
 
 def should_resume(cfg) -> bool:

@@ -237,3 +237,35 @@ def test_a_stopped_deduplicated_run_continues_exactly(tmp_path, cache_dir):
     assert [e["epoch"] for e in rest["epochs"]] == [1, 2]
     assert rest["dedup"]["dropped"] == whole["dedup"]["dropped"] > 0
     assert rest["epochs"][-1]["test_acc_per_hospital"] == whole["epochs"][-1]["test_acc_per_hospital"]
+
+
+def test_a_retried_step_is_taken_once_at_the_hospital(cache_dir):
+    """The server retries a step without a hospital that failed in it. A survivor may already have
+    received its gradient and stepped L1; when the retry's forward for the same step arrives, it undoes
+    that first attempt (L1, BatchNorm statistics, optimizer), so it sends exactly what it sent the first
+    time and ends the step as if the first attempt had never happened."""
+    from splitrpc.config import parse_args
+    from splitrpc.hospital import Hospital
+
+    cfg = parse_args(["--dataset", "synthetic", "--model", "vgg11", "--width", "0.25", "--batch-size", "16",
+                      "--synthetic-train", "64", "--synthetic-test", "16", "--momentum", "0.9",
+                      "--cache-dir", cache_dir])
+    torch.set_num_threads(1)
+    hospital, untouched = Hospital(cfg, 1), Hospital(cfg, 1)
+    gradient = torch.ones(16, 16, 32, 32) * 1e-2
+
+    def take(h, step, deliver=True):
+        activations, _ = h.forward(0, 0, 0.1, 1.0, step)
+        if deliver:
+            torch.autograd.backward(activations, gradient)
+            h.settle()
+        return activations.detach().clone()
+
+    first = take(hospital, 7)                     # first attempt: forward, gradient, L1 step
+    retried = take(hospital, 7)                   # the retry of step 7
+    once = take(untouched, 7)                     # a hospital that saw step 7 once
+    assert torch.equal(first, retried) and torch.equal(first, once)
+    for key, value in untouched.head.state_dict().items():
+        assert torch.equal(hospital.head.state_dict()[key], value), key
+    following = take(hospital, 8, deliver=False)  # the next step moves on from the stepped L1
+    assert not torch.equal(following, first)
