@@ -33,7 +33,7 @@ def test_every_successful_run_has_a_row(tmp_path):
         ok = sum(1 for r in records if r.get("status") == "ok")
         runs += ok * (2 if path.stem == "dedup" else 1)  # dedup runs also get a row in the dedup table
     header_rows = sum(1 for line in summary.read_text().splitlines() if line.startswith("| ") and "---" not in line
-                      and line.startswith(("| method", "| overlap", "| defence")))
+                      and line.startswith(("| method", "| overlap", "| defence", "| model |")))
     assert len(rows) - header_rows == runs
 
 
