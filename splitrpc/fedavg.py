@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -185,14 +184,7 @@ def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
         data.prepare(cfg)
     coordinator.mark_ready()
     coordinator.wait_all_ready(cfg.setup_timeout)
-    device = transport.compute_device(cfg)
-    backend = "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        backend = "cpu:gloo,cuda:nccl"
-    # A dead or hung rank fails the others' collectives after --rpc-timeout, not gloo's 30 minutes.
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=cfg.hospitals,
-                            timeout=timedelta(seconds=cfg.rpc_timeout))
+    transport.init_hospital_group(cfg, rank)
     try:
         with coordinator.reporting(who):
             trainer = FedAvgTrainer(cfg, rank)

@@ -161,6 +161,23 @@ class Coordinator:
             time.sleep(poll_s)
 
 
+def init_hospital_group(cfg, rank: int) -> torch.device:
+    """The process group of the data-parallel methods (DDP, FedAvg): the hospitals as ranks 0..N-1.
+
+    Tensors of a CUDA model go over NCCL on a GPU; the small CPU tensors of the loss and
+    evaluation bookkeeping always over gloo. A dead or hung rank fails the others'
+    collectives after --rpc-timeout, not gloo's 30 minutes. Returns the compute device.
+    """
+    device = compute_device(cfg)
+    backend = "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=cfg.hospitals,
+                            timeout=timedelta(seconds=cfg.rpc_timeout))
+    return device
+
+
 def rpc_options(cfg) -> rpc.TensorPipeRpcBackendOptions:
     kwargs = {}
     if cfg.transport == "tcp":
