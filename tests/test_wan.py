@@ -227,5 +227,9 @@ def test_ddp_ranks_are_the_hospitals_and_their_gradients_cross_the_shaped_links(
     for link in links.values():
         assert link["rate_bit_s"] == 50e6
         for direction in ("up", "down"):
-            assert link["qdisc_bytes"][direction] >= link["train_tcp_bytes"][direction] >= gradient
+            # The gradient crossed this link's shapers. (Not qdisc >= TCP: a rank's TCP count also holds
+            # its connections that stay inside its namespace, which no shaper sees; one CI run found
+            # 4.55 MB through the shaper against 4.64 MB of TCP.)
+            assert link["qdisc_bytes"][direction] >= gradient
+            assert link["train_tcp_bytes"][direction] >= gradient
     assert not set(record["wan"]["namespaces"]) & netns_names()
