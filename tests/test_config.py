@@ -50,6 +50,9 @@ def test_record_round_trip():
     (["--capture-samples", "0"], "--capture-samples must be at least 1"),
     (["--l1-init", "foo"], "--l1-init: unknown value 'foo'"),
     (["--l1-grad-scale", "half"], "--l1-grad-scale: unknown value 'half'"),
+    (["--server-threads", "-1"], "--server-threads must not be negative"),
+    (["--hospital-threads", "two"], "--hospital-threads: expected int"),
+    (["--prefetch", "maybe"], "unrecognized arguments: maybe"),  # a switch: --prefetch or --no-prefetch
     (["--method", "ddp", "--l1-grad-scale", "none"], "--l1-grad-scale scales split learning's L1 gradients"),
     (["--method", "split-local", "--l1-init", "private"], "--method split-local reproduces --l1-init shared only"),
     (["--method", "fedavg", "--local-steps", "0"], "--local-steps must be at least 1"),
