@@ -67,7 +67,7 @@ def rpc_group():
         yield coordinator
     finally:
         coordinator.finish()
-        coordinator.wait_for_acknowledgements(2, timeout_s=30)
+        coordinator.wait_for_acknowledgements([transport.hospital_name(r) for r in (1, 2)], timeout_s=30)
         transport.stop_rpc(graceful=True, timeout_s=30)
         for p in hospitals:
             p.wait(timeout=60)

@@ -419,7 +419,7 @@ def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
                         raise PeerError(f"lost the server: {transport.remote_error_summary(exc)}") from None
                     last_beat = time.monotonic()
                 time.sleep(FINISH_POLL_S)
-            coordinator.acknowledge_finish()
+            coordinator.acknowledge_finish(name)
     except BaseException:
         transport.stop_rpc(graceful=False, timeout_s=0)
         raise

@@ -619,6 +619,7 @@ def run(cfg, coordinator: transport.Coordinator) -> int:
     record.append_jsonl(cfg.out, run_record)
     record.print_summary(run_record, "server")
     coordinator.finish()
-    coordinator.wait_for_acknowledgements(len(server.hospitals.live), timeout_s=cfg.rpc_timeout)
+    coordinator.wait_for_acknowledgements([server.hospitals.name(i) for i in server.hospitals.live],
+                                          timeout_s=cfg.rpc_timeout)
     transport.stop_rpc(graceful=not server.hospitals.lost, timeout_s=cfg.rpc_timeout)
     return 0

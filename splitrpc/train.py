@@ -116,5 +116,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def leave_worker(code: int) -> None:
+    """End a torchrun worker process now, without Python's finalization.
+
+    Distributed autograd runs the part of a peer's backward pass that lives here (the
+    hospital's gradient hook, in Python) on a C++ thread that ``rpc.shutdown`` does not
+    stop. A hospital that hung and was dropped by the server can still be running one
+    when it leaves; if the interpreter finalizes meanwhile, that thread's call into
+    Python aborts the process (SIGABRT, "terminate called without an active exception"),
+    and a run that ended well reports a killed worker. Everything worth keeping is
+    written by now (records and checkpoints are closed files); only the streams need
+    flushing. ``tests/test_exit.py`` shows the abort and this way out.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if transport.under_torchrun():
+        leave_worker(exit_code)
+    sys.exit(exit_code)

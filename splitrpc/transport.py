@@ -147,17 +147,20 @@ class Coordinator:
     def finished(self) -> bool:
         return self.store.check(["finished"])
 
-    def acknowledge_finish(self) -> None:
-        self.store.add("finished_ack", 1)
+    def acknowledge_finish(self, who: str) -> None:
+        self.store.set(f"finished_ack/{who}", "1")
 
-    def wait_for_acknowledgements(self, count: int, timeout_s: float, poll_s: float = 0.1) -> None:
-        """The server leaves last: wait (bounded) until ``count`` hospitals have seen the finish.
+    def wait_for_acknowledgements(self, who: list[str], timeout_s: float, poll_s: float = 0.1) -> None:
+        """The server leaves last: wait (bounded) until each of ``who`` has seen the finish.
 
         Without torchrun's agent the server's process hosts the store, and hospitals
-        still polling it must not find it gone.
+        still polling it must not find it gone. Each hospital acknowledges under its
+        own name: a dropped hospital that wakes up after the finish (a SIGSTOP ended)
+        must not stand in for a live one that has yet to look.
         """
+        keys = [f"finished_ack/{name}" for name in who]
         deadline = time.monotonic() + timeout_s
-        while int(self.store.add("finished_ack", 0)) < count and time.monotonic() < deadline:
+        while not self.store.check(keys) and time.monotonic() < deadline:
             time.sleep(poll_s)
 
 
