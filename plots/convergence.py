@@ -1,0 +1,106 @@
+"""Figure and table of the long runs (bench/configs/convergence.toml, ``results/convergence.jsonl``).
+
+Test accuracy per epoch of every method and split-learning variant, a panel per model
+and partition; the table gives final and best accuracy, the gap to centralized
+training of the same model and partition, the training traffic per hospital and the
+wall time. Everything is read from the run records.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from plots.engine import _model
+
+MB = 1e6
+
+
+def variant(cfg: dict) -> str:
+    """How a convergence run is named: the method, and what distinguishes it from the method's default."""
+    method = cfg["method"]
+    if method == "fedavg":
+        steps = cfg.get("local_steps", 1)
+        return "fedavg (1 round per epoch)" if steps >= 10000 else f"fedavg ({steps} local steps)"
+    if method != "split":
+        return method
+    parts = []
+    if cfg.get("l1") == "average":
+        parts.append(f"L1 averaged every {cfg.get('l1_sync_every', 1)}")
+    else:
+        parts.append("independent L1")
+    if cfg.get("l1_grad_scale", "participants") == "none":
+        parts.append("L1 gradient unscaled")
+    if cfg.get("cut", 1) != 1:
+        parts.append(f"cut {cfg['cut']}")
+    return f"split ({', '.join(parts)})"
+
+
+def partition(cfg: dict) -> str:
+    return "IID" if cfg["partition"] == "iid" else f"Dirichlet {cfg.get('alpha'):g}"
+
+
+def _order(name: str) -> tuple:
+    first = ("local", "ddp", "fedavg", "split (independent L1)")
+    return (next((i for i, p in enumerate(first) if name.startswith(p)), len(first)), name)
+
+
+def _curve(record: dict, key: str) -> tuple[list[int], list[float]]:
+    epochs = [e for e in record["epochs"] if key in e]
+    return [e["epoch"] for e in epochs], [e[key] for e in epochs]
+
+
+def _best(record: dict) -> tuple[float, int]:
+    epochs, accs = _curve(record, "test_acc_mean")
+    best = max(range(len(accs)), key=accs.__getitem__)
+    return accs[best], epochs[best]
+
+
+def fig_convergence(records: list[dict], out_dir: Path, name: str, save) -> list[Path]:
+    panels = defaultdict(list)
+    for r in records:
+        panels[(_model(r["config"]), partition(r["config"]))].append(r)
+    if not panels:
+        return []
+    keys = sorted(panels)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.4 * len(keys), 4.2), squeeze=False, constrained_layout=True)
+    cmap = plt.get_cmap("tab10")
+    names = sorted({variant(r["config"]) for r in records}, key=_order)
+    for ax, key in zip(axes[0], keys):
+        for r in sorted(panels[key], key=lambda r: _order(variant(r["config"]))):
+            label = variant(r["config"])
+            color = cmap(names.index(label) % 10)
+            ax.plot(*_curve(r, "test_acc_mean"), marker="o", markersize=3, color=color, label=label)
+            if r["config"]["method"] == "split" and r["config"].get("l1") != "average":
+                # Independent L1s: every hospital has its own model; the worst of them.
+                ax.plot(*_curve(r, "test_acc_min"), linestyle="--", color=color, alpha=0.5,
+                        label=f"{label}, worst hospital")
+        ax.set_title(f"{key[0]}, {key[1]}, N={panels[key][0]['config']['hospitals']}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (mean over hospitals)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    return save(fig, name, out_dir)
+
+
+def convergence_table(records: list[dict]) -> list[str]:
+    lines = ["## convergence (bench/configs/convergence.toml: N=4, batch 64 per hospital, one-cycle SGD)", "",
+             "| model | partition | variant | epochs | final acc (mean / min) | vs local (points) | best acc (epoch) "
+             "| final train loss | train MB per hospital per epoch (tcp) | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    local = {(_model(r["config"]), partition(r["config"])): r["final_test_acc"]
+             for r in records if r["config"]["method"] == "local"}
+    for r in sorted(records, key=lambda r: (_model(r["config"]), partition(r["config"]), _order(variant(r["config"])))):
+        cfg = r["config"]
+        key = (_model(cfg), partition(cfg))
+        gap = "" if key not in local else f"{100 * (r['final_test_acc'] - local[key]):+.2f}"
+        best, best_epoch = _best(r)
+        per_epoch = ((r.get("comm") or {}).get("per_epoch") or {}).get("tcp") or {}
+        traffic = per_epoch.get("per_hospital")
+        lines.append(f"| {key[0]} | {key[1]} | {variant(cfg)} | {len(r['epochs'])} | {r['final_test_acc']:.4f} / "
+                     f"{r['final_test_acc_min']:.4f} | {gap} | {best:.4f} ({best_epoch}) | "
+                     f"{r['epochs'][-1]['train_loss']:.4f} | {'' if traffic is None else f'{traffic / MB:.0f}'} | "
+                     f"{r['wall_time_s']:.0f} |")
+    return lines + [""]
