@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -233,3 +234,26 @@ def test_ddp_ranks_are_the_hospitals_and_their_gradients_cross_the_shaped_links(
             assert link["qdisc_bytes"][direction] >= gradient
             assert link["train_tcp_bytes"][direction] >= gradient
     assert not set(record["wan"]["namespaces"]) & netns_names()
+
+
+@needs_netns
+def test_link_duplex_one_way_goodput_is_the_link_rate_and_nothing_is_left(tmp_path):
+    before = netns_names()
+    out = tmp_path / "duplex.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.link_duplex", "--rate", RATE, "--mbytes", "3", "--json",
+                           str(out)], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    (result,) = json.loads(out.read_text())
+    payload_rate = parse_rate(RATE) / timemodel.WIRE_FACTOR  # what a saturated link carries as TCP payload
+    # One way: the shaper's rate, less framing (slow start and tbf's burst move it a few per cent).
+    assert 0.85 * payload_rate < result["one_way"]["goodput_bit_s"] < 1.1 * payload_rate, result
+    assert 0 < result["both_ways"]["goodput_bit_s"] <= 1.1 * payload_rate, result
+    assert netns_names() == before
+
+
+def test_link_duplex_bad_rate_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "bench.link_duplex", "--rate", "fast"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "link rate" in proc.stderr, proc.stderr
