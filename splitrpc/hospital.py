@@ -419,12 +419,14 @@ def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
                         raise PeerError(f"lost the server: {transport.remote_error_summary(exc)}") from None
                     last_beat = time.monotonic()
                 time.sleep(FINISH_POLL_S)
-            coordinator.acknowledge_finish(name)
+            # Read before the acknowledgement: after it the server, the store's host, may leave.
+            graceful = not _store(coordinator.lost)
+            _store(coordinator.acknowledge_finish, name)
     except BaseException:
         transport.stop_rpc(graceful=False, timeout_s=0)
         raise
     # A graceful stop waits for every party; with a hospital lost on the way it cannot complete.
-    transport.stop_rpc(graceful=not coordinator.lost(), timeout_s=cfg.rpc_timeout)
+    transport.stop_rpc(graceful=graceful, timeout_s=cfg.rpc_timeout)
     if cfg.l1 == "average":
         dist.destroy_process_group()
     return 0

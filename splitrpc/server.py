@@ -71,6 +71,7 @@ def message_problem(message, batch: int, activation_shape: tuple, dtype: torch.d
 
 # Calls that serve the measurement itself, not training: left out of the round-trip counts.
 MEASUREMENT_CALLS = frozenset({"switch_phase", "comm_report"})
+LOST_ACK_WAIT_S = 2.0  # a dropped hospital that is alive polls the store every 0.2 s; a dead one never answers
 
 
 def output_gradient_problem(reply, shape: tuple, dtype: torch.dtype, codec_name: str) -> str | None:
@@ -621,5 +622,10 @@ def run(cfg, coordinator: transport.Coordinator) -> int:
     coordinator.finish()
     coordinator.wait_for_acknowledgements([server.hospitals.name(i) for i in server.hospitals.live],
                                           timeout_s=cfg.rpc_timeout)
+    if server.hospitals.lost:
+        # A dropped hospital may still be alive (it sent a bad message, or it hung and woke):
+        # it leaves cleanly if it finds the store before this process, its host, is gone.
+        coordinator.wait_for_acknowledgements([server.hospitals.name(i) for i in server.hospitals.lost],
+                                              timeout_s=LOST_ACK_WAIT_S)
     transport.stop_rpc(graceful=not server.hospitals.lost, timeout_s=cfg.rpc_timeout)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 import warnings
 
 from splitrpc import transport
@@ -18,6 +19,8 @@ from splitrpc.errors import PeerError, UserError, report
 
 
 QUIET_EXIT_DELAY_S = 2.0
+# More than two of a hospital's store polls (hospital.FINISH_POLL_S), with room for a busy machine.
+STORE_HOST_LINGER_S = 1.0
 
 
 def _quiet_library_warnings() -> None:
@@ -127,14 +130,29 @@ def leave_worker(code: int) -> None:
     and a run that ended well reports a killed worker. Everything worth keeping is
     written by now (records and checkpoints are closed files); only the streams need
     flushing. ``tests/test_exit.py`` shows the abort and this way out.
+
+    Rank 0 hosts the coordination store (``launch`` has the workers host their own).
+    After a failure it stays a moment, so that every peer polling the store reads the
+    failure and leaves quietly as its consequence instead of reporting a lost server.
     """
+    if code != 0 and int(os.environ.get("RANK", "-1")) == 0:
+        time.sleep(STORE_HOST_LINGER_S)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
+def worker_main() -> None:
+    """``python -m splitrpc.train``: under torchrun every way out goes through ``leave_worker``."""
+    if not transport.under_torchrun():
+        sys.exit(main())
+    try:
+        code = main()
+    except BaseException:  # noqa: BLE001 - an unexpected error still prints its traceback, then leaves
+        traceback.print_exc()
+        code = 1
+    leave_worker(code)
+
+
 if __name__ == "__main__":
-    exit_code = main()
-    if transport.under_torchrun():
-        leave_worker(exit_code)
-    sys.exit(exit_code)
+    worker_main()
