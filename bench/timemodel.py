@@ -1,6 +1,6 @@
 """Seconds per training step over slow links: a model checked against shaped runs, and projections.
 
-    python -m bench.timemodel results/wan.jsonl [--json results/wan_model.json]
+    python -m bench.timemodel results/wan.jsonl [--duplex results/link_duplex.json] [--json results/wan_model.json]
 
 A step costs its compute, plus the time its bytes take on the links, plus
 round trips x RTT::
@@ -17,7 +17,11 @@ round trips x RTT::
   ``--schedule parallel``; their sum under ``sequential``), then the down
   phase likewise; a shaped server link carries the sum of the hospitals'
   bytes. DDP's ring all-reduce sends and receives at once: a step lasts as
-  long as the busiest direction of the slowest link.
+  long as the busiest direction of the slowest link, at the goodput a link
+  keeps when both its directions are busy. With ``--duplex`` (the output of
+  ``python -m bench.link_duplex``) that goodput is the measured fraction of
+  the one-way goodput at the link's rate (interpolated in log(rate) between
+  the measured rates, the nearest one's outside them); without, 1.
 * ``round_trips x RTT``: **a projection**. This machine cannot add delay
   (no ``netem``), so every measured run has RTT ~ 0 and this term is only
   ever extrapolated. Split learning makes ``comm["round_trips_per_step"]``
@@ -49,17 +53,46 @@ PROJECTED_RTTS_S = (0.0, 0.010, 0.030, 0.100)
 IGNORED_KEYS = {"run_key", "out", "tag", "config"}  # not part of a setting
 
 
-def transfer_seconds(method: str, links: dict, schedule: str = "parallel", server: dict | None = None) -> float:
+def load_duplex(path: str) -> list[tuple[float, float]]:
+    """[(rate bit/s, both-ways goodput / one-way goodput)] from bench.link_duplex's --json, by rate."""
+    try:
+        rows = json.loads(Path(path).read_text())
+        return sorted((float(r["rate_bit_s"]), float(r["both_over_one"])) for r in rows)
+    except FileNotFoundError:
+        raise UserError(f"no such duplex calibration: {path} (python -m bench.link_duplex --json ...)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a bench.link_duplex result ({exc})") from None
+
+
+def duplex_factor(rate: float | None, duplex: list[tuple[float, float]] | None) -> float:
+    """The fraction of one-way goodput a link at ``rate`` keeps with both directions busy (1 uncalibrated)."""
+    if rate is None or not duplex:
+        return 1.0
+    if rate <= duplex[0][0]:
+        return duplex[0][1]
+    if rate >= duplex[-1][0]:
+        return duplex[-1][1]
+    for (r0, f0), (r1, f1) in zip(duplex, duplex[1:]):
+        if r0 <= rate <= r1:
+            w = (math.log(rate) - math.log(r0)) / (math.log(r1) - math.log(r0))
+            return f0 + w * (f1 - f0)
+    raise AssertionError("unreachable: the calibration is sorted")
+
+
+def transfer_seconds(method: str, links: dict, schedule: str = "parallel", server: dict | None = None,
+                     duplex: list[tuple[float, float]] | None = None) -> float:
     """Seconds a step spends on the links.
 
     ``links``: {hospital: {"rate": bit/s or None, "up": bytes, "down": bytes}} per step;
-    ``server``: the same for a shaped server link under split (None: unshaped).
+    ``server``: the same for a shaped server link under split (None: unshaped);
+    ``duplex``: a link's goodput with both directions busy (``load_duplex``), for DDP.
     """
     def secs(nbytes: float, rate: float | None) -> float:
         return 0.0 if rate is None else nbytes * WIRE_FACTOR * 8 / rate
 
     if method == "ddp":
-        return max((max(secs(l["up"], l["rate"]), secs(l["down"], l["rate"])) for l in links.values()), default=0.0)
+        return max((max(secs(l["up"], l["rate"]), secs(l["down"], l["rate"])) / duplex_factor(l["rate"], duplex)
+                    for l in links.values()), default=0.0)
     combine = max if schedule == "parallel" else sum
     total = 0.0
     for direction in ("up", "down"):
@@ -117,9 +150,10 @@ def find_reference(records: list[dict], record: dict) -> dict | None:
     return matches[-1] if matches else None
 
 
-def predict(record: dict, compute_s: float, rtt_s: float = 0.0) -> dict:
+def predict(record: dict, compute_s: float, rtt_s: float = 0.0, duplex=None) -> dict:
     links, server = step_links(record)
-    transfer = transfer_seconds(record["config"]["method"], links, record["config"].get("schedule", "parallel"), server)
+    transfer = transfer_seconds(record["config"]["method"], links, record["config"].get("schedule", "parallel"), server,
+                                duplex)
     trips, source = round_trips(record)
     return {
         "compute_s": compute_s,
@@ -130,13 +164,15 @@ def predict(record: dict, compute_s: float, rtt_s: float = 0.0) -> dict:
         "latency_s": trips * rtt_s,
         "latency_note": "projection: no delay can be emulated here (no netem); measured runs have RTT ~ 0",
         "predicted_s": compute_s + transfer + trips * rtt_s,
+        "duplex_factor": (min(duplex_factor(link["rate"], duplex) for link in links.values())
+                          if record["config"]["method"] == "ddp" and links else 1.0),
     }
 
 
-def check(record: dict, reference: dict) -> dict:
+def check(record: dict, reference: dict, duplex=None) -> dict:
     """The model against one shaped run: predicted vs measured seconds per step."""
     compute = reference["train_time_s"] / reference["steps"]
-    model = predict(record, compute)
+    model = predict(record, compute, duplex=duplex)
     measured = record["train_time_s"] / record["steps"]
     model.update({
         "compute_source": f"unshaped run {reference['config'].get('run_key') or reference['run_id']}",
@@ -171,7 +207,7 @@ def project(record: dict, model: dict, rtts_s=PROJECTED_RTTS_S) -> dict:
             "note": "RTT > 0 is a projection (no delay emulation here)"}
 
 
-def at_rate(reference: dict, rate: float | None, rtt_s: float = 0.0) -> float:
+def at_rate(reference: dict, rate: float | None, rtt_s: float = 0.0, duplex=None) -> float:
     """Predicted seconds per step of a setting (from its unshaped run) with every hospital link at ``rate``."""
     links, _ = step_links(reference)
     for link in links.values():
@@ -179,11 +215,11 @@ def at_rate(reference: dict, rate: float | None, rtt_s: float = 0.0) -> float:
     cfg = reference["config"]
     trips, _ = round_trips(reference)
     compute = reference["train_time_s"] / reference["steps"]
-    return compute + transfer_seconds(cfg["method"], links, cfg.get("schedule", "parallel")) + trips * rtt_s
+    return compute + transfer_seconds(cfg["method"], links, cfg.get("schedule", "parallel"), duplex=duplex) + trips * rtt_s
 
 
 def crossover(split_reference: dict, ddp_reference: dict, rtt_s: float = 0.0, low: float = 1e5,
-              high: float = 1e11) -> dict:
+              high: float = 1e11, duplex=None) -> dict:
     """The link rate below which split learning's step is faster than DDP's, by the model.
 
     ``{"rate_bit_s": r or None, "split_faster_below": bool}``: split wins at every rate below r
@@ -191,7 +227,7 @@ def crossover(split_reference: dict, ddp_reference: dict, rtt_s: float = 0.0, lo
     Both times are c + b / rate (+ trips x RTT), so they cross at most once.
     """
     def gap(rate):  # > 0: split slower
-        return at_rate(split_reference, rate, rtt_s) - at_rate(ddp_reference, rate, rtt_s)
+        return at_rate(split_reference, rate, rtt_s, duplex) - at_rate(ddp_reference, rate, rtt_s, duplex)
 
     g_low, g_high = gap(low), gap(high)
     if (g_low > 0) == (g_high > 0):
@@ -220,7 +256,7 @@ def load(path: str) -> list[dict]:
     return records
 
 
-def evaluate(records: list[dict]) -> list[dict]:
+def evaluate(records: list[dict], duplex=None) -> list[dict]:
     rows = []
     for rec in records:
         if rec.get("status") != "ok" or not rec.get("wan") or is_reference(rec):
@@ -233,7 +269,7 @@ def evaluate(records: list[dict]) -> list[dict]:
         if reference is None:
             row["model_check"] = None  # no unshaped run of this setting yet
         else:
-            row["model_check"] = check(rec, reference)  # recomputed: the record's copy may predate a newer reference
+            row["model_check"] = check(rec, reference, duplex)  # recomputed: the record's copy may predate a newer reference
             row["projection"] = project(rec, row["model_check"])
         rows.append(row)
     return rows
@@ -242,7 +278,7 @@ def evaluate(records: list[dict]) -> list[dict]:
 PROJECTED_RATES_BIT_S = (1e9, 100e6, 50e6, 20e6, 10e6)
 
 
-def projections(records: list[dict], rates=PROJECTED_RATES_BIT_S, rtts_s=PROJECTED_RTTS_S) -> list[dict]:
+def projections(records: list[dict], rates=PROJECTED_RATES_BIT_S, rtts_s=PROJECTED_RTTS_S, duplex=None) -> list[dict]:
     """Per setting (from its unshaped run): seconds per full epoch at each rate and RTT, and the
     split/DDP crossover rate at each RTT. All of it model output; RTT > 0 is never measured here."""
     refs: dict[tuple, dict[str, dict]] = {}
@@ -260,12 +296,12 @@ def projections(records: list[dict], rates=PROJECTED_RATES_BIT_S, rtts_s=PROJECT
                 "steps_per_epoch": steps,
                 "round_trips_per_step": round_trips(ref)[0],
                 "round_trips_source": round_trips(ref)[1],
-                "s_per_epoch": {f"{rate / 1e6:g}mbit": {f"{rtt * 1000:g}ms": at_rate(ref, rate, rtt) * steps
+                "s_per_epoch": {f"{rate / 1e6:g}mbit": {f"{rtt * 1000:g}ms": at_rate(ref, rate, rtt, duplex) * steps
                                                         for rtt in rtts_s} for rate in rates},
             }
         if len(by_method) == 2:
-            entry["crossover"] = {f"{rtt * 1000:g}ms": crossover(by_method["split"], by_method["ddp"], rtt)
-                                  for rtt in rtts_s}
+            entry["crossover"] = {f"{rtt * 1000:g}ms": crossover(by_method["split"], by_method["ddp"], rtt,
+                                                                 duplex=duplex) for rtt in rtts_s}
         out.append(entry)
     return out
 
@@ -275,13 +311,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="a results file with bench.wan records (e.g. results/wan.jsonl)")
     parser.add_argument("--json", default="", help="also write every check and projection here")
+    parser.add_argument("--duplex", default="", help="bench.link_duplex's --json: DDP's goodput with both "
+                                                     "directions of a link busy (default: the one-way rate)")
     args = parser.parse_args(argv)
     try:
         records = load(args.results)
+        duplex = load_duplex(args.duplex) if args.duplex else None
     except UserError as exc:
         return report(exc)
-    rows = evaluate(records)
-    projected = projections(records)
+    rows = evaluate(records, duplex)
+    projected = projections(records, duplex=duplex)
     print(f"{'model':9} {'method':6} {'N':>2} {'rate':>9} {'compute':>8} {'transfer':>9} {'predicted':>10} "
           f"{'measured':>9} {'error':>7} {'load':>5}   s/epoch at RTT 0 / 10 / 100 ms")
     for row in rows:
@@ -302,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                     if cross["rate_bit_s"] else f"{cross['winner']} faster at every rate")
             print(f"crossover {entry['model']} N={entry['hospitals']} RTT {rtt}: {text}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"checks": rows, "projections": projected}, indent=1,
-                                              sort_keys=True) + "\n")
+        Path(args.json).write_text(json.dumps({"checks": rows, "projections": projected, "duplex": duplex},
+                                              indent=1, sort_keys=True) + "\n")
     return 0
 
 

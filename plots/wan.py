@@ -5,7 +5,8 @@
 Points: shaped runs (bench.wan), seconds per step measured x steps per epoch.
 Lines: the time model (bench/timemodel.py) from each setting's unshaped run:
 compute + bytes / rate, and dashed with a projected RTT of 50 ms (no delay
-can be emulated here). Every number comes from results/wan.jsonl.
+can be emulated here), DDP's transfer at the goodput of a link busy both ways
+(results/link_duplex.json, when present). Every number comes from those files.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bench import timemodel  # noqa: E402
 from plots.figures import METHOD_LABEL, METHOD_STYLE, REPO, save  # noqa: E402
 
 RESULTS = "wan.jsonl"
+DUPLEX = "link_duplex.json"  # DDP's goodput with both directions busy, when measured
 PROJECTED_RTT_S = 0.05
 RATES = np.logspace(6, 10, 60)  # 1 Mbit/s .. 10 Gbit/s
 
@@ -46,7 +48,13 @@ def settings(records: list[dict]) -> dict[tuple, dict[str, dict]]:
     return dict(sorted(out.items()))
 
 
-def fig_epoch_vs_rate(records: list[dict], out_dir: Path, name: str) -> list[Path]:
+def duplex(results_dir: Path):
+    """The committed duplex calibration (bench.link_duplex) that results/wan_model.json was computed with."""
+    path = results_dir / DUPLEX
+    return timemodel.load_duplex(str(path)) if path.exists() else None
+
+
+def fig_epoch_vs_rate(records: list[dict], out_dir: Path, name: str, calibration=None) -> list[Path]:
     groups = settings(records)
     if not groups:
         return []
@@ -55,16 +63,17 @@ def fig_epoch_vs_rate(records: list[dict], out_dir: Path, name: str) -> list[Pat
         for method, ref in sorted(refs.items()):
             color, marker = METHOD_STYLE[method]
             steps = ref["steps_per_epoch"]
-            ax.plot(RATES / 1e6, [timemodel.at_rate(ref, r) * steps for r in RATES], color=color,
+            ax.plot(RATES / 1e6, [timemodel.at_rate(ref, r, 0.0, calibration) * steps for r in RATES], color=color,
                     label=f"{METHOD_LABEL[method]}: model")
-            ax.plot(RATES / 1e6, [timemodel.at_rate(ref, r, PROJECTED_RTT_S) * steps for r in RATES], color=color,
+            ax.plot(RATES / 1e6, [timemodel.at_rate(ref, r, PROJECTED_RTT_S, calibration) * steps for r in RATES],
+                    color=color,
                     ls="--", lw=1, label=f"{METHOD_LABEL[method]}: model + RTT {PROJECTED_RTT_S * 1000:g} ms (projected)")
             shaped = [r for r in records if not timemodel.is_reference(r) and timemodel.setting(r) == timemodel.setting(ref)]
             ax.plot([r["wan"]["rate_bit_s"] / 1e6 for r in shaped],
                     [r["train_time_s"] / r["steps"] * steps for r in shaped], marker, color=color, ls="none",
                     label=f"{METHOD_LABEL[method]}: measured")
         if len(refs) == 2:
-            cross = timemodel.crossover(refs["split"], refs["ddp"])
+            cross = timemodel.crossover(refs["split"], refs["ddp"], duplex=calibration)
             if cross["rate_bit_s"]:
                 ax.axvline(cross["rate_bit_s"] / 1e6, color="gray", lw=0.8, ls=":")
                 side = "below" if cross["split_faster_below"] else "above"
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     # A folder of its own: plots/figures holds exactly what plots.figures draws (tests/test_plots.py).
     parser.add_argument("--wan-out-dir", default=str(REPO / "plots" / "wan"))
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    for path in fig_epoch_vs_rate(load(Path(args.results_dir)), Path(args.wan_out_dir), "wan_epoch_vs_rate"):
+    results = Path(args.results_dir)
+    for path in fig_epoch_vs_rate(load(results), Path(args.wan_out_dir), "wan_epoch_vs_rate", duplex(results)):
         print(f"plots: wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return 0

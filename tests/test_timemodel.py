@@ -44,6 +44,32 @@ def test_ddp_sends_and_receives_at_once():
     assert transfer_seconds("ddp", links(1448000, 1448000, 724000, 1448000)) == pytest.approx(1.514)
 
 
+def test_ddp_transfer_is_slowed_by_the_measured_duplex_goodput_and_split_is_not():
+    # A link busy both ways that keeps half its one-way goodput doubles DDP's transfer; split
+    # learning uses a link one way at a time.
+    duplex = [(MBIT8, 0.5)]
+    assert transfer_seconds("ddp", links(1448000, 1448000, 724000, 1448000), duplex=duplex) == \
+        pytest.approx(2 * 1.514)
+    assert transfer_seconds("split", links(1448000, 724000, 724000, 1448000), duplex=duplex) == \
+        pytest.approx(1.514 + 1.514)
+
+
+def test_duplex_factor_interpolates_in_log_rate_and_holds_the_nearest_outside():
+    duplex = [(1e7, 0.8), (1e9, 1.0)]
+    assert timemodel.duplex_factor(1e8, duplex) == pytest.approx(0.9)  # halfway in log(rate)
+    assert timemodel.duplex_factor(1e6, duplex) == 0.8 and timemodel.duplex_factor(1e10, duplex) == 1.0
+    assert timemodel.duplex_factor(None, duplex) == 1.0 and timemodel.duplex_factor(1e8, None) == 1.0
+
+
+def test_duplex_calibration_is_read_from_bench_link_duplex_json(tmp_path):
+    path = tmp_path / "duplex.json"
+    path.write_text('[{"rate_bit_s": 2e7, "both_over_one": 0.9}, {"rate_bit_s": 1e8, "both_over_one": 0.98}]')
+    assert timemodel.load_duplex(str(path)) == [(2e7, 0.9), (1e8, 0.98)]
+    path.write_text('[{"rate": 1}]')
+    with pytest.raises(timemodel.UserError, match="not a bench.link_duplex result"):
+        timemodel.load_duplex(str(path))
+
+
 def test_unshaped_links_cost_no_time():
     assert transfer_seconds("split", links(1448000, 1448000, 1448000, 1448000, rate=None)) == 0.0
 

@@ -203,9 +203,11 @@ def test_time_model_and_figure_regenerate_from_the_committed_results(tmp_path):
     from plots import wan as wan_plots
 
     results = REPO / "results" / "wan.jsonl"
-    assert timemodel.main([str(results), "--json", str(tmp_path / "model.json")]) == 0
+    assert timemodel.main([str(results), "--duplex", str(REPO / "results" / "link_duplex.json"),
+                           "--json", str(tmp_path / "model.json")]) == 0
     assert (tmp_path / "model.json").read_text() == (REPO / "results" / "wan_model.json").read_text(), \
-        "run `python -m bench.timemodel results/wan.jsonl --json results/wan_model.json` and commit"
+        ("run `python -m bench.timemodel results/wan.jsonl --duplex results/link_duplex.json "
+         "--json results/wan_model.json` and commit")
     assert wan_plots.main(["--wan-out-dir", str(tmp_path / "fig")]) == 0
     assert {p.name for p in (tmp_path / "fig").iterdir()} == {p.name for p in (REPO / "plots" / "wan").iterdir()}
     # Every shaped run carries the model's check, written when it ran.
