@@ -13,7 +13,7 @@ import time
 import traceback
 import warnings
 
-from splitrpc import transport
+from splitrpc import console, transport
 from splitrpc.config import parse_args
 from splitrpc.errors import PeerError, UserError, report
 
@@ -148,6 +148,10 @@ def worker_main() -> None:
         sys.exit(main())
     try:
         code = main()
+    except SystemExit as exc:  # argparse's --help and usage errors
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            console.line(exc.code, sys.stderr)
     except BaseException:  # noqa: BLE001 - an unexpected error still prints its traceback, then leaves
         traceback.print_exc()
         code = 1
