@@ -6,8 +6,10 @@ In vanilla split learning the server computes the loss, so it receives every lab
 (label-inference accuracy 1.0: one row says so). In U-shaped split learning the
 hospital keeps L1 *and* the last ``tail`` stages with the loss; the server holds
 the stages between and receives, for each sample, the gradient of the loss with
-respect to what its trunk sent down. splitrpc does not implement that mode yet, so
-this bench trains the model locally as head | trunk | tail (``split_model``
+respect to what its trunk sent down. splitrpc runs that mode for real
+(``--labels hospital``; ``bench.privacy`` attacks what such a server kept); this
+bench emulates it in one process, so that attacks and defences can be swept
+quickly: it trains the model locally as head | trunk | tail (``split_model``
 twice) and records exactly that gradient: the batched gradient of the mean
 cross-entropy wrt the trunk's output, as the tail's backward pass would return it
 (BatchNorm in a deeper tail couples the samples of a batch, as it would there).
