@@ -28,7 +28,8 @@ def variant(cfg: dict) -> str:
         return method
     parts = []
     if cfg.get("l1") == "average":
-        parts.append(f"L1 averaged every {cfg.get('l1_sync_every', 1)}")
+        every = cfg.get("l1_sync_every", 1)
+        parts.append("L1 averaged every step" if every == 1 else f"L1 averaged every {every} steps")
     else:
         parts.append("independent L1")
     if cfg.get("l1_grad_scale", "participants") == "none":
