@@ -87,7 +87,7 @@ def fig_convergence(records: list[dict], out_dir: Path, name: str, save) -> list
 
 
 def convergence_table(records: list[dict]) -> list[str]:
-    lines = ["## convergence (bench/configs/convergence.toml: N=4, batch 64 per hospital, one-cycle SGD)", "",
+    lines = ["## convergence (bench/configs/convergence.toml; settings in each record's config)", "",
              "| model | partition | variant | epochs | final acc (mean / min) | vs local (points) | best acc (epoch) "
              "| final train loss | train MB per hospital per epoch (tcp) | wall time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -68,6 +68,8 @@ def test_duplex_calibration_is_read_from_bench_link_duplex_json(tmp_path):
     path.write_text('[{"rate": 1}]')
     with pytest.raises(timemodel.UserError, match="not a bench.link_duplex result"):
         timemodel.load_duplex(str(path))
+    with pytest.raises(timemodel.UserError, match="no such duplex calibration"):
+        timemodel.load_duplex(str(tmp_path / "absent.json"))
 
 
 def test_unshaped_links_cost_no_time():

@@ -261,3 +261,10 @@ def test_link_duplex_bad_rate_is_one_line():
                           text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "link rate" in proc.stderr, proc.stderr
+
+
+def test_link_duplex_bad_size_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "bench.link_duplex", "--rate", RATE, "--mbytes", "0"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--mbytes must be positive" in proc.stderr, proc.stderr
