@@ -16,8 +16,9 @@ round trips x RTT::
   the up phase lasts as long as its slowest link (hospitals in parallel under
   ``--schedule parallel``; their sum under ``sequential``), then the down
   phase likewise; a shaped server link carries the sum of the hospitals'
-  bytes. DDP's ring all-reduce sends and receives at once: a step lasts as
-  long as the busiest direction of the slowest link, at the goodput a link
+  bytes. DDP's ring all-reduce sends and receives at once (and so does
+  FedAvg's, once per round; its bytes per step are a round's over the round's
+  steps): a step lasts as long as the busiest direction of the slowest link, at the goodput a link
   keeps when both its directions are busy. With ``--duplex`` (the output of
   ``python -m bench.link_duplex``) that goodput is the measured fraction of
   the one-way goodput at the link's rate (interpolated in log(rate) between
@@ -27,7 +28,8 @@ round trips x RTT::
   ever extrapolated. Split learning makes ``comm["round_trips_per_step"]``
   RPC round trips per hospital per step when the record says so, else 2
   (forward, then step; issue 10 reduces this to 1). A DDP step is a ring
-  all-reduce per gradient bucket, each 2(N-1) one-way hops, i.e. N-1 RTTs.
+  all-reduce per gradient bucket, each 2(N-1) one-way hops, i.e. N-1 RTTs;
+  a FedAvg round is one all-reduce of the flattened model, N-1 RTTs per round.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ DDP_BUCKET_B = 25 * 1024 * 1024
 TARGET_ERROR = 0.15
 PROJECTED_RTTS_S = (0.0, 0.010, 0.030, 0.100)
 IGNORED_KEYS = {"run_key", "out", "tag", "config"}  # not part of a setting
+ALL_REDUCE_METHODS = ("ddp", "fedavg")  # hospitals all-reduce among themselves: both directions of a link at once
 
 
 def load_duplex(path: str) -> list[tuple[float, float]]:
@@ -90,7 +93,7 @@ def transfer_seconds(method: str, links: dict, schedule: str = "parallel", serve
     def secs(nbytes: float, rate: float | None) -> float:
         return 0.0 if rate is None else nbytes * WIRE_FACTOR * 8 / rate
 
-    if method == "ddp":
+    if method in ALL_REDUCE_METHODS:
         return max((max(secs(l["up"], l["rate"]), secs(l["down"], l["rate"])) / duplex_factor(l["rate"], duplex)
                     for l in links.values()), default=0.0)
     combine = max if schedule == "parallel" else sum
@@ -106,6 +109,9 @@ def round_trips(record: dict) -> tuple[float, str]:
     """(round trips per step on the critical path, where the number comes from)."""
     comm = record.get("comm") or {}
     cfg = record["config"]
+    if cfg["method"] == "fedavg":
+        rounds_per_step = comm.get("rounds", 0) / max(1, record.get("steps") or 1)
+        return rounds_per_step * (cfg["hospitals"] - 1), "fedavg: one all-reduce ((N-1) RTTs) per round"
     if cfg["method"] == "ddp":
         gradient = comm.get("gradient_bytes_per_step") or 0
         buckets = 1 + math.ceil(max(0, gradient - DDP_FIRST_BUCKET_B) / DDP_BUCKET_B) if gradient else 1
@@ -165,7 +171,7 @@ def predict(record: dict, compute_s: float, rtt_s: float = 0.0, duplex=None) -> 
         "latency_note": "projection: no delay can be emulated here (no netem); measured runs have RTT ~ 0",
         "predicted_s": compute_s + transfer + trips * rtt_s,
         "duplex_factor": (min(duplex_factor(link["rate"], duplex) for link in links.values())
-                          if record["config"]["method"] == "ddp" and links else 1.0),
+                          if record["config"]["method"] in ALL_REDUCE_METHODS and links else 1.0),
     }
 
 

@@ -17,8 +17,8 @@ Each party is started inside its namespace with ``launch/multinode.sh`` (torchru
 static rendezvous across the namespaces, TensorPipe and gloo bound to the veth
 through TP_SOCKET_IFNAME / GLOO_SOCKET_IFNAME): a real multi-host launch whose
 bytes cross shaped links. Rank layout as in multinode.sh: under ``--method
-split`` node 0 is the server and node i hospital i; under ``--method ddp`` there
-is no server and node i-1 is hospital i (hospital1 holds the rendezvous).
+split`` node 0 is the server and node i hospital i; under ``--method ddp`` and
+``fedavg`` there is no server and node i-1 is hospital i (hospital1 holds the rendezvous).
 
 With ``--out``, the run record (written by the server, or DDP's rank 0) gains a
 ``wan`` object: the rate of every link, the bytes each link's qdiscs passed in
@@ -293,8 +293,8 @@ def run(train_argv: list[str], rate: float | None, server_rate: float | None = N
     from splitrpc.record import append_jsonl
 
     cfg = parse_args(train_argv)  # bad training options: one line before any namespace exists
-    if cfg.method not in ("split", "ddp"):
-        raise UserError(f"bench.wan runs --method split or ddp across namespaces, not {cfg.method!r}")
+    if cfg.method not in ("split", "ddp", "fedavg"):
+        raise UserError(f"bench.wan runs --method split, ddp or fedavg across namespaces, not {cfg.method!r}")
     if "--out" in train_argv or any(a.startswith("--out=") for a in train_argv):
         raise UserError("give --out to bench.wan (before `--`): it adds the link measurements to the record")
     check_environment()

@@ -105,6 +105,20 @@ def test_ddp_round_trips_are_buckets_times_ring_hops():
     assert trips == 4 * 3
 
 
+def test_fedavg_round_trips_are_one_ring_all_reduce_per_round():
+    # 2 rounds over 2 steps, 4 hospitals: a round's all-reduce is 3 RTTs, so 3 a step.
+    trips, source = timemodel.round_trips(record("fedavg", 4, comm_extra={"rounds": 2}))
+    assert trips == 3 and "round" in source
+    assert timemodel.round_trips(record("fedavg", 4, comm_extra={"rounds": 1}, steps=10))[0] == pytest.approx(0.3)
+
+
+def test_fedavg_transfer_is_an_all_reduce_like_ddp():
+    # Both directions at once (the busier one counts), at the duplex goodput, unlike split learning.
+    assert transfer_seconds("fedavg", links(1448000, 1448000, 724000, 1448000)) == pytest.approx(1.514)
+    assert transfer_seconds("fedavg", links(1448000, 1448000, 724000, 1448000), duplex=[(MBIT8, 0.5)]) == \
+        pytest.approx(2 * 1.514)
+
+
 def test_check_against_a_run_and_its_unshaped_reference():
     shaped = record()  # 7.056 s over 2 steps = 3.528 s a step
     reference = record(train_s=1.0, rate=None)  # 0.5 s a step of compute
