@@ -7,6 +7,11 @@ Lines: the time model (bench/timemodel.py) from each setting's unshaped run:
 compute + bytes / rate, and dashed with a projected RTT of 50 ms (no delay
 can be emulated here), DDP's transfer at the goodput of a link busy both ways
 (results/link_duplex.json, when present). Every number comes from those files.
+
+Time to accuracy (plots/wan/time_to_accuracy.{png,pdf}, when results/wan_tta.jsonl
+and results/convergence.jsonl exist): the 15-epoch accuracy curves on the clock
+of bench/time_to_accuracy.py at several link rates, and the shaped first epochs
+of bench/configs/wan_tta.toml as measured points.
 """
 
 from __future__ import annotations
@@ -22,10 +27,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import time_to_accuracy as tta  # noqa: E402
 from bench import timemodel  # noqa: E402
+from plots.convergence import partition as partition_name  # noqa: E402
 from plots.figures import METHOD_LABEL, METHOD_STYLE, REPO, save  # noqa: E402
 
 RESULTS = "wan.jsonl"
+TTA_RESULTS = "wan_tta.jsonl"  # bench/configs/wan_tta.toml
+CURVES = "convergence.jsonl"  # bench/configs/convergence.toml
+TTA_RATES_BIT_S = (1e9, 100e6, 20e6)
 DUPLEX = "link_duplex.json"  # DDP's goodput with both directions busy, when measured
 PROJECTED_RTT_S = 0.05
 RATES = np.logspace(6, 10, 60)  # 1 Mbit/s .. 10 Gbit/s
@@ -94,6 +104,50 @@ def fig_epoch_vs_rate(records: list[dict], out_dir: Path, name: str, calibration
     return paths
 
 
+def fig_time_to_accuracy(curves: list[dict], shaped: list[dict], out_dir: Path, name: str,
+                         calibration=None) -> list[Path]:
+    refs = tta.compute_references(shaped)
+    rows = tta.project(curves, refs, rates=TTA_RATES_BIT_S, duplex=calibration)
+    if not rows:
+        return []
+    parts = sorted({(r["partition"], r["alpha"]) for r in rows}, key=lambda p: p[0] != "iid")
+    fig, axes = plt.subplots(len(parts), len(TTA_RATES_BIT_S), figsize=(4.6 * len(TTA_RATES_BIT_S), 3.6 * len(parts)),
+                             squeeze=False, constrained_layout=True)
+    cmap = plt.get_cmap("tab10")
+    names = sorted({r["variant"] for r in rows})
+    measured = [c for c in tta.checks(curves, shaped, refs, calibration) if "epoch1" in c]
+    for i, (part, alpha) in enumerate(parts):
+        for j, rate in enumerate(TTA_RATES_BIT_S):
+            ax = axes[i][j]
+            for row in (r for r in rows if (r["partition"], r["alpha"]) == (part, alpha)):
+                points = row["rates"][tta.rate_name(rate)]["curve"]
+                ax.plot([p["hours"] for p in points], [p["acc"] for p in points], marker="o", markersize=2.5,
+                        color=cmap(names.index(row["variant"]) % 10), label=row["variant"])
+            if part == "iid":
+                for c in (c for c in measured if c["rate_bit_s"] == rate):
+                    ax.plot(c["epoch1"]["measured_s"] / 3600, c["epoch1"]["acc_shaped"], "kx", markersize=7,
+                            label=f"measured epoch 1 over the link ({c['method']})")
+            ax.set_xscale("log")
+            ax.set_title(f"{partition_name({'partition': part, 'alpha': alpha})}, hospital links at "
+                         f"{rate / 1e6:g} Mbit/s", fontsize=9)
+            ax.set_xlabel("training hours (compute measured + bytes / rate; RTT 0)")
+            ax.set_ylabel("test accuracy (mean over hospitals)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.suptitle("Time to accuracy: VGG-11 x0.25, N = 4, 15 epochs (results/convergence.jsonl) on the clock of "
+                 "bench/time_to_accuracy.py", fontsize=9)
+    paths = save(fig, name, out_dir)
+    plt.close(fig)
+    return paths
+
+
+def load_tta(results_dir: Path) -> tuple[list[dict], list[dict]]:
+    shaped, curves = results_dir / TTA_RESULTS, results_dir / CURVES
+    if not (shaped.exists() and curves.exists()):
+        return [], []
+    return tta.load_ok(str(curves)), tta.load_ok(str(shaped))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m plots (wan)", add_help=False)
     parser.add_argument("--results-dir", default=str(REPO / "results"))
@@ -101,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wan-out-dir", default=str(REPO / "plots" / "wan"))
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     results = Path(args.results_dir)
-    for path in fig_epoch_vs_rate(load(results), Path(args.wan_out_dir), "wan_epoch_vs_rate", duplex(results)):
+    written = fig_epoch_vs_rate(load(results), Path(args.wan_out_dir), "wan_epoch_vs_rate", duplex(results))
+    written += fig_time_to_accuracy(*load_tta(results), Path(args.wan_out_dir), "time_to_accuracy", duplex(results))
+    for path in written:
         print(f"plots: wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return 0

@@ -1,0 +1,207 @@
+"""Time to accuracy over slow links: the 15-epoch accuracy curves on a clock that runs at a link's rate.
+
+    python -m bench.time_to_accuracy results/convergence.jsonl --shaped results/wan_tta.jsonl \\
+        [--duplex results/link_duplex.json] [--json results/time_to_accuracy.json]
+
+A 15-epoch run over a 20 Mbit/s link costs hours of this machine per method, so
+time to accuracy is put together from three measured things, and checked:
+
+* **accuracy after every epoch**: the runs of ``results/convergence.jsonl``
+  (bench/configs/convergence.toml), trained over loopback;
+* **seconds per step at a link rate**: bench/timemodel.py, i.e. the compute per
+  step of the method's unshaped run in ``--shaped`` (bench/configs/wan_tta.toml:
+  the same setting, each party in its own namespace, one run at a time) plus the
+  convergence run's own bytes per step on each hospital's link / the rate. The
+  compute comes from those quiet runs, not from the convergence runs' clocks,
+  which other work on this machine slowed by up to 2x in some epochs;
+* **the check**: the shaped runs of ``--shaped`` train the first epoch of the
+  same schedule over 100 Mbit/s (and FedAvg over 20 Mbit/s), so their measured
+  epoch seconds are set against the projection of that epoch, and their epoch-1
+  accuracy against the curve's first point. Shorter 20 Mbit/s runs check seconds
+  per step only (bench.timemodel's check, printed too).
+
+Training time only: evaluations (which under split learning send the test set's
+activations over the link too) are not counted. RTT is 0 as in every measured
+run here; ``--rtt-ms`` adds round trips x RTT as a projection. The server's link
+is unshaped (a data centre) and the hospitals' are all at the same rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench import timemodel
+from splitrpc.errors import UserError, report
+
+METHODS = ("split", "ddp", "fedavg")  # methods that run across hospitals (local pools the data: no links)
+RATES_BIT_S = (None, 1e9, 100e6, 50e6, 20e6, 10e6)  # None: the links of the unshaped runs (veth speed)
+TARGETS = (0.70, 0.75, 0.80)
+# Keys that may differ between a convergence run and the shaped run of its first epoch.
+NOT_THE_SETTING = timemodel.IGNORED_KEYS | {"max_steps", "threads", "hospital_threads", "server_threads",
+                                            "limit_test", "rpc_timeout", "log_every"}
+
+
+def rate_name(rate: float | None) -> str:
+    return "unshaped" if rate is None else f"{rate / 1e6:g}mbit"
+
+
+def same_setting(a: dict, b: dict) -> bool:
+    def key(r):
+        return {k: v for k, v in r["config"].items() if k not in NOT_THE_SETTING}
+    return key(a) == key(b)
+
+
+def hospital_links(record: dict) -> dict:
+    """{hospital: {"up", "down"}}: bytes per training step on each hospital's link (TCP counters)."""
+    tcp = record["comm"]["phases"]["train"]["tcp_bytes"]
+    steps = record["steps"]
+    return {party: {"up": tcp[party]["sent"] / steps, "down": tcp[party]["received"] / steps}
+            for party in tcp if party.startswith("hospital")}
+
+
+def seconds_per_step(record: dict, compute_s: float, rate: float | None, rtt_s: float = 0.0, duplex=None) -> float:
+    cfg = record["config"]
+    links = {p: {**b, "rate": rate} for p, b in hospital_links(record).items()}
+    transfer = timemodel.transfer_seconds(cfg["method"], links, cfg.get("schedule", "parallel"), duplex=duplex)
+    return compute_s + transfer + timemodel.round_trips(record)[0] * rtt_s
+
+
+def compute_references(shaped: list[dict]) -> dict[str, dict]:
+    """{method: the newest unshaped full-epoch run of wan_tta}: its seconds per step are the method's compute."""
+    refs = {}
+    for r in shaped:
+        if r.get("status") == "ok" and timemodel.is_reference(r) and r["steps"] == r["steps_per_epoch"]:
+            refs[r["config"]["method"]] = r
+    return refs
+
+
+def curve(record: dict, compute_s: float, rate: float | None, rtt_s: float = 0.0, duplex=None) -> list[dict]:
+    """[{epoch, hours, acc, acc_min}]: cumulative training hours at ``rate`` and the test accuracy then."""
+    per_step = seconds_per_step(record, compute_s, rate, rtt_s, duplex)
+    hours, points = 0.0, []
+    for e in record["epochs"]:
+        hours += e["steps"] * per_step / 3600
+        if "test_acc_mean" in e:
+            points.append({"epoch": e["epoch"], "hours": hours, "acc": e["test_acc_mean"], "acc_min": e["test_acc_min"]})
+    return points
+
+
+def hours_to(points: list[dict], target: float) -> float | None:
+    """Training hours until the mean test accuracy first reaches ``target`` (None: never in the run)."""
+    return next((p["hours"] for p in points if p["acc"] >= target), None)
+
+
+def variant(cfg: dict) -> str:
+    from plots.convergence import variant as name  # one naming of the runs, the figures'
+    return name(cfg)
+
+
+def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, targets=TARGETS, rtt_s=0.0,
+            duplex=None) -> list[dict]:
+    rows = []
+    for r in convergence:
+        cfg = r["config"]
+        if r.get("status") != "ok" or cfg["method"] not in METHODS or cfg["method"] not in refs:
+            continue
+        ref = refs[cfg["method"]]
+        compute = ref["train_time_s"] / ref["steps"]
+        row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg),
+               "partition": cfg["partition"], "alpha": cfg.get("alpha"), "model": cfg["model"],
+               "width": cfg["width"], "hospitals": cfg["hospitals"], "epochs": len(r["epochs"]),
+               "final_acc": r["final_test_acc"], "compute_s_per_step": compute,
+               "compute_source": f"unshaped run {ref['config'].get('run_key')} (wan_tta)",
+               "bytes_per_step": hospital_links(r), "rtt_s": rtt_s, "rates": {}}
+        for rate in rates:
+            points = curve(r, compute, rate, rtt_s, duplex)
+            row["rates"][rate_name(rate)] = {
+                "rate_bit_s": rate, "s_per_step": seconds_per_step(r, compute, rate, rtt_s, duplex),
+                "curve": points, "hours_to": {f"{t:g}": hours_to(points, t) for t in targets}}
+        rows.append(row)
+    return rows
+
+
+def checks(convergence: list[dict], shaped: list[dict], refs: dict[str, dict], duplex=None) -> list[dict]:
+    """Every shaped run of wan_tta: seconds per step against bench.timemodel (its own unshaped reference), and
+    for a full first epoch, the projection of that epoch and the convergence curve's first accuracy."""
+    out = []
+    for s in shaped:
+        if s.get("status") != "ok" or timemodel.is_reference(s):
+            continue
+        cfg = s["config"]
+        row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "rate_bit_s": s["wan"]["rate_bit_s"],
+               "steps": s["steps"]}
+        reference = timemodel.find_reference(shaped, s)
+        if reference is not None:
+            model = timemodel.check(s, reference, duplex)
+            row["step_check"] = {k: model[k] for k in ("compute_s", "transfer_s", "predicted_s", "measured_s",
+                                                       "error", "within_target")}
+        match = [c for c in convergence if c.get("status") == "ok" and same_setting(c, s)]
+        if s["steps"] == s["steps_per_epoch"] and match and cfg["method"] in refs:
+            conv, ref = match[-1], refs[cfg["method"]]
+            predicted = curve(conv, ref["train_time_s"] / ref["steps"], s["wan"]["rate_bit_s"], duplex=duplex)[0]
+            measured = s["epochs"][0]
+            row["epoch1"] = {
+                "convergence_run": conv["config"].get("run_key"),
+                "predicted_s": predicted["hours"] * 3600, "measured_s": measured["train_time_s"],
+                "error": predicted["hours"] * 3600 / measured["train_time_s"] - 1,
+                "acc_shaped": measured["test_acc_mean"], "acc_convergence": conv["epochs"][0]["test_acc_mean"]}
+        out.append(row)
+    return out
+
+
+def load_ok(path: str) -> list[dict]:
+    return [r for r in timemodel.load(path) if r.get("status") == "ok"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.time_to_accuracy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("convergence", help="the accuracy curves (results/convergence.jsonl)")
+    parser.add_argument("--shaped", required=True, help="bench/configs/wan_tta.toml's results (results/wan_tta.jsonl)")
+    parser.add_argument("--duplex", default="", help="bench.link_duplex's --json (DDP's and FedAvg's goodput "
+                                                     "with both directions of a link busy)")
+    parser.add_argument("--rtt-ms", type=float, default=0.0, help="projected round-trip time (default 0, as measured)")
+    parser.add_argument("--json", default="", help="also write curves, hours to each target and the checks here")
+    args = parser.parse_args(argv)
+    try:
+        convergence, shaped = load_ok(args.convergence), load_ok(args.shaped)
+        duplex = timemodel.load_duplex(args.duplex) if args.duplex else None
+        refs = compute_references(shaped)
+        if not refs:
+            raise UserError(f"{args.shaped}: no unshaped full-epoch run to take compute per step from "
+                            f"(python -m bench run bench/configs/wan_tta.toml)")
+        if args.rtt_ms < 0:
+            raise UserError(f"--rtt-ms {args.rtt_ms:g}: a round trip cannot take negative time")
+    except UserError as exc:
+        return report(exc)
+    rows = project(convergence, refs, rtt_s=args.rtt_ms / 1000, duplex=duplex)
+    checked = checks(convergence, shaped, refs, duplex)
+    for c in checked:
+        text = f"check {c['method']:6} {rate_name(c['rate_bit_s']):>8} {c['steps']:>3} steps:"
+        if "step_check" in c:
+            m = c["step_check"]
+            text += f" s/step predicted {m['predicted_s']:.3f} measured {m['measured_s']:.3f} ({m['error']:+.1%})"
+        if "epoch1" in c:
+            e = c["epoch1"]
+            text += (f"; epoch 1 from the curve's run: predicted {e['predicted_s']:.0f} s, measured "
+                     f"{e['measured_s']:.0f} s ({e['error']:+.1%}), accuracy {e['acc_shaped']:.4f} shaped vs "
+                     f"{e['acc_convergence']:.4f} in the curve")
+        print(text)
+    targets = [f"{t:g}" for t in TARGETS]
+    print(f"{'partition':9} {'variant':44} {'rate':>9} {'s/step':>7}  hours to test accuracy " + " / ".join(targets))
+    for row in rows:
+        for name, at in row["rates"].items():
+            hours = " / ".join("-" if at["hours_to"][t] is None else f"{at['hours_to'][t]:.2f}" for t in targets)
+            print(f"{row['partition']:9} {row['variant']:44} {name:>9} {at['s_per_step']:7.3f}  {hours}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"projections": rows, "checks": checked, "duplex": duplex,
+                                               "targets": list(TARGETS), "note": __doc__.split("\n\n")[1]},
+                                              indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""bench.time_to_accuracy with known numbers: accuracy curves on a clock of compute + bytes / rate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import time_to_accuracy as tta
+
+MBIT8 = 8e6  # 1 MB/s
+WIRE = 1514 / 1448  # bench.timemodel's Ethernet/IP/TCP framing
+SEGMENT = 1448000  # payload bytes per step: 1.514 s on a 1 MB/s wire
+
+
+def convergence_record(method="split", accs=(0.6, 0.72, 0.81), steps=10, up=SEGMENT, down=SEGMENT, **cfg):
+    n = len(accs)
+    tcp = {f"hospital{i}": {"sent": up * steps * n, "received": down * steps * n} for i in (1, 2)}
+    tcp["server"] = {"sent": 2 * down * steps * n, "received": 2 * up * steps * n}
+    return {
+        "status": "ok", "steps": steps * n, "steps_per_epoch": steps, "train_time_s": 999.0, "final_test_acc": accs[-1],
+        "config": {"method": method, "hospitals": 2, "schedule": "parallel", "model": "vgg11", "width": 0.25,
+                   "partition": "iid", "epochs": n, "run_key": f"conv-{method}", "l1": "independent", **cfg},
+        "epochs": [{"epoch": i + 1, "steps": steps, "train_time_s": 333.0, "test_acc_mean": a, "test_acc_min": a - 0.01}
+                   for i, a in enumerate(accs)],
+        "comm": {"phases": {"train": {"tcp_bytes": tcp}}, "round_trips_per_step": 1, "rounds": n},
+    }
+
+
+def shaped_record(method="split", rate=None, train_s=5.0, steps=10, acc=0.6, **cfg):
+    record = convergence_record(method, accs=(acc,), steps=steps, **cfg)
+    record["config"].update(run_key=f"{method}-{rate}", max_steps=steps, threads=1, epochs=3)
+    record["train_time_s"] = train_s
+    record["epochs"][0]["train_time_s"] = train_s
+    record["wan"] = {"rate_bit_s": rate, "server_rate_bit_s": None,
+                     "links": {"hospital1": {"rate_bit_s": rate}, "hospital2": {"rate_bit_s": rate}}}
+    return record
+
+
+def test_split_step_is_compute_then_upload_then_download():
+    record = convergence_record()
+    assert tta.seconds_per_step(record, 0.5, MBIT8) == pytest.approx(0.5 + 2 * 1.514)
+    assert tta.seconds_per_step(record, 0.5, None) == pytest.approx(0.5)
+
+
+def test_ddp_step_sends_and_receives_at_once():
+    record = convergence_record("ddp")
+    assert tta.seconds_per_step(record, 0.5, MBIT8) == pytest.approx(0.5 + 1.514)
+
+
+def test_curve_accumulates_hours_and_the_target_is_the_first_epoch_reaching_it():
+    record = convergence_record()  # 10 steps an epoch, 3.528 s a step at 1 MB/s
+    points = tta.curve(record, 0.5, MBIT8)
+    assert [p["hours"] for p in points] == pytest.approx([35.28 / 3600, 2 * 35.28 / 3600, 3 * 35.28 / 3600])
+    assert tta.hours_to(points, 0.72) == pytest.approx(2 * 35.28 / 3600)  # reached exactly at epoch 2
+    assert tta.hours_to(points, 0.75) == pytest.approx(3 * 35.28 / 3600)
+    assert tta.hours_to(points, 0.9) is None  # never within the run
+
+
+def test_the_method_that_reaches_the_target_in_fewer_epochs_can_lose_on_a_slow_link():
+    # Split reaches 0.8 in 2 epochs at 3.528 s a step; DDP in 3 epochs at 2.014 s a step: faster in time.
+    split = convergence_record("split", accs=(0.7, 0.8, 0.82))
+    ddp = convergence_record("ddp", accs=(0.6, 0.7, 0.8))
+    refs = {"split": shaped_record("split", train_s=5.0), "ddp": shaped_record("ddp", train_s=5.0)}
+    rows = {r["method"]: r for r in tta.project([split, ddp], refs, rates=(MBIT8, None), targets=(0.8,))}
+    assert rows["split"]["rates"]["8mbit"]["hours_to"]["0.8"] == pytest.approx(20 * 3.528 / 3600)
+    assert rows["ddp"]["rates"]["8mbit"]["hours_to"]["0.8"] == pytest.approx(30 * 2.014 / 3600)
+    assert rows["split"]["rates"]["unshaped"]["hours_to"]["0.8"] < rows["ddp"]["rates"]["unshaped"]["hours_to"]["0.8"]
+
+
+def test_compute_per_step_comes_from_the_unshaped_full_epoch_run():
+    full = shaped_record("split", rate=None, train_s=5.0)
+    short = shaped_record("split", rate=None, train_s=1.0, steps=4)
+    short["steps_per_epoch"] = 10  # stopped after 4 of an epoch's 10 steps
+    shaped = shaped_record("split", rate=MBIT8, train_s=40.0)
+    refs = tta.compute_references([full, short, shaped])
+    assert refs == {"split": full}
+    (row,) = tta.project([convergence_record()], refs, rates=(None,))
+    assert row["compute_s_per_step"] == pytest.approx(0.5)  # not the convergence run's 333 s / 10 steps
+
+
+def test_checks_set_a_shaped_first_epoch_against_its_projection_and_the_curve():
+    conv = convergence_record()
+    reference = shaped_record("split", rate=None, train_s=5.0)
+    shaped = shaped_record("split", rate=MBIT8, train_s=40.0, acc=0.61)
+    (check,) = tta.checks([conv], [reference, shaped], tta.compute_references([reference, shaped]))
+    epoch = check["epoch1"]
+    assert epoch["predicted_s"] == pytest.approx(35.28) and epoch["measured_s"] == 40.0
+    assert epoch["error"] == pytest.approx(35.28 / 40 - 1)
+    assert (epoch["acc_shaped"], epoch["acc_convergence"]) == (0.61, 0.6)
+    assert check["step_check"]["predicted_s"] == pytest.approx(3.528)
+
+
+def test_a_shaped_run_of_another_setting_is_not_matched_to_the_curve():
+    conv = convergence_record(cut=2)
+    reference = shaped_record("split", rate=None, cut=1)
+    shaped = shaped_record("split", rate=MBIT8, cut=1)
+    (check,) = tta.checks([conv], [reference, shaped], tta.compute_references([reference, shaped]))
+    assert "epoch1" not in check
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "bench.time_to_accuracy", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_writes_curves_and_checks(tmp_path):
+    conv, shaped = tmp_path / "conv.jsonl", tmp_path / "tta.jsonl"
+    conv.write_text(json.dumps(convergence_record()) + "\n")
+    shaped.write_text("\n".join(json.dumps(r) for r in (shaped_record("split", None, 5.0),
+                                                       shaped_record("split", MBIT8, 40.0))) + "\n")
+    out = tmp_path / "tta.json"
+    proc = run_cli(str(conv), "--shaped", str(shaped), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["projections"][0]["rates"]["20mbit"]["s_per_step"] == pytest.approx(0.5 + 2 * SEGMENT * WIRE * 8 / 20e6)
+    assert data["checks"][0]["epoch1"]["measured_s"] == 40.0
+    assert "epoch 1 from the curve's run" in proc.stdout
+
+
+def test_cli_without_an_unshaped_run_is_one_line(tmp_path):
+    conv, shaped = tmp_path / "conv.jsonl", tmp_path / "tta.jsonl"
+    conv.write_text(json.dumps(convergence_record()) + "\n")
+    shaped.write_text(json.dumps(shaped_record("split", MBIT8)) + "\n")
+    proc = run_cli(str(conv), "--shaped", str(shaped))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no unshaped full-epoch run" in proc.stderr
+    proc = run_cli(str(conv), "--shaped", str(tmp_path / "absent.jsonl"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such results file" in proc.stderr
+
+
+def test_figure_draws_the_curves_and_the_measured_first_epoch(tmp_path):
+    from plots import wan as wan_plots
+
+    curves = [convergence_record("split"), convergence_record("ddp")]
+    shaped = [shaped_record("split", None, 5.0), shaped_record("ddp", None, 5.0), shaped_record("split", 100e6, 9.0)]
+    paths = wan_plots.fig_time_to_accuracy(curves, shaped, tmp_path, "tta")
+    assert sorted(p.name for p in paths) == ["tta.pdf", "tta.png"] and all(p.stat().st_size > 10000 for p in paths)
+    assert wan_plots.fig_time_to_accuracy(curves, [], tmp_path, "none") == []  # no compute reference: no figure
