@@ -101,6 +101,7 @@ def expand(spec: dict) -> list[dict]:
 
 LINK_PREFIX = "link_"
 LINK_FLAGS = {"link_rate": "--rate", "link_server_rate": "--server-rate"}
+DUPLEX_CALIBRATION = "link_duplex.json"  # python -m bench.link_duplex --json, beside the results
 
 
 def training_options(options: dict) -> dict:
@@ -124,6 +125,9 @@ def command(options: dict, key: str, results: Path, timeout: float) -> list[str]
     wan = [sys.executable, "-m", "bench.wan", "--out", str(results), "--compute-reference", str(results),
            # bench.wan stops and tears its network down itself, before the harness would kill it.
            "--timeout", f"{max(1.0, timeout - 2 * STOP_GRACE_S):g}"]
+    duplex = results.parent / DUPLEX_CALIBRATION
+    if duplex.exists():  # the shaped runs' in-record model check uses the emulator's measured duplex goodput
+        wan += ["--duplex", str(duplex)]
     for name, value in links.items():
         wan += [LINK_FLAGS[name], str(value)]
     return [*wan, "--", *train]

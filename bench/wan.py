@@ -288,11 +288,12 @@ def _first_error(log: Path) -> str:
 
 def run(train_argv: list[str], rate: float | None, server_rate: float | None = None,
         hospital_rates: list[float | None] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-        out: str = "", log_dir: str = "", echo: bool = True, compute_reference: str = "") -> int:
+        out: str = "", log_dir: str = "", echo: bool = True, compute_reference: str = "", duplex: str = "") -> int:
     from splitrpc.config import parse_args
     from splitrpc.record import append_jsonl
 
     cfg = parse_args(train_argv)  # bad training options: one line before any namespace exists
+    calibration = timemodel.load_duplex(duplex) if duplex else None
     if cfg.method not in ("split", "ddp", "fedavg"):
         raise UserError(f"bench.wan runs --method split, ddp or fedavg across namespaces, not {cfg.method!r}")
     if "--out" in train_argv or any(a.startswith("--out=") for a in train_argv):
@@ -361,7 +362,8 @@ def run(train_argv: list[str], rate: float | None, server_rate: float | None = N
             if compute_reference and Path(compute_reference).exists() and not timemodel.is_reference(run_record):
                 reference = timemodel.find_reference(timemodel.load(compute_reference), run_record)
                 if reference is not None:
-                    run_record["time_model"] = timemodel.check(run_record, reference)
+                    run_record["time_model"] = timemodel.check(run_record, reference, calibration)
+                    run_record["time_model"]["duplex_calibration"] = duplex or None
             append_jsonl(out, run_record)
         return 0
     except _Stop as stop:
@@ -431,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compute-reference", default="",
                         help="a results file holding an unshaped run of the same setting: the record then gets the "
                              "time model's prediction and its error (bench/timemodel.py)")
+    parser.add_argument("--duplex", default="",
+                        help="bench.link_duplex's --json: the time model's goodput of a link busy both ways "
+                             "(DDP, FedAvg); default: the one-way rate")
     parser.add_argument("--cleanup", action="store_true",
                         help="remove the namespaces (and processes in them) of runs whose launcher was SIGKILLed")
     parser.add_argument("--log-dir", default="", help="keep every party's log here (default: removed)")
@@ -451,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--timeout must be positive, got {args.timeout}")
         hospital_rates = [parse_rate(r) for r in args.hospital_rates.split(",")] if args.hospital_rates else None
         return run(train_argv, parse_rate(args.rate), parse_rate(args.server_rate), hospital_rates,
-                   args.timeout, args.out, args.log_dir, compute_reference=args.compute_reference)
+                   args.timeout, args.out, args.log_dir, compute_reference=args.compute_reference,
+                   duplex=args.duplex)
     except UserError as exc:
         return report(exc)
 

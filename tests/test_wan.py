@@ -165,6 +165,10 @@ def test_harness_runs_link_cases_through_bench_wan(tmp_path):
     assert wan_part[wan_part.index("--compute-reference") + 1] == str(tmp_path / "links.jsonl")
     assert float(wan_part[wan_part.index("--timeout") + 1]) < 300  # it tears down before the harness kills it
     assert train_part == ["--method", "split", "--hospitals", "2", "--run-key", "KEY"]
+    assert "--duplex" not in wan_part  # no calibration beside the results
+    (tmp_path / "link_duplex.json").write_text("[]")
+    calibrated = harness.command(runs[1], "KEY", tmp_path / "links.jsonl", 300)
+    assert calibrated[calibrated.index("--duplex") + 1] == str(tmp_path / "link_duplex.json")
     plain = harness.command({"method": "split"}, "KEY", tmp_path / "x.jsonl", 300)
     assert plain[1:3] == ["-m", "splitrpc.train"]
 
