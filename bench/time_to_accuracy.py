@@ -36,6 +36,8 @@ from pathlib import Path
 from bench import timemodel
 from splitrpc.errors import UserError, report
 
+REPO = Path(__file__).resolve().parents[1]
+
 METHODS = ("split", "ddp", "fedavg")  # methods that run across hospitals (local pools the data: no links)
 RATES_BIT_S = (None, 1e9, 100e6, 50e6, 20e6, 10e6)  # None: the links of the unshaped runs (veth speed)
 TARGETS = (0.70, 0.75, 0.80)

@@ -1,7 +1,7 @@
 """Figure and table of the long runs (bench/configs/convergence.toml, ``results/convergence.jsonl``).
 
-Test accuracy per epoch of every method and split-learning variant, a panel per model
-and partition; the table gives final and best accuracy, the gap to centralized
+Test accuracy per epoch of every method and split-learning variant, and against the
+cumulative training traffic per hospital, a column per model and partition; the table gives final and best accuracy, the gap to centralized
 training of the same model and partition, the training traffic per hospital and the
 wall time. Everything is read from the run records.
 """
@@ -59,30 +59,51 @@ def _best(record: dict) -> tuple[float, int]:
     return accs[best], epochs[best]
 
 
+def _cumulative_mb(record: dict) -> list[float] | None:
+    """Training traffic per hospital (kernel TCP counters) at the end of each evaluated epoch, in MB."""
+    per_epoch = (((record.get("comm") or {}).get("per_epoch") or {}).get("tcp") or {}).get("per_hospital")
+    if per_epoch is None:
+        return None  # local training: one process, nothing crosses a network
+    return [per_epoch * e / MB for e in _curve(record, "test_acc_mean")[0]]
+
+
 def fig_convergence(records: list[dict], out_dir: Path, name: str, save) -> list[Path]:
+    """Top row: test accuracy per epoch; bottom row: against training bytes per hospital (log scale)."""
     panels = defaultdict(list)
     for r in records:
         panels[(_model(r["config"]), partition(r["config"]))].append(r)
     if not panels:
         return []
     keys = sorted(panels)
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.4 * len(keys), 4.2), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(2, len(keys), figsize=(5.4 * len(keys), 8.4), squeeze=False, constrained_layout=True)
     cmap = plt.get_cmap("tab10")
     names = sorted({variant(r["config"]) for r in records}, key=_order)
-    for ax, key in zip(axes[0], keys):
+    for col, key in enumerate(keys):
+        by_epoch, by_bytes = axes[0][col], axes[1][col]
         for r in sorted(panels[key], key=lambda r: _order(variant(r["config"]))):
             label = variant(r["config"])
             color = cmap(names.index(label) % 10)
-            ax.plot(*_curve(r, "test_acc_mean"), marker="o", markersize=3, color=color, label=label)
+            epochs, accs = _curve(r, "test_acc_mean")
+            by_epoch.plot(epochs, accs, marker="o", markersize=3, color=color, label=label)
             if r["config"]["method"] == "split" and r["config"].get("l1") != "average":
                 # Independent L1s: every hospital has its own model; the worst of them.
-                ax.plot(*_curve(r, "test_acc_min"), linestyle="--", color=color, alpha=0.5,
-                        label=f"{label}, worst hospital")
-        ax.set_title(f"{key[0]}, {key[1]}, N={panels[key][0]['config']['hospitals']}", fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (mean over hospitals)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+                by_epoch.plot(*_curve(r, "test_acc_min"), linestyle="--", color=color, alpha=0.5,
+                              label=f"{label}, worst hospital")
+            traffic = _cumulative_mb(r)
+            if traffic is not None:
+                by_bytes.plot(traffic, accs, marker="o", markersize=3, color=color, label=label)
+            else:
+                by_bytes.axhline(accs[-1], color=color, lw=0.8, ls=":", label=f"{label} (final; no network)")
+        title = f"{key[0]}, {key[1]}, N={panels[key][0]['config']['hospitals']}"
+        by_epoch.set_title(title, fontsize=9)
+        by_epoch.set_xlabel("epoch")
+        by_bytes.set_title(f"{title}: accuracy against communication", fontsize=9)
+        by_bytes.set_xscale("log")
+        by_bytes.set_xlabel("training traffic per hospital, cumulative (MB, kernel TCP counters)")
+        for ax in (by_epoch, by_bytes):
+            ax.set_ylabel("test accuracy (mean over hospitals)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
     return save(fig, name, out_dir)
 
 

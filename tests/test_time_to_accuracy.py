@@ -138,3 +138,17 @@ def test_figure_draws_the_curves_and_the_measured_first_epoch(tmp_path):
     paths = wan_plots.fig_time_to_accuracy(curves, shaped, tmp_path, "tta")
     assert sorted(p.name for p in paths) == ["tta.pdf", "tta.png"] and all(p.stat().st_size > 10000 for p in paths)
     assert wan_plots.fig_time_to_accuracy(curves, [], tmp_path, "none") == []  # no compute reference: no figure
+
+
+def test_committed_time_to_accuracy_regenerates_from_the_committed_results(tmp_path):
+    results = tta.REPO / "results"
+    out = tmp_path / "tta.json"
+    assert tta.main([str(results / "convergence.jsonl"), "--shaped", str(results / "wan_tta.jsonl"),
+                     "--duplex", str(results / "link_duplex.json"), "--json", str(out)]) == 0
+    assert out.read_text() == (results / "time_to_accuracy.json").read_text(), \
+        ("run `python -m bench.time_to_accuracy results/convergence.jsonl --shaped results/wan_tta.jsonl "
+         "--duplex results/link_duplex.json --json results/time_to_accuracy.json` and commit")
+    checks = json.loads(out.read_text())["checks"]
+    # Every shaped full first epoch reproduces the curve's first accuracy: the link changes time only.
+    firsts = [c["epoch1"] for c in checks if "epoch1" in c]
+    assert len(firsts) == 4 and all(abs(e["acc_shaped"] - e["acc_convergence"]) < 1e-9 for e in firsts)
