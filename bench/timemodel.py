@@ -269,7 +269,7 @@ def evaluate(records: list[dict], duplex=None) -> list[dict]:
             continue
         reference = find_reference(records, rec)
         cfg = rec["config"]
-        row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "model": cfg["model"], "width": cfg["width"],
+        row = {"run_key": cfg.get("run_key"), "method": variant(cfg), "model": cfg["model"], "width": cfg["width"],
                "hospitals": cfg["hospitals"], "rate_bit_s": rec["wan"]["rate_bit_s"],
                "server_rate_bit_s": rec["wan"]["server_rate_bit_s"]}
         if reference is None:
@@ -284,6 +284,12 @@ def evaluate(records: list[dict], duplex=None) -> list[dict]:
 PROJECTED_RATES_BIT_S = (1e9, 100e6, 50e6, 20e6, 10e6)
 
 
+def variant(cfg: dict) -> str:
+    """The method, and the cut-layer codec when split learning uses one (``split+fp8``)."""
+    codec = cfg.get("codec", "none")
+    return cfg["method"] if codec in (None, "none") else f"{cfg['method']}+{codec}"
+
+
 def projections(records: list[dict], rates=PROJECTED_RATES_BIT_S, rtts_s=PROJECTED_RTTS_S, duplex=None) -> list[dict]:
     """Per setting (from its unshaped run): seconds per full epoch at each rate and RTT, and the
     split/DDP crossover rate at each RTT. All of it model output; RTT > 0 is never measured here."""
@@ -291,7 +297,7 @@ def projections(records: list[dict], rates=PROJECTED_RATES_BIT_S, rtts_s=PROJECT
     for r in records:
         if r.get("status") == "ok" and is_reference(r):
             cfg = r["config"]
-            refs.setdefault((cfg["model"], cfg["hospitals"], cfg["batch_size"]), {})[cfg["method"]] = r
+            refs.setdefault((cfg["model"], cfg["hospitals"], cfg["batch_size"]), {})[variant(cfg)] = r
     out = []
     for (model, n, batch), by_method in sorted(refs.items()):
         entry = {"model": model, "hospitals": n, "batch_size": batch, "methods": {}}
@@ -305,9 +311,12 @@ def projections(records: list[dict], rates=PROJECTED_RATES_BIT_S, rtts_s=PROJECT
                 "s_per_epoch": {f"{rate / 1e6:g}mbit": {f"{rtt * 1000:g}ms": at_rate(ref, rate, rtt, duplex) * steps
                                                         for rtt in rtts_s} for rate in rates},
             }
-        if len(by_method) == 2:
+        if "split" in by_method and "ddp" in by_method:
             entry["crossover"] = {f"{rtt * 1000:g}ms": crossover(by_method["split"], by_method["ddp"], rtt,
                                                                  duplex=duplex) for rtt in rtts_s}
+        for name in sorted(m for m in by_method if m.startswith("split+") and "ddp" in by_method):
+            entry[f"crossover_{name}"] = {f"{rtt * 1000:g}ms": crossover(by_method[name], by_method["ddp"], rtt,
+                                                                        duplex=duplex) for rtt in rtts_s}
         out.append(entry)
     return out
 
@@ -341,11 +350,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{'' if m.get('server_compute_ratio') is None else format(m['server_compute_ratio'], '.2f'):>5}   "
               f"{epoch['0ms']:.0f} / {epoch['10ms']:.0f} / {epoch['100ms']:.0f}")
     for entry in projected:
-        for rtt, cross in (entry.get("crossover") or {}).items():
-            text = (f"split faster below {cross['rate_bit_s'] / 1e6:.1f} Mbit/s" if cross["rate_bit_s"] and
-                    cross["split_faster_below"] else f"split faster above {cross['rate_bit_s'] / 1e6:.1f} Mbit/s"
-                    if cross["rate_bit_s"] else f"{cross['winner']} faster at every rate")
-            print(f"crossover {entry['model']} N={entry['hospitals']} RTT {rtt}: {text}")
+        for key, crossings in sorted(entry.items()):
+            if not key.startswith("crossover"):
+                continue
+            against = "split" if key == "crossover" else key[len("crossover_"):]
+            for rtt, cross in crossings.items():
+                text = (f"split faster below {cross['rate_bit_s'] / 1e6:.1f} Mbit/s" if cross["rate_bit_s"] and
+                        cross["split_faster_below"] else f"split faster above {cross['rate_bit_s'] / 1e6:.1f} Mbit/s"
+                        if cross["rate_bit_s"] else f"{cross['winner']} faster at every rate")
+                print(f"crossover {entry['model']} N={entry['hospitals']} {against} vs ddp RTT {rtt}: {text}")
     if args.json:
         Path(args.json).write_text(json.dumps({"checks": rows, "projections": projected, "duplex": duplex},
                                               indent=1, sort_keys=True) + "\n")

@@ -36,6 +36,7 @@ RESULTS = "wan.jsonl"
 TTA_RESULTS = "wan_tta.jsonl"  # bench/configs/wan_tta.toml
 CURVES = "convergence.jsonl"  # bench/configs/convergence.toml
 TTA_RATES_BIT_S = (1e9, 100e6, 20e6)
+CODEC_COLOURS = {"fp8": "tab:cyan", "bf16": "tab:purple", "fp16": "tab:olive"}
 DUPLEX = "link_duplex.json"  # DDP's goodput with both directions busy, when measured
 PROJECTED_RTT_S = 0.05
 RATES = np.logspace(6, 10, 60)  # 1 Mbit/s .. 10 Gbit/s
@@ -54,7 +55,7 @@ def settings(records: list[dict]) -> dict[tuple, dict[str, dict]]:
     for r in records:
         if timemodel.is_reference(r):
             cfg = r["config"]
-            out.setdefault((cfg["model"], cfg["hospitals"]), {})[cfg["method"]] = r
+            out.setdefault((cfg["model"], cfg["hospitals"]), {})[timemodel.variant(cfg)] = r
     return dict(sorted(out.items()))
 
 
@@ -70,19 +71,23 @@ def fig_epoch_vs_rate(records: list[dict], out_dir: Path, name: str, calibration
         return []
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4), squeeze=False)
     for ax, ((model, n), refs) in zip(axes[0], groups.items()):
-        for method, ref in sorted(refs.items()):
+        for variant, ref in sorted(refs.items()):
+            method, _, codec = variant.partition("+")
             color, marker = METHOD_STYLE[method]
+            if codec:  # a codec's line: split learning's marker, its own colour
+                color = CODEC_COLOURS.get(codec, "tab:brown")
+            label = METHOD_LABEL[method] + (f" ({codec} cut)" if codec else "")
             steps = ref["steps_per_epoch"]
             ax.plot(RATES / 1e6, [timemodel.at_rate(ref, r, 0.0, calibration) * steps for r in RATES], color=color,
-                    label=f"{METHOD_LABEL[method]}: model")
+                    label=f"{label}: model")
             ax.plot(RATES / 1e6, [timemodel.at_rate(ref, r, PROJECTED_RTT_S, calibration) * steps for r in RATES],
                     color=color,
-                    ls="--", lw=1, label=f"{METHOD_LABEL[method]}: model + RTT {PROJECTED_RTT_S * 1000:g} ms (projected)")
+                    ls="--", lw=1, label=f"{label}: model + RTT {PROJECTED_RTT_S * 1000:g} ms (projected)")
             shaped = [r for r in records if not timemodel.is_reference(r) and timemodel.setting(r) == timemodel.setting(ref)]
             ax.plot([r["wan"]["rate_bit_s"] / 1e6 for r in shaped],
                     [r["train_time_s"] / r["steps"] * steps for r in shaped], marker, color=color, ls="none",
-                    label=f"{METHOD_LABEL[method]}: measured")
-        if len(refs) == 2:
+                    label=f"{label}: measured")
+        if "split" in refs and "ddp" in refs:
             cross = timemodel.crossover(refs["split"], refs["ddp"], duplex=calibration)
             if cross["rate_bit_s"]:
                 ax.axvline(cross["rate_bit_s"] / 1e6, color="gray", lw=0.8, ls=":")

@@ -168,3 +168,16 @@ def test_crossover_is_where_compute_saved_equals_transfer_lost():
 def test_no_crossover_when_one_method_wins_everywhere():
     split, ddp = reference("split", 2.0, 4344000, 4344000), reference("ddp", 1.0, 4344000, 4344000)
     assert timemodel.crossover(split, ddp) == {"rate_bit_s": None, "winner": "ddp", "range_bit_s": [1e5, 1e11]}
+
+
+def test_a_codec_reference_is_its_own_setting_and_gets_its_own_crossover():
+    # Float32 split crosses DDP at 12.112 Mbit/s (above); an fp8 cut (a quarter of the bytes, more
+    # compute) must not replace it, and crosses where 2.5 + 6.056e6 / r = 1 + 36.336e6 / r: 20.187 Mbit/s.
+    split, ddp = reference("split", 2.0, 1448000, 1448000), reference("ddp", 1.0, 4344000, 4344000)
+    fp8 = reference("split", 2.5, 362000, 362000)
+    for r in (split, ddp, fp8):
+        r["config"].update(batch_size=128, codec="fp8" if r is fp8 else "none")
+    (entry,) = timemodel.projections([split, ddp, fp8], rtts_s=(0.0,))
+    assert sorted(entry["methods"]) == ["ddp", "split", "split+fp8"]
+    assert entry["crossover"]["0ms"]["rate_bit_s"] == pytest.approx(12.112e6, rel=1e-9)
+    assert entry["crossover_split+fp8"]["0ms"]["rate_bit_s"] == pytest.approx(20.187e6, rel=1e-4)
