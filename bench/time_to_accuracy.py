@@ -56,21 +56,6 @@ def same_setting(a: dict, b: dict) -> bool:
     return key(a) == key(b)
 
 
-def hospital_links(record: dict) -> dict:
-    """{hospital: {"up", "down"}}: bytes per training step on each hospital's link (TCP counters)."""
-    tcp = record["comm"]["phases"]["train"]["tcp_bytes"]
-    steps = record["steps"]
-    return {party: {"up": tcp[party]["sent"] / steps, "down": tcp[party]["received"] / steps}
-            for party in tcp if party.startswith("hospital")}
-
-
-def seconds_per_step(record: dict, compute_s: float, rate: float | None, rtt_s: float = 0.0, duplex=None) -> float:
-    cfg = record["config"]
-    links = {p: {**b, "rate": rate} for p, b in hospital_links(record).items()}
-    transfer = timemodel.transfer_seconds(cfg["method"], links, cfg.get("schedule", "parallel"), duplex=duplex)
-    return compute_s + transfer + timemodel.round_trips(record)[0] * rtt_s
-
-
 def compute_references(shaped: list[dict]) -> dict[str, dict]:
     """{method: the newest unshaped full-epoch run of wan_tta}: its seconds per step are the method's compute."""
     refs = {}
@@ -82,7 +67,7 @@ def compute_references(shaped: list[dict]) -> dict[str, dict]:
 
 def curve(record: dict, compute_s: float, rate: float | None, rtt_s: float = 0.0, duplex=None) -> list[dict]:
     """[{epoch, hours, acc, acc_min}]: cumulative training hours at ``rate`` and the test accuracy then."""
-    per_step = seconds_per_step(record, compute_s, rate, rtt_s, duplex)
+    per_step = timemodel.at_rate(record, rate, rtt_s, duplex, compute_s)
     hours, points = 0.0, []
     for e in record["epochs"]:
         hours += e["steps"] * per_step / 3600
@@ -115,11 +100,11 @@ def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, t
                "width": cfg["width"], "hospitals": cfg["hospitals"], "epochs": len(r["epochs"]),
                "final_acc": r["final_test_acc"], "compute_s_per_step": compute,
                "compute_source": f"unshaped run {ref['config'].get('run_key')} (wan_tta)",
-               "bytes_per_step": hospital_links(r), "rtt_s": rtt_s, "rates": {}}
+               "bytes_per_step": timemodel.hospital_bytes(r), "rtt_s": rtt_s, "rates": {}}
         for rate in rates:
             points = curve(r, compute, rate, rtt_s, duplex)
             row["rates"][rate_name(rate)] = {
-                "rate_bit_s": rate, "s_per_step": seconds_per_step(r, compute, rate, rtt_s, duplex),
+                "rate_bit_s": rate, "s_per_step": timemodel.at_rate(r, rate, rtt_s, duplex, compute),
                 "curve": points, "hours_to": {f"{t:g}": hours_to(points, t) for t in targets}}
         rows.append(row)
     return rows

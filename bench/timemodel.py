@@ -213,14 +213,20 @@ def project(record: dict, model: dict, rtts_s=PROJECTED_RTTS_S) -> dict:
             "note": "RTT > 0 is a projection (no delay emulation here)"}
 
 
-def at_rate(reference: dict, rate: float | None, rtt_s: float = 0.0, duplex=None) -> float:
-    """Predicted seconds per step of a setting (from its unshaped run) with every hospital link at ``rate``."""
-    links, _ = step_links(reference)
-    for link in links.values():
-        link["rate"] = rate
-    cfg = reference["config"]
-    trips, _ = round_trips(reference)
-    compute = reference["train_time_s"] / reference["steps"]
+def hospital_bytes(record: dict) -> dict:
+    """{hospital: {"up", "down"}}: bytes per training step on each hospital's link (the kernel's TCP counters)."""
+    tcp, steps = record["comm"]["phases"]["train"]["tcp_bytes"], record["steps"]
+    return {party: {"up": tcp[party]["sent"] / steps, "down": tcp[party]["received"] / steps}
+            for party in tcp if party.startswith("hospital")}
+
+
+def at_rate(record: dict, rate: float | None, rtt_s: float = 0.0, duplex=None, compute_s: float | None = None) -> float:
+    """Predicted seconds per step of a run's setting with every hospital link at ``rate``: ``compute_s``
+    (default: the run's own seconds per step, i.e. an unshaped run's) + its bytes / rate + round trips x RTT."""
+    links = {party: {**b, "rate": rate} for party, b in hospital_bytes(record).items()}
+    cfg = record["config"]
+    trips, _ = round_trips(record)
+    compute = record["train_time_s"] / record["steps"] if compute_s is None else compute_s
     return compute + transfer_seconds(cfg["method"], links, cfg.get("schedule", "parallel"), duplex=duplex) + trips * rtt_s
 
 

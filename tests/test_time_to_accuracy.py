@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from bench import time_to_accuracy as tta
+from bench import timemodel
 
 MBIT8 = 8e6  # 1 MB/s
 WIRE = 1514 / 1448  # bench.timemodel's Ethernet/IP/TCP framing
@@ -41,13 +42,13 @@ def shaped_record(method="split", rate=None, train_s=5.0, steps=10, acc=0.6, **c
 
 def test_split_step_is_compute_then_upload_then_download():
     record = convergence_record()
-    assert tta.seconds_per_step(record, 0.5, MBIT8) == pytest.approx(0.5 + 2 * 1.514)
-    assert tta.seconds_per_step(record, 0.5, None) == pytest.approx(0.5)
+    assert timemodel.at_rate(record, MBIT8, compute_s=0.5) == pytest.approx(0.5 + 2 * 1.514)
+    assert timemodel.at_rate(record, None, compute_s=0.5) == pytest.approx(0.5)
 
 
 def test_ddp_step_sends_and_receives_at_once():
     record = convergence_record("ddp")
-    assert tta.seconds_per_step(record, 0.5, MBIT8) == pytest.approx(0.5 + 1.514)
+    assert timemodel.at_rate(record, MBIT8, compute_s=0.5) == pytest.approx(0.5 + 1.514)
 
 
 def test_curve_accumulates_hours_and_the_target_is_the_first_epoch_reaching_it():
@@ -128,6 +129,11 @@ def test_cli_without_an_unshaped_run_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no unshaped full-epoch run" in proc.stderr
     proc = run_cli(str(conv), "--shaped", str(tmp_path / "absent.jsonl"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such results file" in proc.stderr
+    shaped.write_text(json.dumps(shaped_record("split", None)) + "\n")
+    proc = run_cli(str(conv), "--shaped", str(shaped), "--rtt-ms", "-5")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "negative" in proc.stderr
+    proc = run_cli(str(conv), "--shaped", str(shaped), "--duplex", str(tmp_path / "absent.json"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such duplex calibration" in proc.stderr
 
 
 def test_figure_draws_the_curves_and_the_measured_first_epoch(tmp_path):
