@@ -32,21 +32,64 @@ RING = "ring"  # the peer name under which all-reduce traffic is booked
 
 
 class CountingAllReduce:
-    """State of a DDP communication hook that books every gradient bucket handed to all-reduce."""
+    """State of a DDP communication hook that books every gradient bucket handed to all-reduce.
+
+    It also times when each bucket is handed over, relative to the step's last
+    bucket (whose gradients are the last the backward pass computes): a
+    bucket's *lead* is how long its all-reduce can run while the backward pass
+    still computes, which is what the time model needs to credit DDP's
+    overlap on a slow link (bench/timemodel.py). The first step is left out of
+    the lead times: DDP rebuilds its buckets in gradient-ready order after it.
+    """
 
     def __init__(self, ledger: comm.Ledger, ranks: int):
         self.ledger, self.ranks = ledger, ranks
         self.bucket_bytes = 0
+        self._handed: list[tuple[int, float]] = []  # (bytes, perf_counter) of this step's buckets, in order
+        self._steps_timed = 0
+        self._lead_sums: list[float] = []
+        self._byte_sums: list[float] = []
+        self._layout: tuple[int, ...] | None = None
 
     def book(self, nbytes: int) -> None:
         self.bucket_bytes += nbytes
         self.ledger.book_ring(RING, nbytes, self.ranks)
+        self._handed.append((nbytes, time.perf_counter()))
+
+    def end_step(self, first: bool) -> None:
+        handed, self._handed = self._handed, []
+        if first or not handed:
+            return
+        layout = tuple(nbytes for nbytes, _ in handed)
+        if layout != self._layout:  # a rebuild (or the first timed step): start the averages again
+            self._layout, self._steps_timed = layout, 0
+            self._lead_sums, self._byte_sums = [0.0] * len(handed), [0.0] * len(handed)
+        last = handed[-1][1]
+        for i, (nbytes, at) in enumerate(handed):
+            self._lead_sums[i] += last - at
+            self._byte_sums[i] += nbytes
+        self._steps_timed += 1
+
+    def buckets(self) -> list[dict]:
+        """[{"bytes", "lead_s"}] per bucket in hand-over order, averaged over the timed steps."""
+        n = self._steps_timed
+        return [{"bytes": b / n, "lead_s": lead / n} for b, lead in zip(self._byte_sums, self._lead_sums)] if n else []
 
 
 def counting_allreduce_hook(state, bucket):
     # No annotations: DDP inspects them, and ``from __future__ import annotations`` turns them into strings.
     state.book(comm.tensor_bytes(bucket.buffer()))
     return default_hooks.allreduce_hook(dist.group.WORLD, bucket)
+
+
+def slowest_overlap(per_rank: list[list[dict]]) -> list[dict] | None:
+    """Bucket leads across ranks: a bucket's all-reduce starts when the last rank hands it over, so its
+    window is the shortest lead of any rank. None when the ranks' bucket layouts differ or were not timed."""
+    layouts = {tuple(round(b["bytes"]) for b in buckets) for buckets in per_rank}
+    if len(layouts) != 1 or not per_rank[0]:
+        return None
+    return [{"bytes": per_rank[0][i]["bytes"], "lead_s": min(buckets[i]["lead_s"] for buckets in per_rank)}
+            for i in range(len(per_rank[0]))]
 
 
 def gradient_bytes(model: torch.nn.Module) -> int:
@@ -95,6 +138,7 @@ class DdpTrainer:
         loss = F.cross_entropy(self.model(images.to(self.device)), labels.to(self.device))
         weight = self.ranks / len(present) if mine else 0.0
         (loss * weight).backward()  # DDP's all-reduce averages over all ranks
+        self.hook_state.end_step(first=self.steps == 0)
         self.model.train()
         apply_gradients(self.optimizer, None, lr)
         self.local_losses.append((loss.item() * len(labels), len(labels)) if mine else (0.0, 0))
@@ -127,6 +171,7 @@ class DdpTrainer:
 
     def communication(self, steps_per_epoch: int, train_seconds: float) -> dict:
         reports = self._all_gather(self.ledger.report())
+        buckets = slowest_overlap(self._all_gather(self.hook_state.buckets()))
         names = [transport.hospital_name(r + 1) for r in range(self.ranks)]
         ring = comm.ring_allreduce_bytes(self.gradient_bytes, self.ranks)
         analytic = comm.party_table({n: {"sent": self.steps * ring, "received": self.steps * ring} for n in names})
@@ -159,8 +204,9 @@ class DdpTrainer:
             "extrapolated": self.steps % steps_per_epoch != 0,
             "gradient_bytes_per_step": self.gradient_bytes,
             "bucket_bytes_per_step": self.hook_state.bucket_bytes / self.steps if self.steps else None,
+            "buckets": buckets,
             "per_epoch": {kind: per_epoch(phases["train"][f"{kind}_bytes"]) for kind in ("analytic", "payload", "tcp")},
-            "wait_share": None,  # DDP overlaps all-reduce with the backward pass; not separable here
+            "wait_share": None,  # DDP overlaps all-reduce with the backward pass; see "buckets" for the overlap
         }
 
     def save(self, directory: str) -> None:
