@@ -1,7 +1,8 @@
 """Time to accuracy over slow links: the 15-epoch accuracy curves on a clock that runs at a link's rate.
 
     python -m bench.time_to_accuracy results/convergence.jsonl --shaped results/wan_tta.jsonl \\
-        [--duplex results/link_duplex.json] [--json results/time_to_accuracy.json]
+        [--full results/wan_tta_full.jsonl] [--duplex results/link_duplex.json] \\
+        [--json results/time_to_accuracy.json]
 
 A 15-epoch run over a 20 Mbit/s link costs hours of this machine per method, so
 time to accuracy is put together from three measured things, and checked:
@@ -18,7 +19,12 @@ time to accuracy is put together from three measured things, and checked:
   same schedule over 100 Mbit/s (and FedAvg over 20 Mbit/s), so their measured
   epoch seconds are set against the projection of that epoch, and their epoch-1
   accuracy against the curve's first point. Shorter 20 Mbit/s runs check seconds
-  per step only (bench.timemodel's check, printed too).
+  per step only (bench.timemodel's check, printed too);
+* **the check on a whole schedule** (``--full``, bench/configs/wan_tta_full.toml):
+  runs of all 15 epochs over 100 Mbit/s links give measured time to accuracy,
+  set against the projection. Where a run evaluates only some epochs, those must
+  equal the curve's, and its measured seconds of every epoch then carry the
+  curve's accuracy of that epoch.
 
 Training time only: evaluations (which under split learning send the test set's
 activations over the link too) are not counted. RTT is 0 as in every measured
@@ -43,7 +49,7 @@ RATES_BIT_S = (None, 1e9, 100e6, 50e6, 20e6, 10e6)  # None: the links of the uns
 TARGETS = (0.70, 0.75, 0.80)
 # Keys that may differ between a convergence run and the shaped run of its first epoch.
 NOT_THE_SETTING = timemodel.IGNORED_KEYS | {"max_steps", "threads", "hospital_threads", "server_threads",
-                                            "limit_test", "rpc_timeout", "log_every"}
+                                            "limit_test", "rpc_timeout", "log_every", "eval_every"}
 
 
 def rate_name(rate: float | None) -> str:
@@ -65,9 +71,11 @@ def compute_references(shaped: list[dict]) -> dict[str, dict]:
     return refs
 
 
-def curve(record: dict, compute_s: float, rate: float | None, rtt_s: float = 0.0, duplex=None) -> list[dict]:
-    """[{epoch, hours, acc, acc_min}]: cumulative training hours at ``rate`` and the test accuracy then."""
-    per_step = timemodel.at_rate(record, rate, rtt_s, duplex, compute_s)
+def curve(record: dict, compute_s: float, rate: float | None, rtt_s: float = 0.0, duplex=None,
+          buckets=None) -> list[dict]:
+    """[{epoch, hours, acc, acc_min}]: cumulative training hours at ``rate`` and the test accuracy then.
+    ``buckets``: DDP's bucket timings from the compute reference (the convergence runs predate them)."""
+    per_step = timemodel.at_rate(record, rate, rtt_s, duplex, compute_s, buckets)
     hours, points = 0.0, []
     for e in record["epochs"]:
         hours += e["steps"] * per_step / 3600
@@ -94,7 +102,7 @@ def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, t
         if r.get("status") != "ok" or cfg["method"] not in METHODS or cfg["method"] not in refs:
             continue
         ref = refs[cfg["method"]]
-        compute = ref["train_time_s"] / ref["steps"]
+        compute, buckets = ref["train_time_s"] / ref["steps"], timemodel.buckets_of(ref)
         row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg),
                "partition": cfg["partition"], "alpha": cfg.get("alpha"), "model": cfg["model"],
                "width": cfg["width"], "hospitals": cfg["hospitals"], "epochs": len(r["epochs"]),
@@ -102,9 +110,9 @@ def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, t
                "compute_source": f"unshaped run {ref['config'].get('run_key')} (wan_tta)",
                "bytes_per_step": timemodel.hospital_bytes(r), "rtt_s": rtt_s, "rates": {}}
         for rate in rates:
-            points = curve(r, compute, rate, rtt_s, duplex)
+            points = curve(r, compute, rate, rtt_s, duplex, buckets)
             row["rates"][rate_name(rate)] = {
-                "rate_bit_s": rate, "s_per_step": timemodel.at_rate(r, rate, rtt_s, duplex, compute),
+                "rate_bit_s": rate, "s_per_step": timemodel.at_rate(r, rate, rtt_s, duplex, compute, buckets),
                 "curve": points, "hours_to": {f"{t:g}": hours_to(points, t) for t in targets}}
         rows.append(row)
     return rows
@@ -128,7 +136,8 @@ def checks(convergence: list[dict], shaped: list[dict], refs: dict[str, dict], d
         match = [c for c in convergence if c.get("status") == "ok" and same_setting(c, s)]
         if s["steps"] == s["steps_per_epoch"] and match and cfg["method"] in refs:
             conv, ref = match[-1], refs[cfg["method"]]
-            predicted = curve(conv, ref["train_time_s"] / ref["steps"], s["wan"]["rate_bit_s"], duplex=duplex)[0]
+            predicted = curve(conv, ref["train_time_s"] / ref["steps"], s["wan"]["rate_bit_s"], duplex=duplex,
+                              buckets=timemodel.buckets_of(ref))[0]
             measured = s["epochs"][0]
             row["epoch1"] = {
                 "convergence_run": conv["config"].get("run_key"),
@@ -136,6 +145,51 @@ def checks(convergence: list[dict], shaped: list[dict], refs: dict[str, dict], d
                 "error": predicted["hours"] * 3600 / measured["train_time_s"] - 1,
                 "acc_shaped": measured["test_acc_mean"], "acc_convergence": conv["epochs"][0]["test_acc_mean"]}
         out.append(row)
+    return out
+
+
+def measured_curve(run: dict, conv: dict) -> tuple[list[dict], bool]:
+    """([{epoch, hours, acc, acc_min, evaluated}], matches): the run's own cumulative training hours per
+    epoch. ``matches``: every epoch the run evaluated has the curve's accuracy; then the epochs it did not
+    evaluate carry the curve's accuracy (same seed, same steps), else only its own evaluations count."""
+    by_epoch = {e["epoch"]: e for e in conv["epochs"]}
+    evaluated = [e for e in run["epochs"] if "test_acc_mean" in e]
+    matches = bool(evaluated) and all(e["epoch"] in by_epoch and by_epoch[e["epoch"]].get("test_acc_mean") ==
+                                      e["test_acc_mean"] for e in evaluated)
+    hours, points = 0.0, []
+    for e in run["epochs"]:
+        hours += e["train_time_s"] / 3600
+        source = e if "test_acc_mean" in e else by_epoch.get(e["epoch"], {}) if matches else {}
+        if "test_acc_mean" in source:
+            points.append({"epoch": e["epoch"], "hours": hours, "acc": source["test_acc_mean"],
+                           "acc_min": source["test_acc_min"], "evaluated": "test_acc_mean" in e})
+    return points, matches
+
+
+def full_checks(convergence: list[dict], full: list[dict], refs: dict[str, dict], duplex=None) -> list[dict]:
+    """Whole-schedule runs over shaped links: measured hours to each target and in all, against the projection."""
+    out = []
+    for s in full:
+        cfg = s["config"]
+        match = [c for c in convergence if c.get("status") == "ok" and same_setting(c, s)]
+        if timemodel.is_reference(s) or not match or cfg["method"] not in refs:
+            continue
+        conv, ref = match[-1], refs[cfg["method"]]
+        rate = s["wan"]["rate_bit_s"]
+        predicted = curve(conv, ref["train_time_s"] / ref["steps"], rate, duplex=duplex, buckets=timemodel.buckets_of(ref))
+        measured, matches = measured_curve(s, conv)
+        hours = {}
+        for t in TARGETS:
+            p, m = hours_to(predicted, t), hours_to(measured, t)
+            hours[f"{t:g}"] = {"predicted": p, "measured": m, "error": p / m - 1 if p is not None and m else None}
+        total_p, total_m = predicted[-1]["hours"], sum(e["train_time_s"] for e in s["epochs"]) / 3600
+        out.append({"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg), "rate_bit_s": rate,
+                    "convergence_run": conv["config"].get("run_key"), "epochs": len(s["epochs"]),
+                    "evaluated_epochs": [e["epoch"] for e in s["epochs"] if "test_acc_mean" in e],
+                    "accuracy_matches_curve": matches, "final_acc": s["final_test_acc"],
+                    "measured_curve": measured, "hours_to": hours,
+                    "hours_total": {"predicted": total_p, "measured": total_m, "error": total_p / total_m - 1},
+                    "s_per_step_measured": s["train_time_s"] / s["steps"]})
     return out
 
 
@@ -148,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("convergence", help="the accuracy curves (results/convergence.jsonl)")
     parser.add_argument("--shaped", required=True, help="bench/configs/wan_tta.toml's results (results/wan_tta.jsonl)")
+    parser.add_argument("--full", default="", help="bench/configs/wan_tta_full.toml's results: whole schedules "
+                                                   "over shaped links, checked against the projection")
     parser.add_argument("--duplex", default="", help="bench.link_duplex's --json (DDP's and FedAvg's goodput "
                                                      "with both directions of a link busy)")
     parser.add_argument("--rtt-ms", type=float, default=0.0, help="projected round-trip time (default 0, as measured)")
@@ -155,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         convergence, shaped = load_ok(args.convergence), load_ok(args.shaped)
+        full = load_ok(args.full) if args.full else []
         duplex = timemodel.load_duplex(args.duplex) if args.duplex else None
         refs = compute_references(shaped)
         if not refs:
@@ -166,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(exc)
     rows = project(convergence, refs, rtt_s=args.rtt_ms / 1000, duplex=duplex)
     checked = checks(convergence, shaped, refs, duplex)
+    whole = full_checks(convergence, full, refs, duplex)
     for c in checked:
         text = f"check {c['method']:6} {rate_name(c['rate_bit_s']):>8} {c['steps']:>3} steps:"
         if "step_check" in c:
@@ -178,13 +236,21 @@ def main(argv: list[str] | None = None) -> int:
                      f"{e['acc_convergence']:.4f} in the curve")
         print(text)
     targets = [f"{t:g}" for t in TARGETS]
+    for c in whole:
+        hours = " / ".join("-" if h["measured"] is None else
+                           f"{h['measured']:.2f} ({'-' if h['error'] is None else format(h['error'], '+.1%')})"
+                           for h in c["hours_to"].values())
+        print(f"whole schedule {c['variant']} at {rate_name(c['rate_bit_s'])}: measured hours to "
+              f"{' / '.join(targets)} {hours} (projection's error); all {c['epochs']} epochs "
+              f"{c['hours_total']['measured']:.3f} h ({c['hours_total']['error']:+.1%}); evaluated epochs "
+              f"{'match' if c['accuracy_matches_curve'] else 'DO NOT match'} the curve")
     print(f"{'partition':9} {'variant':44} {'rate':>9} {'s/step':>7}  hours to test accuracy " + " / ".join(targets))
     for row in rows:
         for name, at in row["rates"].items():
             hours = " / ".join("-" if at["hours_to"][t] is None else f"{at['hours_to'][t]:.2f}" for t in targets)
             print(f"{row['partition']:9} {row['variant']:44} {name:>9} {at['s_per_step']:7.3f}  {hours}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"projections": rows, "checks": checked, "duplex": duplex,
+        Path(args.json).write_text(json.dumps({"projections": rows, "checks": checked, "full": whole, "duplex": duplex,
                                                "targets": list(TARGETS), "note": __doc__.split("\n\n")[1]},
                                               indent=1, sort_keys=True) + "\n")
     return 0

@@ -23,6 +23,15 @@ round trips x RTT::
   ``python -m bench.link_duplex``) that goodput is the measured fraction of
   the one-way goodput at the link's rate (interpolated in log(rate) between
   the measured rates, the nearest one's outside them); without, 1.
+* DDP hides part of that transfer behind its backward pass: a gradient bucket
+  is all-reduced as soon as it is ready, while the gradients of earlier layers
+  are still being computed. Where the record has DDP's bucket timings
+  (``comm.buckets``: each bucket's bytes and its *lead*, how long before the
+  last bucket it was handed over, the slowest rank's, measured), the buckets
+  are put through the link one after another, each starting when it is ready
+  and the link is free, and only the time after the last bucket is ready
+  counts (``overlap_s`` is the rest). Without them (records before the
+  timings), no overlap: an upper bound. FedAvg and split learning do not overlap.
 * ``round_trips x RTT``: **a projection**. This machine cannot add delay
   (no ``netem``), so every measured run has RTT ~ 0 and this term is only
   ever extrapolated. Split learning makes ``comm["round_trips_per_step"]``
@@ -105,6 +114,23 @@ def transfer_seconds(method: str, links: dict, schedule: str = "parallel", serve
     return total
 
 
+def buckets_of(record: dict | None) -> list[dict] | None:
+    """DDP's measured bucket layout and leads (``splitrpc.ddp``), None when the record has none."""
+    return ((record or {}).get("comm") or {}).get("buckets") or None
+
+
+def exposed_transfer(transfer_s: float, buckets: list[dict] | None) -> float:
+    """Seconds of a DDP step's transfer left after its backward pass: the buckets cross the link in order,
+    each when ready (``lead_s`` before the last) and the link is free, each taking its share of the bytes."""
+    if not buckets:
+        return transfer_s
+    total = sum(b["bytes"] for b in buckets)
+    link_free = -math.inf
+    for b in buckets:
+        link_free = max(link_free, -b["lead_s"]) + transfer_s * b["bytes"] / total
+    return max(0.0, link_free)
+
+
 def round_trips(record: dict) -> tuple[float, str]:
     """(round trips per step on the critical path, where the number comes from)."""
     comm = record.get("comm") or {}
@@ -156,20 +182,27 @@ def find_reference(records: list[dict], record: dict) -> dict | None:
     return matches[-1] if matches else None
 
 
-def predict(record: dict, compute_s: float, rtt_s: float = 0.0, duplex=None) -> dict:
+def predict(record: dict, compute_s: float, rtt_s: float = 0.0, duplex=None, buckets=None) -> dict:
+    """``buckets``: DDP's bucket timings (``buckets_of``); default the record's own."""
     links, server = step_links(record)
-    transfer = transfer_seconds(record["config"]["method"], links, record["config"].get("schedule", "parallel"), server,
-                                duplex)
+    method = record["config"]["method"]
+    transfer = transfer_seconds(method, links, record["config"].get("schedule", "parallel"), server, duplex)
+    buckets = (buckets or buckets_of(record)) if method == "ddp" else None
+    overlap = transfer - exposed_transfer(transfer, buckets)
     trips, source = round_trips(record)
     return {
         "compute_s": compute_s,
         "transfer_s": transfer,
+        "overlap_s": overlap,
+        "overlap_source": ("DDP bucket timings of this run" if buckets_of(record) else
+                           "DDP bucket timings of the reference run" if buckets else
+                           "none" if method != "ddp" else "no bucket timings in the records: no overlap (upper bound)"),
         "round_trips_per_step": trips,
         "round_trips_source": source,
         "rtt_s": rtt_s,
         "latency_s": trips * rtt_s,
         "latency_note": "projection: no delay can be emulated here (no netem); measured runs have RTT ~ 0",
-        "predicted_s": compute_s + transfer + trips * rtt_s,
+        "predicted_s": compute_s + transfer - overlap + trips * rtt_s,
         "duplex_factor": (min(duplex_factor(link["rate"], duplex) for link in links.values())
                           if record["config"]["method"] in ALL_REDUCE_METHODS and links else 1.0),
     }
@@ -178,7 +211,7 @@ def predict(record: dict, compute_s: float, rtt_s: float = 0.0, duplex=None) -> 
 def check(record: dict, reference: dict, duplex=None) -> dict:
     """The model against one shaped run: predicted vs measured seconds per step."""
     compute = reference["train_time_s"] / reference["steps"]
-    model = predict(record, compute, duplex=duplex)
+    model = predict(record, compute, duplex=duplex, buckets=buckets_of(record) or buckets_of(reference))
     measured = record["train_time_s"] / record["steps"]
     model.update({
         "compute_source": f"unshaped run {reference['config'].get('run_key') or reference['run_id']}",
@@ -206,8 +239,8 @@ def server_compute_ratio(record: dict, reference: dict) -> float | None:
 def project(record: dict, model: dict, rtts_s=PROJECTED_RTTS_S) -> dict:
     """Seconds per full epoch at each RTT (steps per epoch from the record)."""
     steps = record.get("steps_per_epoch") or record["comm"].get("steps_per_epoch")
-    per_step = {f"{rtt * 1000:g}ms": model["compute_s"] + model["transfer_s"] + model["round_trips_per_step"] * rtt
-                for rtt in rtts_s}
+    per_step = {f"{rtt * 1000:g}ms": model["compute_s"] + model["transfer_s"] - model["overlap_s"]
+                + model["round_trips_per_step"] * rtt for rtt in rtts_s}
     return {"steps_per_epoch": steps, "s_per_step": per_step,
             "s_per_epoch": {k: v * steps for k, v in per_step.items()},
             "note": "RTT > 0 is a projection (no delay emulation here)"}
@@ -220,14 +253,19 @@ def hospital_bytes(record: dict) -> dict:
             for party in tcp if party.startswith("hospital")}
 
 
-def at_rate(record: dict, rate: float | None, rtt_s: float = 0.0, duplex=None, compute_s: float | None = None) -> float:
+def at_rate(record: dict, rate: float | None, rtt_s: float = 0.0, duplex=None, compute_s: float | None = None,
+            buckets=None) -> float:
     """Predicted seconds per step of a run's setting with every hospital link at ``rate``: ``compute_s``
-    (default: the run's own seconds per step, i.e. an unshaped run's) + its bytes / rate + round trips x RTT."""
+    (default: the run's own seconds per step, i.e. an unshaped run's) + its bytes / rate, less what DDP
+    hides behind its backward pass (``buckets``, default the run's own), + round trips x RTT."""
     links = {party: {**b, "rate": rate} for party, b in hospital_bytes(record).items()}
     cfg = record["config"]
     trips, _ = round_trips(record)
     compute = record["train_time_s"] / record["steps"] if compute_s is None else compute_s
-    return compute + transfer_seconds(cfg["method"], links, cfg.get("schedule", "parallel"), duplex=duplex) + trips * rtt_s
+    transfer = transfer_seconds(cfg["method"], links, cfg.get("schedule", "parallel"), duplex=duplex)
+    if cfg["method"] == "ddp":
+        transfer = exposed_transfer(transfer, buckets or buckets_of(record))
+    return compute + transfer + trips * rtt_s
 
 
 def crossover(split_reference: dict, ddp_reference: dict, rtt_s: float = 0.0, low: float = 1e5,
@@ -342,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(exc)
     rows = evaluate(records, duplex)
     projected = projections(records, duplex=duplex)
-    print(f"{'model':9} {'method':6} {'N':>2} {'rate':>9} {'compute':>8} {'transfer':>9} {'predicted':>10} "
+    print(f"{'model':9} {'method':6} {'N':>2} {'rate':>9} {'compute':>8} {'transfer':>9} {'hidden':>7} {'predicted':>10} "
           f"{'measured':>9} {'error':>7} {'load':>5}   s/epoch at RTT 0 / 10 / 100 ms")
     for row in rows:
         m = row["model_check"]
@@ -352,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         epoch = row["projection"]["s_per_epoch"]
         print(f"{row['model']:9} {row['method']:6} {row['hospitals']:>2} {rate:>9} {m['compute_s']:8.2f} "
-              f"{m['transfer_s']:9.2f} {m['predicted_s']:10.2f} {m['measured_s']:9.2f} {m['error']:+7.1%} "
+              f"{m['transfer_s']:9.2f} {m['overlap_s']:7.2f} {m['predicted_s']:10.2f} {m['measured_s']:9.2f} {m['error']:+7.1%} "
               f"{'' if m.get('server_compute_ratio') is None else format(m['server_compute_ratio'], '.2f'):>5}   "
               f"{epoch['0ms']:.0f} / {epoch['10ms']:.0f} / {epoch['100ms']:.0f}")
     for entry in projected:

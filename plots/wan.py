@@ -10,8 +10,9 @@ can be emulated here), DDP's transfer at the goodput of a link busy both ways
 
 Time to accuracy (plots/wan/time_to_accuracy.{png,pdf}, when results/wan_tta.jsonl
 and results/convergence.jsonl exist): the 15-epoch accuracy curves on the clock
-of bench/time_to_accuracy.py at several link rates, and the shaped first epochs
-of bench/configs/wan_tta.toml as measured points.
+of bench/time_to_accuracy.py at several link rates, the shaped first epochs
+of bench/configs/wan_tta.toml as measured points, and the whole schedules of
+bench/configs/wan_tta_full.toml (results/wan_tta_full.jsonl) as measured curves.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from plots.figures import METHOD_LABEL, METHOD_STYLE, REPO, save  # noqa: E402
 
 RESULTS = "wan.jsonl"
 TTA_RESULTS = "wan_tta.jsonl"  # bench/configs/wan_tta.toml
+TTA_FULL_RESULTS = "wan_tta_full.jsonl"  # bench/configs/wan_tta_full.toml
 CURVES = "convergence.jsonl"  # bench/configs/convergence.toml
 TTA_RATES_BIT_S = (1e9, 100e6, 20e6)
 CODEC_COLOURS = {"fp8": "tab:cyan", "bf16": "tab:purple", "fp16": "tab:olive"}
@@ -110,7 +112,7 @@ def fig_epoch_vs_rate(records: list[dict], out_dir: Path, name: str, calibration
 
 
 def fig_time_to_accuracy(curves: list[dict], shaped: list[dict], out_dir: Path, name: str,
-                         calibration=None) -> list[Path]:
+                         calibration=None, full=()) -> list[Path]:
     refs = tta.compute_references(shaped)
     rows = tta.project(curves, refs, rates=TTA_RATES_BIT_S, duplex=calibration)
     if not rows:
@@ -121,6 +123,7 @@ def fig_time_to_accuracy(curves: list[dict], shaped: list[dict], out_dir: Path, 
     cmap = plt.get_cmap("tab10")
     names = sorted({r["variant"] for r in rows})
     measured = [c for c in tta.checks(curves, shaped, refs, calibration) if "epoch1" in c]
+    whole = tta.full_checks(curves, list(full), refs, calibration)
     for i, (part, alpha) in enumerate(parts):
         for j, rate in enumerate(TTA_RATES_BIT_S):
             ax = axes[i][j]
@@ -132,6 +135,14 @@ def fig_time_to_accuracy(curves: list[dict], shaped: list[dict], out_dir: Path, 
                 for c in (c for c in measured if c["rate_bit_s"] == rate):
                     ax.plot(c["epoch1"]["measured_s"] / 3600, c["epoch1"]["acc_shaped"], "kx", markersize=7,
                             label=f"measured epoch 1 over the link ({c['method']})")
+                for c in (c for c in whole if c["rate_bit_s"] == rate):
+                    points = c["measured_curve"]
+                    colour = cmap(names.index(c["variant"]) % 10) if c["variant"] in names else "k"
+                    ax.plot([p["hours"] for p in points], [p["acc"] for p in points], ":", color=colour, linewidth=1.2,
+                            label=f"measured over the link, all epochs ({c['variant']})")
+                    evaluated = [p for p in points if p["evaluated"]]
+                    ax.plot([p["hours"] for p in evaluated], [p["acc"] for p in evaluated], "s", color=colour,
+                            markerfacecolor="none", markersize=5)
             ax.set_xscale("log")
             ax.set_title(f"{partition_name({'partition': part, 'alpha': alpha})}, hospital links at "
                          f"{rate / 1e6:g} Mbit/s", fontsize=9)
@@ -146,11 +157,12 @@ def fig_time_to_accuracy(curves: list[dict], shaped: list[dict], out_dir: Path, 
     return paths
 
 
-def load_tta(results_dir: Path) -> tuple[list[dict], list[dict]]:
-    shaped, curves = results_dir / TTA_RESULTS, results_dir / CURVES
+def load_tta(results_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """(curves, wan_tta's runs, wan_tta_full's runs)."""
+    shaped, curves, full = results_dir / TTA_RESULTS, results_dir / CURVES, results_dir / TTA_FULL_RESULTS
     if not (shaped.exists() and curves.exists()):
-        return [], []
-    return tta.load_ok(str(curves)), tta.load_ok(str(shaped))
+        return [], [], []
+    return tta.load_ok(str(curves)), tta.load_ok(str(shaped)), tta.load_ok(str(full)) if full.exists() else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     results = Path(args.results_dir)
     written = fig_epoch_vs_rate(load(results), Path(args.wan_out_dir), "wan_epoch_vs_rate", duplex(results))
-    written += fig_time_to_accuracy(*load_tta(results), Path(args.wan_out_dir), "time_to_accuracy", duplex(results))
+    curves, shaped, full = load_tta(results)
+    written += fig_time_to_accuracy(curves, shaped, Path(args.wan_out_dir), "time_to_accuracy", duplex(results), full)
     for path in written:
         print(f"plots: wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return 0

@@ -102,6 +102,40 @@ def test_a_shaped_run_of_another_setting_is_not_matched_to_the_curve():
     assert "epoch1" not in check
 
 
+def full_record(method="split", rate=MBIT8, epoch_s=(40.0, 50.0, 60.0), accs=(0.6, 0.72, 0.81), evaluated=(1, 2, 3)):
+    """A whole-schedule shaped run of convergence_record's setting (3 epochs of 10 steps)."""
+    record = convergence_record(method, accs=accs)
+    record["config"].update(run_key=f"full-{method}", threads=1, eval_every=2)
+    for e, secs in zip(record["epochs"], epoch_s):
+        e["train_time_s"] = secs
+        if e["epoch"] not in evaluated:
+            del e["test_acc_mean"], e["test_acc_min"]
+    record["train_time_s"] = sum(epoch_s)
+    record["wan"] = {"rate_bit_s": rate, "server_rate_bit_s": None,
+                     "links": {"hospital1": {"rate_bit_s": rate}, "hospital2": {"rate_bit_s": rate}}}
+    return record
+
+
+def test_a_whole_schedule_over_the_link_is_measured_hours_against_the_projection():
+    conv, reference = convergence_record(), shaped_record("split", None, 5.0)  # 0.5 s a step of compute
+    refs = tta.compute_references([reference])
+    (c,) = tta.full_checks([conv], [full_record(evaluated=(2,))], refs)
+    # Epoch 2 evaluated and equal to the curve: epochs 1 and 3 carry the curve's accuracy on the run's own clock.
+    assert c["accuracy_matches_curve"] and c["evaluated_epochs"] == [2]
+    assert [p["hours"] for p in c["measured_curve"]] == pytest.approx([40 / 3600, 90 / 3600, 150 / 3600])
+    assert [p["evaluated"] for p in c["measured_curve"]] == [False, True, False]
+    # 0.8 is first reached at epoch 3: measured 150 s, projected 3 epochs x 10 steps x 3.528 s.
+    assert c["hours_to"]["0.8"]["measured"] == pytest.approx(150 / 3600)
+    assert c["hours_to"]["0.8"]["error"] == pytest.approx(3 * 35.28 / 150 - 1)
+    assert c["hours_to"]["0.7"]["measured"] == pytest.approx(90 / 3600)
+    assert c["hours_total"]["error"] == pytest.approx(3 * 35.28 / 150 - 1)
+    # An evaluated epoch off the curve: the curve's accuracy is not lent to the other epochs.
+    (off,) = tta.full_checks([conv], [full_record(accs=(0.6, 0.70, 0.81), evaluated=(2, 3))], refs)
+    assert not off["accuracy_matches_curve"] and [p["epoch"] for p in off["measured_curve"]] == [2, 3]
+    assert off["hours_to"]["0.7"]["measured"] == pytest.approx(90 / 3600)
+    assert off["hours_to"]["0.75"]["measured"] == pytest.approx(150 / 3600)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "bench.time_to_accuracy", *args], capture_output=True, text=True,
                           timeout=120)
@@ -134,6 +168,8 @@ def test_cli_without_an_unshaped_run_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "negative" in proc.stderr
     proc = run_cli(str(conv), "--shaped", str(shaped), "--duplex", str(tmp_path / "absent.json"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such duplex calibration" in proc.stderr
+    proc = run_cli(str(conv), "--shaped", str(shaped), "--full", str(tmp_path / "absent.jsonl"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such results file" in proc.stderr
 
 
 def test_figure_draws_the_curves_and_the_measured_first_epoch(tmp_path):
@@ -141,7 +177,7 @@ def test_figure_draws_the_curves_and_the_measured_first_epoch(tmp_path):
 
     curves = [convergence_record("split"), convergence_record("ddp")]
     shaped = [shaped_record("split", None, 5.0), shaped_record("ddp", None, 5.0), shaped_record("split", 100e6, 9.0)]
-    paths = wan_plots.fig_time_to_accuracy(curves, shaped, tmp_path, "tta")
+    paths = wan_plots.fig_time_to_accuracy(curves, shaped, tmp_path, "tta", full=[full_record("split", 100e6)])
     assert sorted(p.name for p in paths) == ["tta.pdf", "tta.png"] and all(p.stat().st_size > 10000 for p in paths)
     assert wan_plots.fig_time_to_accuracy(curves, [], tmp_path, "none") == []  # no compute reference: no figure
 
@@ -150,10 +186,12 @@ def test_committed_time_to_accuracy_regenerates_from_the_committed_results(tmp_p
     results = tta.REPO / "results"
     out = tmp_path / "tta.json"
     assert tta.main([str(results / "convergence.jsonl"), "--shaped", str(results / "wan_tta.jsonl"),
+                     "--full", str(results / "wan_tta_full.jsonl"),
                      "--duplex", str(results / "link_duplex.json"), "--json", str(out)]) == 0
     assert out.read_text() == (results / "time_to_accuracy.json").read_text(), \
         ("run `python -m bench.time_to_accuracy results/convergence.jsonl --shaped results/wan_tta.jsonl "
-         "--duplex results/link_duplex.json --json results/time_to_accuracy.json` and commit")
+         "--full results/wan_tta_full.jsonl --duplex results/link_duplex.json --json results/time_to_accuracy.json`"
+         " and commit")
     checks = json.loads(out.read_text())["checks"]
     # Every shaped full first epoch reproduces the curve's first accuracy: the link changes time only.
     firsts = [c["epoch1"] for c in checks if "epoch1" in c]

@@ -181,3 +181,34 @@ def test_a_codec_reference_is_its_own_setting_and_gets_its_own_crossover():
     assert sorted(entry["methods"]) == ["ddp", "split", "split+fp8"]
     assert entry["crossover"]["0ms"]["rate_bit_s"] == pytest.approx(12.112e6, rel=1e-9)
     assert entry["crossover_split+fp8"]["0ms"]["rate_bit_s"] == pytest.approx(20.187e6, rel=1e-4)
+
+
+def test_ddp_buckets_cross_the_link_in_order_each_once_it_is_ready():
+    # 1 s of transfer; the last bucket is ready when the backward pass ends (t = 0).
+    assert timemodel.exposed_transfer(1.0, None) == 1.0  # no timings: nothing hidden
+    two = [{"bytes": 40, "lead_s": 0.3}, {"bytes": 60, "lead_s": 0.0}]
+    # The first bucket crosses from -0.3 to +0.1, the second from +0.1 to +0.7.
+    assert timemodel.exposed_transfer(1.0, two) == pytest.approx(0.7)
+    # A longer lead cannot hide more than the first bucket's own 0.4 s.
+    assert timemodel.exposed_transfer(1.0, [{**two[0], "lead_s": 5.0}, two[1]]) == pytest.approx(0.6)
+    three = [{"bytes": 20, "lead_s": 1.0}, {"bytes": 30, "lead_s": 0.1}, {"bytes": 50, "lead_s": 0.0}]
+    # -1.0..-0.8, then -0.1..0.2 (ready at -0.1), then 0.2..0.7 (the link is busy until 0.2).
+    assert timemodel.exposed_transfer(1.0, three) == pytest.approx(0.7)
+
+
+def test_check_credits_ddp_overlap_from_the_run_or_its_reference_and_never_split():
+    halves = {"buckets": [{"bytes": 1, "lead_s": 10.0}, {"bytes": 1, "lead_s": 0.0}]}
+    reference = record("ddp", train_s=1.0, rate=None)  # 0.5 s a step of compute
+    # DDP's busier direction: 1,448,000 B = 1.514 s a step; half of it crosses during the backward pass.
+    timed = timemodel.check(record("ddp", comm_extra=halves), reference)
+    assert timed["transfer_s"] == pytest.approx(1.514) and timed["overlap_s"] == pytest.approx(0.757)
+    assert timed["predicted_s"] == pytest.approx(0.5 + 0.757) and "this run" in timed["overlap_source"]
+    from_reference = timemodel.check(record("ddp"), record("ddp", train_s=1.0, rate=None, comm_extra=halves))
+    assert from_reference["predicted_s"] == pytest.approx(0.5 + 0.757) and "reference" in from_reference["overlap_source"]
+    untimed = timemodel.check(record("ddp"), reference)
+    assert untimed["overlap_s"] == 0 and untimed["predicted_s"] == pytest.approx(0.5 + 1.514)
+    split = timemodel.check(record("split", comm_extra=halves), record("split", train_s=1.0, rate=None))
+    assert split["overlap_s"] == 0 and split["predicted_s"] == pytest.approx(3.528)
+    # The same credit in the projections at other rates (at_rate), from the reference's timings.
+    assert timemodel.at_rate(record("ddp", train_s=1.0, comm_extra=halves), MBIT8) == pytest.approx(0.5 + 0.757)
+    assert timemodel.at_rate(record("ddp", train_s=1.0), MBIT8, buckets=halves["buckets"]) == pytest.approx(0.5 + 0.757)
