@@ -63,12 +63,18 @@ def same_setting(a: dict, b: dict) -> bool:
 
 
 def compute_references(shaped: list[dict]) -> dict[str, dict]:
-    """{method: the newest unshaped full-epoch run of wan_tta}: its seconds per step are the method's compute."""
-    refs = {}
+    """{variant and method: the newest unshaped full-epoch run of wan_tta}: its seconds per step are the
+    compute of that variant (``fedavg (10 local steps)``), or of a method's variants without one of their own."""
+    by_variant, by_method = {}, {}
     for r in shaped:
         if r.get("status") == "ok" and timemodel.is_reference(r) and r["steps"] == r["steps_per_epoch"]:
-            refs[r["config"]["method"]] = r
-    return refs
+            by_variant[variant(r["config"])] = by_method[r["config"]["method"]] = r
+    return {**by_method, **by_variant}
+
+
+def reference_for(refs: dict[str, dict], cfg: dict) -> dict | None:
+    """The compute reference of a run's variant, else of its method (None: no unshaped run)."""
+    return refs.get(variant(cfg)) or refs.get(cfg["method"])
 
 
 def curve(record: dict, compute_s: float, rate: float | None, rtt_s: float = 0.0, duplex=None,
@@ -99,15 +105,15 @@ def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, t
     rows = []
     for r in convergence:
         cfg = r["config"]
-        if r.get("status") != "ok" or cfg["method"] not in METHODS or cfg["method"] not in refs:
+        ref = reference_for(refs, cfg)
+        if r.get("status") != "ok" or cfg["method"] not in METHODS or ref is None:
             continue
-        ref = refs[cfg["method"]]
         compute, buckets = ref["train_time_s"] / ref["steps"], timemodel.buckets_of(ref)
         row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg),
                "partition": cfg["partition"], "alpha": cfg.get("alpha"), "model": cfg["model"],
                "width": cfg["width"], "hospitals": cfg["hospitals"], "epochs": len(r["epochs"]),
                "final_acc": r["final_test_acc"], "compute_s_per_step": compute,
-               "compute_source": f"unshaped run {ref['config'].get('run_key')} (wan_tta)",
+               "compute_source": f"unshaped run {ref['config'].get('run_key')} (wan_tta, {variant(ref['config'])})",
                "bytes_per_step": timemodel.hospital_bytes(r), "rtt_s": rtt_s, "rates": {}}
         for rate in rates:
             points = curve(r, compute, rate, rtt_s, duplex, buckets)
@@ -134,8 +140,8 @@ def checks(convergence: list[dict], shaped: list[dict], refs: dict[str, dict], d
             row["step_check"] = {k: model[k] for k in ("compute_s", "transfer_s", "predicted_s", "measured_s",
                                                        "error", "within_target")}
         match = [c for c in convergence if c.get("status") == "ok" and same_setting(c, s)]
-        if s["steps"] == s["steps_per_epoch"] and match and cfg["method"] in refs:
-            conv, ref = match[-1], refs[cfg["method"]]
+        if s["steps"] == s["steps_per_epoch"] and match and reference_for(refs, cfg):
+            conv, ref = match[-1], reference_for(refs, cfg)
             predicted = curve(conv, ref["train_time_s"] / ref["steps"], s["wan"]["rate_bit_s"], duplex=duplex,
                               buckets=timemodel.buckets_of(ref))[0]
             measured = s["epochs"][0]
@@ -172,9 +178,9 @@ def full_checks(convergence: list[dict], full: list[dict], refs: dict[str, dict]
     for s in full:
         cfg = s["config"]
         match = [c for c in convergence if c.get("status") == "ok" and same_setting(c, s)]
-        if timemodel.is_reference(s) or not match or cfg["method"] not in refs:
+        if timemodel.is_reference(s) or not match or reference_for(refs, cfg) is None:
             continue
-        conv, ref = match[-1], refs[cfg["method"]]
+        conv, ref = match[-1], reference_for(refs, cfg)
         rate = s["wan"]["rate_bit_s"]
         predicted = curve(conv, ref["train_time_s"] / ref["steps"], rate, duplex=duplex, buckets=timemodel.buckets_of(ref))
         measured, matches = measured_curve(s, conv)
