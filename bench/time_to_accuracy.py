@@ -140,8 +140,9 @@ def checks(convergence: list[dict], shaped: list[dict], refs: dict[str, dict], d
             row["step_check"] = {k: model[k] for k in ("compute_s", "transfer_s", "predicted_s", "measured_s",
                                                        "error", "within_target")}
         match = [c for c in convergence if c.get("status") == "ok" and same_setting(c, s)]
-        if s["steps"] == s["steps_per_epoch"] and match and reference_for(refs, cfg):
-            conv, ref = match[-1], reference_for(refs, cfg)
+        ref = reference_for(refs, cfg)
+        if s["steps"] == s["steps_per_epoch"] and match and ref is not None:
+            conv = match[-1]
             predicted = curve(conv, ref["train_time_s"] / ref["steps"], s["wan"]["rate_bit_s"], duplex=duplex,
                               buckets=timemodel.buckets_of(ref))[0]
             measured = s["epochs"][0]
@@ -178,9 +179,10 @@ def full_checks(convergence: list[dict], full: list[dict], refs: dict[str, dict]
     for s in full:
         cfg = s["config"]
         match = [c for c in convergence if c.get("status") == "ok" and same_setting(c, s)]
-        if timemodel.is_reference(s) or not match or reference_for(refs, cfg) is None:
+        ref = reference_for(refs, cfg)
+        if timemodel.is_reference(s) or not match or ref is None:
             continue
-        conv, ref = match[-1], reference_for(refs, cfg)
+        conv = match[-1]
         rate = s["wan"]["rate_bit_s"]
         predicted = curve(conv, ref["train_time_s"] / ref["steps"], rate, duplex=duplex, buckets=timemodel.buckets_of(ref))
         measured, matches = measured_curve(s, conv)

@@ -48,8 +48,7 @@ class CountingAllReduce:
         self._handed: list[tuple[int, float]] = []  # (bytes, perf_counter) of this step's buckets, in order
         self._steps_timed = 0
         self._lead_sums: list[float] = []
-        self._byte_sums: list[float] = []
-        self._layout: tuple[int, ...] | None = None
+        self._layout: tuple[int, ...] | None = None  # the timed steps' bucket bytes, in order
 
     def book(self, nbytes: int) -> None:
         self.bucket_bytes += nbytes
@@ -62,18 +61,16 @@ class CountingAllReduce:
             return
         layout = tuple(nbytes for nbytes, _ in handed)
         if layout != self._layout:  # a rebuild (or the first timed step): start the averages again
-            self._layout, self._steps_timed = layout, 0
-            self._lead_sums, self._byte_sums = [0.0] * len(handed), [0.0] * len(handed)
+            self._layout, self._steps_timed, self._lead_sums = layout, 0, [0.0] * len(handed)
         last = handed[-1][1]
-        for i, (nbytes, at) in enumerate(handed):
+        for i, (_, at) in enumerate(handed):
             self._lead_sums[i] += last - at
-            self._byte_sums[i] += nbytes
         self._steps_timed += 1
 
     def buckets(self) -> list[dict]:
         """[{"bytes", "lead_s"}] per bucket in hand-over order, averaged over the timed steps."""
         n = self._steps_timed
-        return [{"bytes": b / n, "lead_s": lead / n} for b, lead in zip(self._byte_sums, self._lead_sums)] if n else []
+        return [{"bytes": b, "lead_s": lead / n} for b, lead in zip(self._layout, self._lead_sums)] if n else []
 
 
 def counting_allreduce_hook(state, bucket):
