@@ -32,6 +32,9 @@ round trips x RTT::
   and the link is free, and only the time after the last bucket is ready
   counts (``overlap_s`` is the rest). Without them (records before the
   timings), no overlap: an upper bound. FedAvg and split learning do not overlap.
+  Where DDP's steps after the first are timed as well (``comm.step_timing``),
+  the check is repeated on those steady steps, once from the unshaped run's
+  steady step and once from the run's own compute (``steady_check``).
 * ``round_trips x RTT``: **a projection**. This machine cannot add delay
   (no ``netem``), so every measured run has RTT ~ 0 and this term is only
   ever extrapolated. Split learning makes ``comm["round_trips_per_step"]``
@@ -220,8 +223,35 @@ def check(record: dict, reference: dict, duplex=None) -> dict:
         "within_target": abs(model["predicted_s"] / measured - 1) <= TARGET_ERROR,
         "target": TARGET_ERROR,
         "server_compute_ratio": server_compute_ratio(record, reference),
+        "steady": steady_check(record, reference, model),
     })
     return model
+
+
+def steady_check(record: dict, reference: dict, model: dict) -> dict | None:
+    """DDP runs with timed steps (``comm.step_timing``, the steps after DDP's bucket rebuild): the model
+    checked twice more. ``reference``: the unshaped run's steady step + the transfer left after the
+    backward pass, against this run's steady step (a prediction, like ``check``, without the first step's
+    one-time costs). ``own_compute``: this run's own compute (its step less the measured wait after the
+    last bucket) + that predicted transfer, i.e. the predicted wait against the measured one: the link and
+    overlap terms alone, free of the compute drift between two runs on a shared machine."""
+    mine, ref = ((r.get("comm") or {}).get("step_timing") for r in (record, reference))
+    if not mine or not ref:
+        return None
+    exposed = model["transfer_s"] - model["overlap_s"]
+    predicted = ref["step_s"] + exposed
+    own = mine["compute_s"] + exposed
+    return {
+        "timed_steps": mine["timed_steps"],
+        "measured_s": mine["step_s"],
+        "reference": {"compute_s": ref["step_s"], "predicted_s": predicted,
+                      "error": predicted / mine["step_s"] - 1},
+        "own_compute": {"compute_s": mine["compute_s"], "predicted_wait_s": exposed,
+                        "measured_wait_s": mine["allreduce_wait_s"], "predicted_s": own,
+                        "error": own / mine["step_s"] - 1},
+        # this run's compute over the reference's: far from 1, the two runs did not compute alike
+        "compute_ratio": mine["compute_s"] / ref["compute_s"],
+    }
 
 
 def server_compute_ratio(record: dict, reference: dict) -> float | None:
@@ -393,6 +423,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['transfer_s']:9.2f} {m['overlap_s']:7.2f} {m['predicted_s']:10.2f} {m['measured_s']:9.2f} {m['error']:+7.1%} "
               f"{'' if m.get('server_compute_ratio') is None else format(m['server_compute_ratio'], '.2f'):>5}   "
               f"{epoch['0ms']:.0f} / {epoch['10ms']:.0f} / {epoch['100ms']:.0f}")
+        if m.get("steady"):
+            st = m["steady"]
+            print(f"{'':9} {'':6} {'':>2} {'steady':>9} {st['reference']['compute_s']:8.2f} {'':9} {'':7} "
+                  f"{st['reference']['predicted_s']:10.2f} {st['measured_s']:9.2f} {st['reference']['error']:+7.1%} "
+                  f"{st['compute_ratio']:5.2f}   own compute {st['own_compute']['compute_s']:.2f} s: wait "
+                  f"{st['own_compute']['predicted_wait_s']:.2f} predicted, {st['own_compute']['measured_wait_s']:.2f} "
+                  f"measured, step {st['own_compute']['error']:+.1%}")
     for entry in projected:
         for key, crossings in sorted(entry.items()):
             if not key.startswith("crossover"):

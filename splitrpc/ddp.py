@@ -38,8 +38,11 @@ class CountingAllReduce:
     bucket (whose gradients are the last the backward pass computes): a
     bucket's *lead* is how long its all-reduce can run while the backward pass
     still computes, which is what the time model needs to credit DDP's
-    overlap on a slow link (bench/timemodel.py). The first step is left out of
-    the lead times: DDP rebuilds its buckets in gradient-ready order after it.
+    overlap on a slow link (bench/timemodel.py). It also times how long the
+    backward pass waited after its last bucket (``wait``: the all-reduce the
+    backward pass could not hide), so that a step's own compute is its length
+    less that wait. The first step is left out of both: DDP rebuilds its
+    buckets in gradient-ready order after it.
     """
 
     def __init__(self, ledger: comm.Ledger, ranks: int):
@@ -55,10 +58,13 @@ class CountingAllReduce:
         self.ledger.book_ring(RING, nbytes, self.ranks)
         self._handed.append((nbytes, time.perf_counter()))
 
-    def end_step(self, first: bool) -> None:
+    def end_step(self, first: bool) -> float | None:
+        """Call when the backward pass returns (DDP has waited for every bucket's all-reduce by then);
+        returns the seconds it waited after the last bucket was handed over, None for an untimed step."""
         handed, self._handed = self._handed, []
         if first or not handed:
-            return
+            return None
+        returned = time.perf_counter()
         layout = tuple(nbytes for nbytes, _ in handed)
         if layout != self._layout:  # a rebuild (or the first timed step): start the averages again
             self._layout, self._steps_timed, self._lead_sums = layout, 0, [0.0] * len(handed)
@@ -66,6 +72,7 @@ class CountingAllReduce:
         for i, (_, at) in enumerate(handed):
             self._lead_sums[i] += last - at
         self._steps_timed += 1
+        return returned - last
 
     def buckets(self) -> list[dict]:
         """[{"bytes", "lead_s"}] per bucket in hand-over order, averaged over the timed steps."""
@@ -87,6 +94,18 @@ def slowest_overlap(per_rank: list[list[dict]]) -> list[dict] | None:
         return None
     return [{"bytes": per_rank[0][i]["bytes"], "lead_s": min(buckets[i]["lead_s"] for buckets in per_rank)}
             for i in range(len(per_rank[0]))]
+
+
+def slowest_step(per_rank: list[dict]) -> dict | None:
+    """The timed steps of all ranks as the time model sees a step: the slowest rank's compute (its step less
+    its wait, the rank that finished its backward pass last), and that rank's shorter wait for the all-reduce.
+    None when a rank timed no step."""
+    if not per_rank or any(not r["steps"] for r in per_rank):
+        return None
+    return {"timed_steps": min(r["steps"] for r in per_rank),
+            "step_s": max(r["step_s"] for r in per_rank),
+            "compute_s": max(r["step_s"] - r["wait_s"] for r in per_rank),
+            "allreduce_wait_s": min(r["wait_s"] for r in per_rank)}
 
 
 def gradient_bytes(model: torch.nn.Module) -> int:
@@ -114,6 +133,7 @@ class DdpTrainer:
         self.local_losses: list[tuple[float, int]] = []
         self.steps = 0
         self.eval_payload = 0.0
+        self.timed = {"steps": 0, "step_s": 0.0, "wait_s": 0.0}  # sums over the steps CountingAllReduce times
 
     def _all_gather(self, value):
         gathered = [None] * self.ranks
@@ -127,6 +147,7 @@ class DdpTrainer:
         return tensor
 
     def train_step(self, epoch: int, index: int, participants, lr: float) -> tuple[float, int]:
+        started = time.perf_counter()
         present = {h for h, _ in participants}
         mine = self.hospital in present
         images, labels = self.shard.batch(epoch, index if mine else 0)
@@ -135,11 +156,15 @@ class DdpTrainer:
         loss = F.cross_entropy(self.model(images.to(self.device)), labels.to(self.device))
         weight = self.ranks / len(present) if mine else 0.0
         (loss * weight).backward()  # DDP's all-reduce averages over all ranks
-        self.hook_state.end_step(first=self.steps == 0)
+        wait = self.hook_state.end_step(first=self.steps == 0)
         self.model.train()
         apply_gradients(self.optimizer, None, lr)
         self.local_losses.append((loss.item() * len(labels), len(labels)) if mine else (0.0, 0))
         self.steps += 1
+        if wait is not None:
+            self.timed["steps"] += 1
+            self.timed["step_s"] += time.perf_counter() - started
+            self.timed["wait_s"] += wait
         return loss.item(), len(participants) * self.cfg.batch_size
 
     def reduce_losses(self, losses: list[float], counts: list[int]) -> list[float]:
@@ -169,6 +194,9 @@ class DdpTrainer:
     def communication(self, steps_per_epoch: int, train_seconds: float) -> dict:
         reports = self._all_gather(self.ledger.report())
         buckets = slowest_overlap(self._all_gather(self.hook_state.buckets()))
+        n = self.timed["steps"]
+        timing = slowest_step(self._all_gather(
+            {"steps": n, "step_s": self.timed["step_s"] / max(n, 1), "wait_s": self.timed["wait_s"] / max(n, 1)}))
         names = [transport.hospital_name(r + 1) for r in range(self.ranks)]
         ring = comm.ring_allreduce_bytes(self.gradient_bytes, self.ranks)
         analytic = comm.party_table({n: {"sent": self.steps * ring, "received": self.steps * ring} for n in names})
@@ -202,6 +230,7 @@ class DdpTrainer:
             "gradient_bytes_per_step": self.gradient_bytes,
             "bucket_bytes_per_step": self.hook_state.bucket_bytes / self.steps if self.steps else None,
             "buckets": buckets,
+            "step_timing": timing,
             "per_epoch": {kind: per_epoch(phases["train"][f"{kind}_bytes"]) for kind in ("analytic", "payload", "tcp")},
             "wait_share": None,  # DDP overlaps all-reduce with the backward pass; see "buckets" for the overlap
         }

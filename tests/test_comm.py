@@ -109,6 +109,8 @@ def test_ddp_bytes_three_ways_and_equivalence(cli, tmp_path):
     assert c["gradient_bytes_per_step"] == parameters * 8 and c["bucket_bytes_per_step"] == parameters * 8
     # Under DDP's 1 MiB first bucket: one bucket, the last, so nothing overlaps the backward pass.
     assert drec["comm"]["buckets"] == [{"bytes": parameters * 8, "lead_s": 0.0}]
+    timing = drec["comm"]["step_timing"]  # the steps after DDP's bucket rebuild, the first
+    assert timing["timed_steps"] == 19 and 0 <= timing["allreduce_wait_s"] < timing["step_s"]
     # Two ranks: a ring all-reduce sends and receives 2(N-1)/N = 1 times the gradient per step.
     assert c["phases"]["train"]["payload_bytes"]["hospital1"] == {"sent": 20 * parameters * 8,
                                                                   "received": 20 * parameters * 8}

@@ -212,3 +212,24 @@ def test_check_credits_ddp_overlap_from_the_run_or_its_reference_and_never_split
     # The same credit in the projections at other rates (at_rate), from the reference's timings.
     assert timemodel.at_rate(record("ddp", train_s=1.0, comm_extra=halves), MBIT8) == pytest.approx(0.5 + 0.757)
     assert timemodel.at_rate(record("ddp", train_s=1.0), MBIT8, buckets=halves["buckets"]) == pytest.approx(0.5 + 0.757)
+
+
+def test_ddp_steady_steps_are_checked_from_the_reference_and_from_the_runs_own_compute():
+    halves = {"buckets": [{"bytes": 1, "lead_s": 10.0}, {"bytes": 1, "lead_s": 0.0}]}  # 0.757 s exposed (above)
+    # The shaped run computed 0.9 s a step (it was slower than its reference) and waited 0.8 s after its last bucket.
+    shaped = record("ddp", comm_extra={**halves, "step_timing": {"timed_steps": 3, "step_s": 1.7,
+                                                                 "compute_s": 0.9, "allreduce_wait_s": 0.8}})
+    reference = record("ddp", train_s=1.0, rate=None,
+                       comm_extra={"step_timing": {"timed_steps": 3, "step_s": 0.6, "compute_s": 0.58,
+                                                   "allreduce_wait_s": 0.02}})
+    steady = timemodel.check(shaped, reference)["steady"]
+    assert steady["measured_s"] == 1.7 and steady["timed_steps"] == 3
+    # From the reference's steady step (0.6 s, not its whole-run 0.5 s): off by the compute drift.
+    assert steady["reference"]["predicted_s"] == pytest.approx(0.6 + 0.757)
+    assert steady["reference"]["error"] == pytest.approx((0.6 + 0.757) / 1.7 - 1)
+    # From the run's own compute: only the wait is predicted.
+    own = steady["own_compute"]
+    assert own["predicted_wait_s"] == pytest.approx(0.757) and own["measured_wait_s"] == 0.8
+    assert own["error"] == pytest.approx((0.9 + 0.757) / 1.7 - 1)
+    assert steady["compute_ratio"] == pytest.approx(0.9 / 0.58)
+    assert timemodel.check(record("ddp", comm_extra=halves), reference)["steady"] is None  # untimed run
