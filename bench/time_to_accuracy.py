@@ -21,10 +21,11 @@ time to accuracy is put together from three measured things, and checked:
   accuracy against the curve's first point. Shorter 20 Mbit/s runs check seconds
   per step only (bench.timemodel's check, printed too);
 * **the check on a whole schedule** (``--full``, bench/configs/wan_tta_full.toml):
-  runs of all 15 epochs over 100 Mbit/s links give measured time to accuracy,
-  set against the projection. Where a run evaluates only some epochs, those must
-  equal the curve's, and its measured seconds of every epoch then carry the
-  curve's accuracy of that epoch.
+  runs of all 15 epochs over unshaped, 1 Gbit/s and 100 Mbit/s links give
+  measured time to accuracy, set against the projection. Where a run evaluates
+  only some epochs, those must equal the curve's, and its measured seconds of
+  every epoch then carry the curve's accuracy of that epoch. The unshaped
+  whole schedules are a second compute reference (``whole_reference``).
 
 Training time only: evaluations (which under split learning send the test set's
 activations over the link too) are not counted. RTT is 0 as in every measured
@@ -173,31 +174,45 @@ def measured_curve(run: dict, conv: dict) -> tuple[list[dict], bool]:
     return points, matches
 
 
+def against(conv: dict, run: dict, measured: list[dict], ref: dict, duplex=None) -> dict:
+    """A whole-schedule run's measured hours to each target and in all, against the projection from ``ref``'s
+    compute per step."""
+    predicted = curve(conv, ref["train_time_s"] / ref["steps"], run["wan"]["rate_bit_s"], duplex=duplex,
+                      buckets=timemodel.buckets_of(ref))
+    hours = {}
+    for t in TARGETS:
+        p, m = hours_to(predicted, t), hours_to(measured, t)
+        hours[f"{t:g}"] = {"predicted": p, "measured": m, "error": p / m - 1 if p is not None and m else None}
+    total_p, total_m = predicted[-1]["hours"], sum(e["train_time_s"] for e in run["epochs"]) / 3600
+    return {"compute_source": f"unshaped run {ref['config'].get('run_key')}",
+            "compute_s_per_step": ref["train_time_s"] / ref["steps"], "hours_to": hours,
+            "hours_total": {"predicted": total_p, "measured": total_m, "error": total_p / total_m - 1}}
+
+
 def full_checks(convergence: list[dict], full: list[dict], refs: dict[str, dict], duplex=None) -> list[dict]:
-    """Whole-schedule runs over shaped links: measured hours to each target and in all, against the projection."""
+    """Whole-schedule runs over shaped links: measured hours to each target and in all, against the projection
+    from wan_tta's one-epoch compute references; and, where ``full`` has an unshaped whole schedule of the same
+    variant, against the projection from that run's compute too (``whole_reference``: the same length of run,
+    with the same evaluations between epochs, so what is left of the error is the links')."""
+    whole_refs = {variant(r["config"]): r for r in full if timemodel.is_reference(r)}
     out = []
     for s in full:
         cfg = s["config"]
         match = [c for c in convergence if c.get("status") == "ok" and same_setting(c, s)]
         ref = reference_for(refs, cfg)
-        if timemodel.is_reference(s) or not match or ref is None:
+        if not match or ref is None:
             continue
         conv = match[-1]
-        rate = s["wan"]["rate_bit_s"]
-        predicted = curve(conv, ref["train_time_s"] / ref["steps"], rate, duplex=duplex, buckets=timemodel.buckets_of(ref))
         measured, matches = measured_curve(s, conv)
-        hours = {}
-        for t in TARGETS:
-            p, m = hours_to(predicted, t), hours_to(measured, t)
-            hours[f"{t:g}"] = {"predicted": p, "measured": m, "error": p / m - 1 if p is not None and m else None}
-        total_p, total_m = predicted[-1]["hours"], sum(e["train_time_s"] for e in s["epochs"]) / 3600
-        out.append({"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg), "rate_bit_s": rate,
-                    "convergence_run": conv["config"].get("run_key"), "epochs": len(s["epochs"]),
-                    "evaluated_epochs": [e["epoch"] for e in s["epochs"] if "test_acc_mean" in e],
-                    "accuracy_matches_curve": matches, "final_acc": s["final_test_acc"],
-                    "measured_curve": measured, "hours_to": hours,
-                    "hours_total": {"predicted": total_p, "measured": total_m, "error": total_p / total_m - 1},
-                    "s_per_step_measured": s["train_time_s"] / s["steps"]})
+        entry = {"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg),
+                 "rate_bit_s": s["wan"]["rate_bit_s"], "convergence_run": conv["config"].get("run_key"),
+                 "epochs": len(s["epochs"]), "evaluated_epochs": [e["epoch"] for e in s["epochs"] if "test_acc_mean" in e],
+                 "accuracy_matches_curve": matches, "final_acc": s["final_test_acc"], "measured_curve": measured,
+                 **against(conv, s, measured, ref, duplex), "s_per_step_measured": s["train_time_s"] / s["steps"]}
+        own = whole_refs.get(variant(cfg))
+        if own is not None and own is not s:
+            entry["whole_reference"] = against(conv, s, measured, own, duplex)
+        out.append(entry)
     return out
 
 
@@ -252,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{' / '.join(targets)} {hours} (projection's error); all {c['epochs']} epochs "
               f"{c['hours_total']['measured']:.3f} h ({c['hours_total']['error']:+.1%}); evaluated epochs "
               f"{'match' if c['accuracy_matches_curve'] else 'DO NOT match'} the curve")
+        if "whole_reference" in c:
+            w = c["whole_reference"]
+            print(f"{'':15} from the unshaped whole schedule's compute ({w['compute_s_per_step']:.3f} s a step, "
+                  f"one-epoch reference {c['compute_s_per_step']:.3f}): to 0.8 {w['hours_to']['0.8']['error']:+.1%}, "
+                  f"all epochs {w['hours_total']['error']:+.1%}")
     print(f"{'partition':9} {'variant':44} {'rate':>9} {'s/step':>7}  hours to test accuracy " + " / ".join(targets))
     for row in rows:
         for name, at in row["rates"].items():

@@ -136,6 +136,23 @@ def test_a_whole_schedule_over_the_link_is_measured_hours_against_the_projection
     assert off["hours_to"]["0.75"]["measured"] == pytest.approx(150 / 3600)
 
 
+def test_an_unshaped_whole_schedule_is_a_second_compute_reference():
+    conv, reference = convergence_record(), shaped_record("split", None, 5.0)  # one epoch: 0.5 s a step
+    unshaped = full_record(rate=None, epoch_s=(4.0, 4.0, 4.0))  # 0.4 s a step over the whole schedule
+    unshaped["config"]["run_key"] = "full-unshaped"
+    shaped = full_record(evaluated=(2,))
+    checks = tta.full_checks([conv], [unshaped, shaped], tta.compute_references([reference]))
+    assert [c["rate_bit_s"] for c in checks] == [None, MBIT8]
+    # The unshaped run is checked against the one-epoch reference, and is nobody's reference for itself.
+    assert checks[0]["hours_total"]["error"] == pytest.approx(3 * 10 * 0.5 / 12 - 1) and "whole_reference" not in checks[0]
+    # The shaped run: from 0.5 s of compute a step (the one-epoch run) and from 0.4 s (the whole schedule).
+    transfer = 3.528 - 0.5
+    whole = checks[1]["whole_reference"]
+    assert whole["compute_s_per_step"] == pytest.approx(0.4) and "full-unshaped" in whole["compute_source"]
+    assert whole["hours_to"]["0.8"]["error"] == pytest.approx(30 * (0.4 + transfer) / 150 - 1)
+    assert checks[1]["hours_to"]["0.8"]["error"] == pytest.approx(30 * 3.528 / 150 - 1)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "bench.time_to_accuracy", *args], capture_output=True, text=True,
                           timeout=120)
