@@ -208,9 +208,9 @@ def stop_rpc(graceful: bool, timeout_s: float) -> None:
     that reached it after the server had released its RRef finds no object and waits
     for one to be created (``OwnerRRef::getValue``; seen with py-spy in
     tests/test_faults.py's hung-hospital run, about 1 in 10). So the shutdown runs on a
-    thread of its own and the caller goes on after the bound; every caller then
-    leaves without finalization (``splitrpc.train.leave_worker``), which ends that
-    thread too. ``tests/test_exit.py`` shows the wait and the bound.
+    thread of its own and the caller goes on after the bound; the server and the
+    hospitals then leave without finalization (``splitrpc.train.leave_worker``), which
+    ends that thread too. ``tests/test_exit.py`` shows the wait and the bound.
     """
     if graceful:
         try:

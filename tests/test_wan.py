@@ -205,15 +205,21 @@ def test_cleanup_removes_what_a_killed_launcher_left_and_nothing_else():
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
+def regenerated_model(runs: str, model: str, tmp_path) -> dict:
+    """bench.timemodel on a committed results file; its output must equal the committed model file."""
+    assert timemodel.main([str(REPO / "results" / runs), "--duplex", str(REPO / "results" / "link_duplex.json"),
+                           "--json", str(tmp_path / model)]) == 0
+    assert (tmp_path / model).read_text() == (REPO / "results" / model).read_text(), \
+        (f"run `python -m bench.timemodel results/{runs} --duplex results/link_duplex.json "
+         f"--json results/{model}` and commit")
+    return json.loads((tmp_path / model).read_text())
+
+
 def test_time_model_and_figure_regenerate_from_the_committed_results(tmp_path):
     from plots import wan as wan_plots
 
     results = REPO / "results" / "wan.jsonl"
-    assert timemodel.main([str(results), "--duplex", str(REPO / "results" / "link_duplex.json"),
-                           "--json", str(tmp_path / "model.json")]) == 0
-    assert (tmp_path / "model.json").read_text() == (REPO / "results" / "wan_model.json").read_text(), \
-        ("run `python -m bench.timemodel results/wan.jsonl --duplex results/link_duplex.json "
-         "--json results/wan_model.json` and commit")
+    regenerated_model("wan.jsonl", "wan_model.json", tmp_path)
     assert wan_plots.main(["--wan-out-dir", str(tmp_path / "fig")]) == 0
     assert {p.name for p in (tmp_path / "fig").iterdir()} == {p.name for p in (REPO / "plots" / "wan").iterdir()}
     # Every shaped run carries the model's check, written when it ran.
@@ -222,13 +228,7 @@ def test_time_model_and_figure_regenerate_from_the_committed_results(tmp_path):
 
 
 def test_ddp_overlap_at_paper_scale_regenerates_and_holds_on_every_run(tmp_path):
-    results = REPO / "results" / "wan_ddp.jsonl"
-    assert timemodel.main([str(results), "--duplex", str(REPO / "results" / "link_duplex.json"),
-                           "--json", str(tmp_path / "model.json")]) == 0
-    assert (tmp_path / "model.json").read_text() == (REPO / "results" / "wan_ddp_model.json").read_text(), \
-        ("run `python -m bench.timemodel results/wan_ddp.jsonl --duplex results/link_duplex.json "
-         "--json results/wan_ddp_model.json` and commit")
-    checks = [c["model_check"] for c in json.loads((tmp_path / "model.json").read_text())["checks"]]
+    checks = [c["model_check"] for c in regenerated_model("wan_ddp.jsonl", "wan_ddp_model.json", tmp_path)["checks"]]
     assert len(checks) == 12 and all(c["steady"] and c["steady"]["timed_steps"] == 3 for c in checks)
     # From each run's own compute, the predicted wait after the backward pass (bytes / rate less what the
     # buckets hide) gives every step within the 15 % target.
