@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from splitrpc import comm, console, data, loop, record, transport
+from splitrpc.ddp import slowest_step
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
 from splitrpc.protocol import l1_sync_tensors
@@ -57,6 +58,10 @@ class FedAvgTrainer:
         # Samples this hospital and all hospitals trained on since the last average.
         self.round_mine, self.round_all = 0, 0
         self.steps_per_epoch = self.total_steps = 0  # set once the plan is known
+        # Seconds of the rounds after the first (whose all-reduce also opens gloo's connections): this
+        # hospital's local steps, and its wait in the round's all-reduce.
+        self.timed = {"rounds": 0, "compute_s": 0.0, "wait_s": 0.0}
+        self.round_compute_s = 0.0
 
     def _all_gather(self, value):
         gathered = [None] * self.ranks
@@ -70,6 +75,7 @@ class FedAvgTrainer:
         return tensor
 
     def train_step(self, epoch: int, index: int, participants, lr: float) -> tuple[float, int]:
+        started = time.perf_counter()
         present = {h for h, _ in participants}
         # Every hospital knows the plan, so each computes the round's weights without asking.
         self.round_all += len(present) * self.cfg.batch_size
@@ -85,6 +91,7 @@ class FedAvgTrainer:
         else:
             self.local_losses.append((0.0, 0))
         self.steps += 1
+        self.round_compute_s += time.perf_counter() - started
         return loss_value, len(participants) * self.cfg.batch_size
 
     def after_step(self, steps_done: int) -> None:
@@ -98,7 +105,13 @@ class FedAvgTrainer:
         weight = self.round_mine / self.round_all
         flat = torch.cat([t.detach().reshape(-1) for t in self.averaged]) * weight
         self.ledger.book_ring(RING, comm.tensor_bytes(flat), self.ranks)
+        started = time.perf_counter()
         dist.all_reduce(flat)
+        if self.rounds:
+            self.timed["rounds"] += 1
+            self.timed["compute_s"] += self.round_compute_s
+            self.timed["wait_s"] += time.perf_counter() - started
+        self.round_compute_s = 0.0
         offset = 0
         for t in self.averaged:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
@@ -124,6 +137,16 @@ class FedAvgTrainer:
         self.model.train()
         self._all_reduce(counts)
         return [counts[0].item() / counts[1].item()]
+
+    def round_timing(self) -> dict | None:
+        """A round as the time model sees one, as for DDP's step: the slowest hospital's local steps, and that
+        hospital's shorter wait in the all-reduce (the transfer, where the others waited for it too)."""
+        n = self.timed["rounds"]
+        per_rank = self._all_gather({"steps": n, "step_s": (self.timed["compute_s"] + self.timed["wait_s"]) / max(n, 1),
+                                     "wait_s": self.timed["wait_s"] / max(n, 1)})
+        timing = slowest_step(per_rank)
+        return timing and {"timed_rounds": timing["timed_steps"], "round_s": timing["step_s"],
+                           "compute_s": timing["compute_s"], "allreduce_wait_s": timing["allreduce_wait_s"]}
 
     def communication(self, steps_per_epoch: int) -> dict:
         reports = self._all_gather(self.ledger.report())
@@ -167,6 +190,7 @@ class FedAvgTrainer:
             "model_bytes_per_round": self.model_bytes,
             "per_epoch": {kind: per_epoch(phases["train"][f"{kind}_bytes"]) for kind in ("analytic", "payload", "tcp")},
             "wait_share": None,
+            "round_timing": self.round_timing(),
         }
 
     def save(self, directory: str) -> None:

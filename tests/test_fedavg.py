@@ -57,6 +57,10 @@ def test_rounds_and_bytes_three_ways(cli):
     assert c["rounds_per_epoch"] == 4
     assert c["per_epoch"]["analytic"]["per_hospital"] == pytest.approx(4 * 2 * per_round, abs=2)
     assert c["per_epoch"]["payload"]["per_hospital"] == pytest.approx(4 * 2 * per_round, abs=2)
+    # The rounds after the first are timed: 4 local steps then the all-reduce (2), 2 steps then the last (3).
+    timing = c["round_timing"]
+    assert timing["timed_rounds"] == 2 and 0 <= timing["allreduce_wait_s"] < timing["compute_s"] <= timing["round_s"]
+    assert timing["compute_s"] > 0.01  # (4 + 2) / 2 batches of 32 through ResNet-20 x0.5
 
 
 @pytest.mark.parametrize("args,pattern", [
