@@ -1,7 +1,8 @@
 """Time to accuracy over slow links: the 15-epoch accuracy curves on a clock that runs at a link's rate.
 
-    python -m bench.time_to_accuracy results/convergence.jsonl --shaped results/wan_tta.jsonl \\
-        [--full results/wan_tta_full.jsonl] [--duplex results/link_duplex.json] \\
+    python -m bench.time_to_accuracy results/convergence.jsonl [results/wan_tta_n2.jsonl] \\
+        --shaped results/wan_tta.jsonl [results/wan_tta_n2.jsonl] \\
+        [--full results/wan_tta_full.jsonl [results/wan_tta_n2.jsonl]] [--duplex results/link_duplex.json] \\
         [--json results/time_to_accuracy.json]
 
 A 15-epoch run over a 20 Mbit/s link costs hours of this machine per method, so
@@ -26,6 +27,12 @@ time to accuracy is put together from three measured things, and checked:
   only some epochs, those must equal the curve's, and its measured seconds of
   every epoch then carry the curve's accuracy of that epoch. The unshaped
   whole schedules are a second compute reference (``whole_reference``).
+
+Each number of hospitals has its own curves and compute references: with N = 2
+(bench/configs/wan_tta_n2.toml) one results file holds all three parts, the
+whole unshaped schedules (the curves; one-epoch runs are never taken for one),
+the one-epoch compute references and the shaped first epochs, so it is given
+in each role.
 
 Training time only: evaluations (which under split learning send the test set's
 activations over the link too) are not counted. RTT is 0 as in every measured
@@ -63,19 +70,27 @@ def same_setting(a: dict, b: dict) -> bool:
     return key(a) == key(b)
 
 
-def compute_references(shaped: list[dict]) -> dict[str, dict]:
-    """{variant and method: the newest unshaped full-epoch run of wan_tta}: its seconds per step are the
-    compute of that variant (``fedavg (10 local steps)``), or of a method's variants without one of their own."""
+def compute_references(shaped: list[dict]) -> dict[tuple[int, str], dict]:
+    """{(hospitals, variant or method): the newest unshaped one-epoch run of wan_tta}: its seconds per step are
+    the compute of that variant (``fedavg (10 local steps)``) with that many hospitals, or of a method's
+    variants without one of their own."""
     by_variant, by_method = {}, {}
     for r in shaped:
         if r.get("status") == "ok" and timemodel.is_reference(r) and r["steps"] == r["steps_per_epoch"]:
-            by_variant[variant(r["config"])] = by_method[r["config"]["method"]] = r
+            n = r["config"]["hospitals"]
+            by_variant[n, variant(r["config"])] = by_method[n, r["config"]["method"]] = r
     return {**by_method, **by_variant}
 
 
-def reference_for(refs: dict[str, dict], cfg: dict) -> dict | None:
-    """The compute reference of a run's variant, else of its method (None: no unshaped run)."""
-    return refs.get(variant(cfg)) or refs.get(cfg["method"])
+def reference_for(refs: dict[tuple[int, str], dict], cfg: dict) -> dict | None:
+    """The compute reference of a run's variant, else of its method, with as many hospitals (None: none)."""
+    return refs.get((cfg["hospitals"], variant(cfg))) or refs.get((cfg["hospitals"], cfg["method"]))
+
+
+def whole_schedules(records: list[dict]) -> list[dict]:
+    """The runs that trained every epoch of their schedule: the accuracy curves (wan_tta_n2.jsonl holds
+    one-epoch runs beside them)."""
+    return [r for r in records if r.get("status") == "ok" and len(r["epochs"]) == r["config"]["epochs"]]
 
 
 def curve(record: dict, compute_s: float, rate: float | None, rtt_s: float = 0.0, duplex=None,
@@ -104,7 +119,7 @@ def variant(cfg: dict) -> str:
 def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, targets=TARGETS, rtt_s=0.0,
             duplex=None) -> list[dict]:
     rows = []
-    for r in convergence:
+    for r in whole_schedules(convergence):
         cfg = r["config"]
         ref = reference_for(refs, cfg)
         if r.get("status") != "ok" or cfg["method"] not in METHODS or ref is None:
@@ -133,14 +148,14 @@ def checks(convergence: list[dict], shaped: list[dict], refs: dict[str, dict], d
         if s.get("status") != "ok" or timemodel.is_reference(s):
             continue
         cfg = s["config"]
-        row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "rate_bit_s": s["wan"]["rate_bit_s"],
-               "steps": s["steps"]}
+        row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "hospitals": cfg["hospitals"],
+               "rate_bit_s": s["wan"]["rate_bit_s"], "steps": s["steps"]}
         reference = timemodel.find_reference(shaped, s)
         if reference is not None:
             model = timemodel.check(s, reference, duplex)
             row["step_check"] = {k: model[k] for k in ("compute_s", "transfer_s", "predicted_s", "measured_s",
                                                        "error", "within_target")}
-        match = [c for c in convergence if c.get("status") == "ok" and same_setting(c, s)]
+        match = [c for c in whole_schedules(convergence) if same_setting(c, s)]
         ref = reference_for(refs, cfg)
         if s["steps"] == s["steps_per_epoch"] and match and ref is not None:
             conv = match[-1]
@@ -194,51 +209,53 @@ def full_checks(convergence: list[dict], full: list[dict], refs: dict[str, dict]
     from wan_tta's one-epoch compute references; and, where ``full`` has an unshaped whole schedule of the same
     variant, against the projection from that run's compute too (``whole_reference``: the same length of run,
     with the same evaluations between epochs, so what is left of the error is the links')."""
-    whole_refs = {variant(r["config"]): r for r in full if timemodel.is_reference(r)}
+    full = whole_schedules(full)
+    whole_refs = {(r["config"]["hospitals"], variant(r["config"])): r for r in full if timemodel.is_reference(r)}
     out = []
     for s in full:
         cfg = s["config"]
-        match = [c for c in convergence if c.get("status") == "ok" and same_setting(c, s)]
+        match = [c for c in whole_schedules(convergence) if same_setting(c, s)]
         ref = reference_for(refs, cfg)
         if not match or ref is None:
             continue
         conv = match[-1]
         measured, matches = measured_curve(s, conv)
         entry = {"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg),
-                 "rate_bit_s": s["wan"]["rate_bit_s"], "convergence_run": conv["config"].get("run_key"),
+                 "hospitals": cfg["hospitals"], "rate_bit_s": s["wan"]["rate_bit_s"], "convergence_run": conv["config"].get("run_key"),
                  "epochs": len(s["epochs"]), "evaluated_epochs": [e["epoch"] for e in s["epochs"] if "test_acc_mean" in e],
                  "accuracy_matches_curve": matches, "final_acc": s["final_test_acc"], "measured_curve": measured,
                  **against(conv, s, measured, ref, duplex), "s_per_step_measured": s["train_time_s"] / s["steps"]}
-        own = whole_refs.get(variant(cfg))
+        own = whole_refs.get((cfg["hospitals"], variant(cfg)))
         if own is not None and own is not s:
             entry["whole_reference"] = against(conv, s, measured, own, duplex)
         out.append(entry)
     return out
 
 
-def load_ok(path: str) -> list[dict]:
-    return [r for r in timemodel.load(path) if r.get("status") == "ok"]
+def load_ok(*paths: str) -> list[dict]:
+    return [r for path in paths for r in timemodel.load(path) if r.get("status") == "ok"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.time_to_accuracy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("convergence", help="the accuracy curves (results/convergence.jsonl)")
-    parser.add_argument("--shaped", required=True, help="bench/configs/wan_tta.toml's results (results/wan_tta.jsonl)")
-    parser.add_argument("--full", default="", help="bench/configs/wan_tta_full.toml's results: whole schedules "
-                                                   "over shaped links, checked against the projection")
+    parser.add_argument("convergence", nargs="+", help="the accuracy curves: whole schedules (results/convergence.jsonl; "
+                                                       "results/wan_tta_n2.jsonl for N = 2)")
+    parser.add_argument("--shaped", nargs="+", required=True,
+                        help="bench/configs/wan_tta.toml's results (results/wan_tta.jsonl, and wan_tta_n2.jsonl)")
+    parser.add_argument("--full", nargs="*", default=[], help="whole schedules over shaped links, checked against "
+                                                              "the projection (results/wan_tta_full.jsonl, ...)")
     parser.add_argument("--duplex", default="", help="bench.link_duplex's --json (DDP's and FedAvg's goodput "
                                                      "with both directions of a link busy)")
     parser.add_argument("--rtt-ms", type=float, default=0.0, help="projected round-trip time (default 0, as measured)")
     parser.add_argument("--json", default="", help="also write curves, hours to each target and the checks here")
     args = parser.parse_args(argv)
     try:
-        convergence, shaped = load_ok(args.convergence), load_ok(args.shaped)
-        full = load_ok(args.full) if args.full else []
+        convergence, shaped, full = load_ok(*args.convergence), load_ok(*args.shaped), load_ok(*args.full)
         duplex = timemodel.load_duplex(args.duplex) if args.duplex else None
         refs = compute_references(shaped)
         if not refs:
-            raise UserError(f"{args.shaped}: no unshaped full-epoch run to take compute per step from "
+            raise UserError(f"{' '.join(args.shaped)}: no unshaped one-epoch run to take compute per step from "
                             f"(python -m bench run bench/configs/wan_tta.toml)")
         if args.rtt_ms < 0:
             raise UserError(f"--rtt-ms {args.rtt_ms:g}: a round trip cannot take negative time")
@@ -248,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     checked = checks(convergence, shaped, refs, duplex)
     whole = full_checks(convergence, full, refs, duplex)
     for c in checked:
-        text = f"check {c['method']:6} {rate_name(c['rate_bit_s']):>8} {c['steps']:>3} steps:"
+        text = f"check {c['method']:6} N={c['hospitals']} {rate_name(c['rate_bit_s']):>8} {c['steps']:>3} steps:"
         if "step_check" in c:
             m = c["step_check"]
             text += f" s/step predicted {m['predicted_s']:.3f} measured {m['measured_s']:.3f} ({m['error']:+.1%})"
@@ -263,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         hours = " / ".join("-" if h["measured"] is None else
                            f"{h['measured']:.2f} ({'-' if h['error'] is None else format(h['error'], '+.1%')})"
                            for h in c["hours_to"].values())
-        print(f"whole schedule {c['variant']} at {rate_name(c['rate_bit_s'])}: measured hours to "
+        print(f"whole schedule {c['variant']} N={c['hospitals']} at {rate_name(c['rate_bit_s'])}: measured hours to "
               f"{' / '.join(targets)} {hours} (projection's error); all {c['epochs']} epochs "
               f"{c['hours_total']['measured']:.3f} h ({c['hours_total']['error']:+.1%}); evaluated epochs "
               f"{'match' if c['accuracy_matches_curve'] else 'DO NOT match'} the curve")
@@ -272,11 +289,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'':15} from the unshaped whole schedule's compute ({w['compute_s_per_step']:.3f} s a step, "
                   f"one-epoch reference {c['compute_s_per_step']:.3f}): to 0.8 {w['hours_to']['0.8']['error']:+.1%}, "
                   f"all epochs {w['hours_total']['error']:+.1%}")
-    print(f"{'partition':9} {'variant':44} {'rate':>9} {'s/step':>7}  hours to test accuracy " + " / ".join(targets))
+    print(f"{'partition':9} {'N':>2} {'variant':44} {'rate':>9} {'s/step':>7}  hours to test accuracy "
+          + " / ".join(targets))
     for row in rows:
         for name, at in row["rates"].items():
             hours = " / ".join("-" if at["hours_to"][t] is None else f"{at['hours_to'][t]:.2f}" for t in targets)
-            print(f"{row['partition']:9} {row['variant']:44} {name:>9} {at['s_per_step']:7.3f}  {hours}")
+            print(f"{row['partition']:9} {row['hospitals']:>2} {row['variant']:44} {name:>9} {at['s_per_step']:7.3f}  "
+                  f"{hours}")
     if args.json:
         Path(args.json).write_text(json.dumps({"projections": rows, "checks": checked, "full": whole, "duplex": duplex,
                                                "targets": list(TARGETS), "note": __doc__.split("\n\n")[1]},

@@ -12,7 +12,8 @@ Time to accuracy (plots/wan/time_to_accuracy.{png,pdf}, when results/wan_tta.jso
 and results/convergence.jsonl exist): the 15-epoch accuracy curves on the clock
 of bench/time_to_accuracy.py at several link rates, the shaped first epochs
 of bench/configs/wan_tta.toml as measured points, and the whole schedules of
-bench/configs/wan_tta_full.toml (results/wan_tta_full.jsonl) as measured curves.
+bench/configs/wan_tta_full.toml (results/wan_tta_full.jsonl) as measured curves;
+a row of panels for N = 2 from bench/configs/wan_tta_n2.toml when its results exist.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from plots.figures import METHOD_LABEL, METHOD_STYLE, REPO, save  # noqa: E402
 RESULTS = "wan.jsonl"
 TTA_RESULTS = "wan_tta.jsonl"  # bench/configs/wan_tta.toml
 TTA_FULL_RESULTS = "wan_tta_full.jsonl"  # bench/configs/wan_tta_full.toml
+TTA_N2_RESULTS = "wan_tta_n2.jsonl"  # bench/configs/wan_tta_n2.toml
 CURVES = "convergence.jsonl"  # bench/configs/convergence.toml
 TTA_RATES_BIT_S = (1e9, 100e6, 20e6)
 CODEC_COLOURS = {"fp8": "tab:cyan", "bf16": "tab:purple", "fp16": "tab:olive"}
@@ -117,25 +119,26 @@ def fig_time_to_accuracy(curves: list[dict], shaped: list[dict], out_dir: Path, 
     rows = tta.project(curves, refs, rates=TTA_RATES_BIT_S, duplex=calibration)
     if not rows:
         return []
-    parts = sorted({(r["partition"], r["alpha"]) for r in rows}, key=lambda p: p[0] != "iid")
+    # One row of panels per data split and number of hospitals: IID at N = 4 first, as in the README.
+    parts = sorted({(r["partition"], r["alpha"], r["hospitals"]) for r in rows}, key=lambda p: (p[0] != "iid", -p[2]))
     fig, axes = plt.subplots(len(parts), len(TTA_RATES_BIT_S), figsize=(4.6 * len(TTA_RATES_BIT_S), 3.6 * len(parts)),
                              squeeze=False, constrained_layout=True)
     cmap = plt.get_cmap("tab10")
     names = sorted({r["variant"] for r in rows})
     measured = [c for c in tta.checks(curves, shaped, refs, calibration) if "epoch1" in c]
     whole = tta.full_checks(curves, list(full), refs, calibration)
-    for i, (part, alpha) in enumerate(parts):
+    for i, (part, alpha, hospitals) in enumerate(parts):
         for j, rate in enumerate(TTA_RATES_BIT_S):
             ax = axes[i][j]
-            for row in (r for r in rows if (r["partition"], r["alpha"]) == (part, alpha)):
+            for row in (r for r in rows if (r["partition"], r["alpha"], r["hospitals"]) == (part, alpha, hospitals)):
                 points = row["rates"][tta.rate_name(rate)]["curve"]
                 ax.plot([p["hours"] for p in points], [p["acc"] for p in points], marker="o", markersize=2.5,
                         color=cmap(names.index(row["variant"]) % 10), label=row["variant"])
             if part == "iid":
-                for c in (c for c in measured if c["rate_bit_s"] == rate):
+                for c in (c for c in measured if (c["rate_bit_s"], c["hospitals"]) == (rate, hospitals)):
                     ax.plot(c["epoch1"]["measured_s"] / 3600, c["epoch1"]["acc_shaped"], "kx", markersize=7,
                             label=f"measured epoch 1 over the link ({c['method']})")
-                for c in (c for c in whole if c["rate_bit_s"] == rate):
+                for c in (c for c in whole if (c["rate_bit_s"], c["hospitals"]) == (rate, hospitals)):
                     points = c["measured_curve"]
                     colour = cmap(names.index(c["variant"]) % 10) if c["variant"] in names else "k"
                     ax.plot([p["hours"] for p in points], [p["acc"] for p in points], ":", color=colour, linewidth=1.2,
@@ -144,26 +147,29 @@ def fig_time_to_accuracy(curves: list[dict], shaped: list[dict], out_dir: Path, 
                     ax.plot([p["hours"] for p in evaluated], [p["acc"] for p in evaluated], "s", color=colour,
                             markerfacecolor="none", markersize=5)
             ax.set_xscale("log")
-            ax.set_title(f"{partition_name({'partition': part, 'alpha': alpha})}, hospital links at "
+            ax.set_title(f"{partition_name({'partition': part, 'alpha': alpha})}, N = {hospitals}, hospital links at "
                          f"{rate / 1e6:g} Mbit/s", fontsize=9)
             ax.set_xlabel("training hours (compute measured + bytes / rate; RTT 0)")
             ax.set_ylabel("test accuracy (mean over hospitals)")
             ax.grid(True, which="both", alpha=0.3)
             # The IID curves rise steeply late: their lower right stays clear; the Dirichlet ones' upper left does.
             ax.legend(fontsize=5.5, loc="lower right" if part == "iid" else "upper left")
-    fig.suptitle("Time to accuracy: VGG-11 x0.25, N = 4, 15 epochs (results/convergence.jsonl) on the clock of "
-                 "bench/time_to_accuracy.py", fontsize=9)
+    fig.suptitle("Time to accuracy: VGG-11 x0.25, 15 epochs (results/convergence.jsonl, N = 2: wan_tta_n2.jsonl) "
+                 "on the clock of bench/time_to_accuracy.py", fontsize=9)
     paths = save(fig, name, out_dir)
     plt.close(fig)
     return paths
 
 
 def load_tta(results_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
-    """(curves, wan_tta's runs, wan_tta_full's runs)."""
+    """(curves, wan_tta's runs, wan_tta_full's runs), each with wan_tta_n2's runs where they exist: that file
+    holds N = 2's curves, compute references and shaped first epochs together."""
     shaped, curves, full = results_dir / TTA_RESULTS, results_dir / CURVES, results_dir / TTA_FULL_RESULTS
     if not (shaped.exists() and curves.exists()):
         return [], [], []
-    return tta.load_ok(str(curves)), tta.load_ok(str(shaped)), tta.load_ok(str(full)) if full.exists() else []
+    n2 = [str(results_dir / TTA_N2_RESULTS)] if (results_dir / TTA_N2_RESULTS).exists() else []
+    return (tta.load_ok(str(curves), *n2), tta.load_ok(str(shaped), *n2),
+            tta.load_ok(*[str(p) for p in (full,) if p.exists()], *n2))
 
 
 def main(argv: list[str] | None = None) -> int:
