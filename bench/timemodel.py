@@ -34,7 +34,8 @@ round trips x RTT::
   timings), no overlap: an upper bound. FedAvg and split learning do not overlap.
   Where DDP's steps after the first are timed as well (``comm.step_timing``),
   the check is repeated on those steady steps, once from the unshaped run's
-  steady step and once from the run's own compute (``steady_check``).
+  steady step and once from the run's own compute (``steady_check``); the
+  same for FedAvg's rounds after the first (``comm.round_timing``).
 * ``round_trips x RTT``: **a projection**. This machine cannot add delay
   (no ``netem``), so every measured run has RTT ~ 0 and this term is only
   ever extrapolated. Split learning makes ``comm["round_trips_per_step"]``
@@ -228,27 +229,44 @@ def check(record: dict, reference: dict, duplex=None) -> dict:
     return model
 
 
+def timed_units(record: dict) -> dict | None:
+    """A run's timed steady units as one shape: DDP's steps after its bucket rebuild (``comm.step_timing``),
+    FedAvg's rounds after the first (``comm.round_timing``). ``steps``: training steps per unit, to scale the
+    model's per-step transfer (a round moves one model, whatever its number of local steps)."""
+    c = record.get("comm") or {}
+    if c.get("step_timing"):
+        t = c["step_timing"]
+        return {"units": t["timed_steps"], "unit_s": t["step_s"], "compute_s": t["compute_s"],
+                "wait_s": t["allreduce_wait_s"], "steps": 1.0}
+    if c.get("round_timing"):
+        t = c["round_timing"]
+        return {"units": t["timed_rounds"], "unit_s": t["round_s"], "compute_s": t["compute_s"],
+                "wait_s": t["allreduce_wait_s"], "steps": record["steps"] / c["rounds"]}
+    return None
+
+
 def steady_check(record: dict, reference: dict, model: dict) -> dict | None:
-    """DDP runs with timed steps (``comm.step_timing``, the steps after DDP's bucket rebuild): the model
-    checked twice more. ``reference``: the unshaped run's steady step + the transfer left after the
-    backward pass, against this run's steady step (a prediction, like ``check``, without the first step's
-    one-time costs). ``own_compute``: this run's own compute (its step less the measured wait after the
-    last bucket) + that predicted transfer, i.e. the predicted wait against the measured one: the link and
-    overlap terms alone, free of the compute drift between two runs on a shared machine."""
-    mine, ref = ((r.get("comm") or {}).get("step_timing") for r in (record, reference))
+    """Runs with timed steady steps (DDP) or rounds (FedAvg) (``timed_units``): the model checked twice more.
+    ``reference``: the unshaped run's steady step + the transfer left after the backward pass, against this
+    run's steady step (a prediction, like ``check``, without the first step's one-time costs).
+    ``own_compute``: this run's own compute (its step less the measured wait in the all-reduce) + that
+    predicted transfer, i.e. the predicted wait against the measured one: the link and overlap terms alone,
+    free of the compute drift between two runs on a shared machine. For FedAvg a "step" here is a round."""
+    mine, ref = timed_units(record), timed_units(reference)
     if not mine or not ref:
         return None
-    exposed = model["transfer_s"] - model["overlap_s"]
-    predicted = ref["step_s"] + exposed
+    exposed = (model["transfer_s"] - model["overlap_s"]) * mine["steps"]
+    predicted = ref["unit_s"] + exposed
     own = mine["compute_s"] + exposed
     return {
-        "timed_steps": mine["timed_steps"],
-        "measured_s": mine["step_s"],
-        "reference": {"compute_s": ref["step_s"], "predicted_s": predicted,
-                      "error": predicted / mine["step_s"] - 1},
+        "timed_steps": mine["units"],
+        "unit": "round" if (record.get("comm") or {}).get("round_timing") else "step",
+        "measured_s": mine["unit_s"],
+        "reference": {"compute_s": ref["unit_s"], "predicted_s": predicted,
+                      "error": predicted / mine["unit_s"] - 1},
         "own_compute": {"compute_s": mine["compute_s"], "predicted_wait_s": exposed,
-                        "measured_wait_s": mine["allreduce_wait_s"], "predicted_s": own,
-                        "error": own / mine["step_s"] - 1},
+                        "measured_wait_s": mine["wait_s"], "predicted_s": own,
+                        "error": own / mine["unit_s"] - 1},
         # this run's compute over the reference's: far from 1, the two runs did not compute alike
         "compute_ratio": mine["compute_s"] / ref["compute_s"],
     }
@@ -425,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{epoch['0ms']:.0f} / {epoch['10ms']:.0f} / {epoch['100ms']:.0f}")
         if m.get("steady"):
             st = m["steady"]
-            print(f"{'':9} {'':6} {'':>2} {'steady':>9} {st['reference']['compute_s']:8.2f} {'':9} {'':7} "
+            print(f"{'':9} {'':6} {'':>2} {'steady ' + st['unit']:>9} {st['reference']['compute_s']:8.2f} {'':9} {'':7} "
                   f"{st['reference']['predicted_s']:10.2f} {st['measured_s']:9.2f} {st['reference']['error']:+7.1%} "
                   f"{st['compute_ratio']:5.2f}   own compute {st['own_compute']['compute_s']:.2f} s: wait "
                   f"{st['own_compute']['predicted_wait_s']:.2f} predicted, {st['own_compute']['measured_wait_s']:.2f} "

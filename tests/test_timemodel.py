@@ -233,3 +233,18 @@ def test_ddp_steady_steps_are_checked_from_the_reference_and_from_the_runs_own_c
     assert own["error"] == pytest.approx((0.9 + 0.757) / 1.7 - 1)
     assert steady["compute_ratio"] == pytest.approx(0.9 / 0.58)
     assert timemodel.check(record("ddp", comm_extra=halves), reference)["steady"] is None  # untimed run
+
+
+def test_fedavg_rounds_are_checked_like_ddp_steps_with_a_rounds_transfer():
+    # 2 steps, 1 round: the round moves the model once, the 1.514 s a step the bytes per step say, twice.
+    timing = {"timed_rounds": 4, "round_s": 4.0, "compute_s": 1.0, "allreduce_wait_s": 3.1}
+    shaped = record("fedavg", comm_extra={"rounds": 1, "round_timing": timing})
+    reference = record("fedavg", train_s=1.0, rate=None, comm_extra={
+        "rounds": 1, "round_timing": {"timed_rounds": 4, "round_s": 1.2, "compute_s": 1.15, "allreduce_wait_s": 0.05}})
+    steady = timemodel.check(shaped, reference)["steady"]
+    assert steady["unit"] == "round" and steady["timed_steps"] == 4 and steady["measured_s"] == 4.0
+    assert steady["reference"]["predicted_s"] == pytest.approx(1.2 + 2 * 1.514)
+    own = steady["own_compute"]
+    assert own["predicted_wait_s"] == pytest.approx(2 * 1.514) and own["measured_wait_s"] == 3.1
+    assert own["error"] == pytest.approx((1.0 + 2 * 1.514) / 4.0 - 1)
+    assert steady["compute_ratio"] == pytest.approx(1.0 / 1.15)
