@@ -88,9 +88,14 @@ def reference_for(refs: dict[tuple[int, str], dict], cfg: dict) -> dict | None:
 
 
 def whole_schedules(records: list[dict]) -> list[dict]:
-    """The runs that trained every epoch of their schedule: the accuracy curves (wan_tta_n2.jsonl holds
-    one-epoch runs beside them)."""
+    """The runs that trained every epoch of their schedule (wan_tta_n2.jsonl holds one-epoch runs beside them)."""
     return [r for r in records if r.get("status") == "ok" and len(r["epochs"]) == r["config"]["epochs"]]
+
+
+def curves_of(records: list[dict]) -> list[dict]:
+    """The accuracy curves: whole schedules trained without shaped links (convergence.toml's, over loopback,
+    or unshaped in namespaces); a whole schedule over shaped links is a check of the curve, not one."""
+    return [r for r in whole_schedules(records) if not r.get("wan") or timemodel.is_reference(r)]
 
 
 def curve(record: dict, compute_s: float, rate: float | None, rtt_s: float = 0.0, duplex=None,
@@ -119,7 +124,7 @@ def variant(cfg: dict) -> str:
 def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, targets=TARGETS, rtt_s=0.0,
             duplex=None) -> list[dict]:
     rows = []
-    for r in whole_schedules(convergence):
+    for r in curves_of(convergence):
         cfg = r["config"]
         ref = reference_for(refs, cfg)
         if r.get("status") != "ok" or cfg["method"] not in METHODS or ref is None:
@@ -155,7 +160,7 @@ def checks(convergence: list[dict], shaped: list[dict], refs: dict[str, dict], d
             model = timemodel.check(s, reference, duplex)
             row["step_check"] = {k: model[k] for k in ("compute_s", "transfer_s", "predicted_s", "measured_s",
                                                        "error", "within_target")}
-        match = [c for c in whole_schedules(convergence) if same_setting(c, s)]
+        match = [c for c in curves_of(convergence) if same_setting(c, s)]
         ref = reference_for(refs, cfg)
         if s["steps"] == s["steps_per_epoch"] and match and ref is not None:
             conv = match[-1]
@@ -214,7 +219,7 @@ def full_checks(convergence: list[dict], full: list[dict], refs: dict[str, dict]
     out = []
     for s in full:
         cfg = s["config"]
-        match = [c for c in whole_schedules(convergence) if same_setting(c, s)]
+        match = [c for c in curves_of(convergence) if same_setting(c, s)]
         ref = reference_for(refs, cfg)
         if not match or ref is None:
             continue

@@ -38,6 +38,7 @@ RESULTS = "wan.jsonl"
 TTA_RESULTS = "wan_tta.jsonl"  # bench/configs/wan_tta.toml
 TTA_FULL_RESULTS = "wan_tta_full.jsonl"  # bench/configs/wan_tta_full.toml
 TTA_N2_RESULTS = "wan_tta_n2.jsonl"  # bench/configs/wan_tta_n2.toml
+TTA_FEDAVG_ROUNDS = "wan_fedavg_rounds.jsonl"  # bench/configs/wan_fedavg_rounds.toml: FedAvg at 1 Gbit/s again
 CURVES = "convergence.jsonl"  # bench/configs/convergence.toml
 TTA_RATES_BIT_S = (1e9, 100e6, 20e6)
 CODEC_COLOURS = {"fp8": "tab:cyan", "bf16": "tab:purple", "fp16": "tab:olive"}
@@ -162,14 +163,15 @@ def fig_time_to_accuracy(curves: list[dict], shaped: list[dict], out_dir: Path, 
 
 
 def load_tta(results_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
-    """(curves, wan_tta's runs, wan_tta_full's runs), each with wan_tta_n2's runs where they exist: that file
-    holds N = 2's curves, compute references and shaped first epochs together."""
-    shaped, curves, full = results_dir / TTA_RESULTS, results_dir / CURVES, results_dir / TTA_FULL_RESULTS
-    if not (shaped.exists() and curves.exists()):
+    """(curves, one-epoch runs, whole schedules) as bench.time_to_accuracy's README command reads them:
+    wan_tta_n2 holds N = 2's curves, compute references, shaped first epochs and whole schedules together."""
+    def ok(*names):
+        return tta.load_ok(*[str(results_dir / n) for n in names if (results_dir / n).exists()])
+
+    if not ((results_dir / TTA_RESULTS).exists() and (results_dir / CURVES).exists()):
         return [], [], []
-    n2 = [str(results_dir / TTA_N2_RESULTS)] if (results_dir / TTA_N2_RESULTS).exists() else []
-    return (tta.load_ok(str(curves), *n2), tta.load_ok(str(shaped), *n2),
-            tta.load_ok(*[str(p) for p in (full,) if p.exists()], *n2))
+    return (ok(CURVES, TTA_N2_RESULTS), ok(TTA_RESULTS, TTA_N2_RESULTS),
+            ok(TTA_FULL_RESULTS, TTA_N2_RESULTS, TTA_FEDAVG_ROUNDS))
 
 
 def main(argv: list[str] | None = None) -> int:
