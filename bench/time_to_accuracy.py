@@ -127,7 +127,7 @@ def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, t
     for r in curves_of(convergence):
         cfg = r["config"]
         ref = reference_for(refs, cfg)
-        if r.get("status") != "ok" or cfg["method"] not in METHODS or ref is None:
+        if cfg["method"] not in METHODS or ref is None:
             continue
         compute, buckets = ref["train_time_s"] / ref["steps"], timemodel.buckets_of(ref)
         row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg),
@@ -148,7 +148,7 @@ def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, t
 def checks(convergence: list[dict], shaped: list[dict], refs: dict[str, dict], duplex=None) -> list[dict]:
     """Every shaped run of wan_tta: seconds per step against bench.timemodel (its own unshaped reference), and
     for a full first epoch, the projection of that epoch and the convergence curve's first accuracy."""
-    out = []
+    out, curves = [], curves_of(convergence)
     for s in shaped:
         if s.get("status") != "ok" or timemodel.is_reference(s):
             continue
@@ -160,7 +160,7 @@ def checks(convergence: list[dict], shaped: list[dict], refs: dict[str, dict], d
             model = timemodel.check(s, reference, duplex)
             row["step_check"] = {k: model[k] for k in ("compute_s", "transfer_s", "predicted_s", "measured_s",
                                                        "error", "within_target")}
-        match = [c for c in curves_of(convergence) if same_setting(c, s)]
+        match = [c for c in curves if same_setting(c, s)]
         ref = reference_for(refs, cfg)
         if s["steps"] == s["steps_per_epoch"] and match and ref is not None:
             conv = match[-1]
@@ -214,12 +214,12 @@ def full_checks(convergence: list[dict], full: list[dict], refs: dict[str, dict]
     from wan_tta's one-epoch compute references; and, where ``full`` has an unshaped whole schedule of the same
     variant, against the projection from that run's compute too (``whole_reference``: the same length of run,
     with the same evaluations between epochs, so what is left of the error is the links')."""
-    full = whole_schedules(full)
+    full, curves = whole_schedules(full), curves_of(convergence)
     whole_refs = {(r["config"]["hospitals"], variant(r["config"])): r for r in full if timemodel.is_reference(r)}
     out = []
     for s in full:
         cfg = s["config"]
-        match = [c for c in curves_of(convergence) if same_setting(c, s)]
+        match = [c for c in curves if same_setting(c, s)]
         ref = reference_for(refs, cfg)
         if not match or ref is None:
             continue

@@ -237,11 +237,11 @@ def timed_units(record: dict) -> dict | None:
     if c.get("step_timing"):
         t = c["step_timing"]
         return {"units": t["timed_steps"], "unit_s": t["step_s"], "compute_s": t["compute_s"],
-                "wait_s": t["allreduce_wait_s"], "steps": 1.0}
+                "wait_s": t["allreduce_wait_s"], "steps": 1.0, "unit": "step"}
     if c.get("round_timing"):
         t = c["round_timing"]
         return {"units": t["timed_rounds"], "unit_s": t["round_s"], "compute_s": t["compute_s"],
-                "wait_s": t["allreduce_wait_s"], "steps": record["steps"] / c["rounds"]}
+                "wait_s": t["allreduce_wait_s"], "steps": record["steps"] / c["rounds"], "unit": "round"}
     return None
 
 
@@ -260,7 +260,7 @@ def steady_check(record: dict, reference: dict, model: dict) -> dict | None:
     own = mine["compute_s"] + exposed
     return {
         "timed_steps": mine["units"],
-        "unit": "round" if (record.get("comm") or {}).get("round_timing") else "step",
+        "unit": mine["unit"],
         "measured_s": mine["unit_s"],
         "reference": {"compute_s": ref["unit_s"], "predicted_s": predicted,
                       "error": predicted / mine["unit_s"] - 1},
