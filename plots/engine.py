@@ -12,6 +12,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from splitrpc.record import relative_speed
+
 CODEC_ORDER = {"none": 0, "bf16": 1, "fp16": 2, "fp8": 3}
 
 
@@ -53,7 +55,7 @@ def throughput_table(records: list[dict]) -> list[str]:
         waiting = (comm.get("server_time_s") or {}).get("waiting_for_activations")
         lines.append(
             f"| {_model(cfg)} | {variant(cfg)} | {threads_text} | {r['samples_per_s']:.0f} | "
-            f"{'' if not reference else format(r['samples_per_s'] / reference, '.2f')} | "
+            f"{'' if not reference else format(relative_speed(r['samples_per_s'], reference), '.2f')} | "
             f"{'' if trips is None else format(trips, '.2f')} | {'' if waiting is None else format(waiting, '.1f')} |")
     return lines + [""]
 

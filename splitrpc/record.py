@@ -32,6 +32,15 @@ def git_commit() -> str | None:
     return (commit + ("-dirty" if dirty else "")) or None
 
 
+def relative_speed(rate: float, reference_rate: float) -> float:
+    """The engine-overhead ratio: a method's work per second over its reference's, both measured
+    on the same machine in the same session (1.0: the engine adds nothing; 0.5: half as fast).
+
+    The throughput tables' "vs local" and `make bench-check`'s quantities are this one number,
+    which carries across CPUs where samples/s do not."""
+    return rate / reference_rate
+
+
 def new_record(cfg) -> dict:
     return {
         "record_version": RECORD_VERSION,
