@@ -66,7 +66,16 @@ DDP_BUCKET_B = 25 * 1024 * 1024
 TARGET_ERROR = 0.15
 PROJECTED_RTTS_S = (0.0, 0.010, 0.030, 0.100)
 IGNORED_KEYS = {"run_key", "out", "tag", "config"}  # not part of a setting
-ALL_REDUCE_METHODS = ("ddp", "fedavg")  # hospitals all-reduce among themselves: both directions of a link at once
+
+
+def _all_reduce_methods() -> tuple[str, ...]:
+    from splitrpc import methods
+
+    return tuple(m.name for m in methods.all_methods() if m.exchange == "all-reduce")
+
+
+# The registry's methods whose hospitals all-reduce among themselves: both directions of a link at once.
+ALL_REDUCE_METHODS = _all_reduce_methods()
 
 
 def load_duplex(path: str) -> list[tuple[float, float]]:

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import timemodel
+from splitrpc import methods
 from splitrpc.errors import UserError, report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,10 +154,11 @@ class Network:
         if len(rates) != hospitals:
             raise UserError(f"--hospital-rates lists {len(rates)} rates for {hospitals} hospitals")
         self.parties: list[Party] = []
-        if method == "split":
+        has_server = methods.get(method).has_server
+        if has_server:
             self.parties.append(Party("server", 0, f"{NS_PREFIX}{self.id}-server", "server",
                                       f"{SUBNET_PREFIX}{SERVER_HOST}", server_rate))
-        first = 1 if method == "split" else 0
+        first = 1 if has_server else 0
         for i in range(1, hospitals + 1):
             self.parties.append(Party(f"hospital{i}", first + i - 1, f"{NS_PREFIX}{self.id}-h{i}", f"h{i}",
                                       f"{SUBNET_PREFIX}{HOSPITAL_HOST0 + i}", rates[i - 1]))
@@ -294,8 +296,8 @@ def run(train_argv: list[str], rate: float | None, server_rate: float | None = N
 
     cfg = parse_args(train_argv)  # bad training options: one line before any namespace exists
     calibration = timemodel.load_duplex(duplex) if duplex else None
-    if cfg.method not in ("split", "ddp", "fedavg"):
-        raise UserError(f"bench.wan runs --method split, ddp or fedavg across namespaces, not {cfg.method!r}")
+    if methods.get(cfg.method).one_process:
+        raise UserError(f"bench.wan runs the methods of several processes across namespaces, not {cfg.method!r}")
     if "--out" in train_argv or any(a.startswith("--out=") for a in train_argv):
         raise UserError("give --out to bench.wan (before `--`): it adds the link measurements to the record")
     check_environment()

@@ -82,6 +82,14 @@ def wire_bytes(codec: str, shape: Sequence[int], dtype: torch.dtype) -> int:
     return sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in wire_spec(codec, shape, dtype))
 
 
+def wire_problem(codec: str, wire: Sequence[torch.Tensor]) -> str | None:
+    """What is wrong with wire tensors of the right shapes and dtypes, before decoding, or None:
+    fp8's per-channel scales must be positive (a zero or negative scale decodes to garbage)."""
+    if codec == "fp8" and not bool((wire[1] > 0).all()):
+        return "float8 scales that are not positive"
+    return None
+
+
 def check(codec: str, dtype: str) -> str | None:
     """Why ``codec`` cannot be used with ``dtype``, or None."""
     if codec not in CODECS:

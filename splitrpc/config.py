@@ -15,8 +15,8 @@ import tomllib
 from dataclasses import dataclass, field
 
 from splitrpc.errors import UserError
+from splitrpc.methods import REGISTRY
 
-METHODS = ("split", "local", "ddp", "fedavg", "split-local")
 MODELS = ("vgg11", "vgg16", "resnet18", "resnet20", "resnet56")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 NORMS = ("batch", "group", "none")
@@ -37,120 +37,168 @@ LABEL_MODES = ("server", "hospital")
 CODECS = ("none", "bf16", "fp16", "fp8")  # splitrpc.codec.CODECS; kept here so that config imports no torch
 
 
-def _opt(default, help, choices=None, **kw):
-    return field(default=default, metadata={"help": help, "choices": choices, **kw})
+def _opt(section: str, default, help, choices=None, **kw):
+    return field(default=default, metadata={"help": help, "choices": choices, "section": section, **kw})
 
 
 @dataclass(frozen=True)
-class Config:
-    # --- what to run -------------------------------------------------------
-    method: str = _opt("split", "split learning, centralized training in one process, or the DDP baseline; fedavg: "
-                        "federated averaging; split-local: split learning's arithmetic in one process (N L1 "
-                        "copies + one trunk), the exact reference for --method split", METHODS)
-    hospitals: int = _opt(2, "number of hospitals (ranks 1..N under split; ranks 0..N-1 under ddp)")
-    # --- model --------------------------------------------------------------
-    model: str = _opt("resnet20", "network architecture", MODELS)
-    width: float = _opt(1.0, "channel-width multiplier (narrow models for CPU runs)")
-    norm: str = _opt("batch", "normalisation layers; 'group' or 'none' make a step independent of how the batch is grouped", NORMS)
-    cut: int = _opt(1, "number of model stages kept at the hospital (1 = the first conv+norm+ReLU)")
-    # --- data (read by hospitals only) -----------------------------------------
-    dataset: str = _opt("cifar10", "data source", DATASETS)
-    data_dir: str = _opt("data", "torchvision root, an ImageFolder tree with train/ and test/, or a .tar.gz of one")
-    download: bool = _opt(False, "let torchvision download CIFAR if it is missing")
-    cache_dir: str = _opt("~/.cache/splitrpc", "where decoded uint8 tensors are cached, keyed by source")
-    partition: str = _opt("iid", "how the training set is split over hospitals", PARTITIONS)
-    alpha: float = _opt(0.5, "Dirichlet concentration for --partition dirichlet (smaller = more label skew)")
-    overlap: float = _opt(0.0, "copy this fraction of each hospital's records to another hospital (duplicates, for experiments)")
-    limit_train: int = _opt(0, "use only the first n training samples (0 = all)")
-    limit_test: int = _opt(0, "use only the first n test samples (0 = all)")
-    augment: bool = _opt(True, "random crop (4-pixel padding) and horizontal flip on training batches")
-    num_classes: int = _opt(0, "classifier outputs (0 = the dataset's: 100 for cifar100, else 10)")
-    synthetic_train: int = _opt(2048, "training samples of --dataset synthetic")
-    synthetic_test: int = _opt(512, "test samples of --dataset synthetic")
-    # --- split learning ---------------------------------------------------------
-    schedule: str = _opt("sequential", "sequential: hospitals take turns; parallel: all hospitals per step", SCHEDULES)
-    l1: str = _opt("independent", "each hospital keeps its own L1, or hospitals average L1 weights", L1_MODES)
-    l1_sync_every: int = _opt(1, "steps between L1 averages under --l1 average")
-    l1_grad_scale: str = _opt("participants", "parallel schedule: multiply each hospital's L1 gradient by the number "
+class RunOptions:
+    """What to run: the method, how many hospitals, and where its record goes."""
+
+    method: str = _opt("run", "split", "the training method (each is declared in splitrpc.methods.REGISTRY): split "
+                       "learning; local: centralized training in one process; ddp: the data-parallel baseline; "
+                       "fedavg: federated averaging; split-local: split learning's arithmetic in one process (N "
+                       "L1 copies + one trunk), the exact reference for --method split",
+                       metavar="{" + ",".join(REGISTRY) + "}")
+    hospitals: int = _opt("run", 2, "number of hospitals (ranks 1..N under split; ranks 0..N-1 under ddp)")
+    out: str = _opt("run", "", "append the run record (one JSON line) to this file")
+    tag: str = _opt("run", "", "free-form label stored in the run record")
+    run_key: str = _opt("run", "", "identifier of a run in a benchmark matrix (set by `python -m bench`)")
+    config: str = _opt("run", "", "TOML file with any of these options; flags override it")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The network, and where it is cut between the hospitals and the server."""
+
+    model: str = _opt("model", "resnet20", "network architecture", MODELS)
+    width: float = _opt("model", 1.0, "channel-width multiplier (narrow models for CPU runs)")
+    norm: str = _opt("model", "batch", "normalisation layers; 'group' or 'none' make a step independent of how the batch is grouped", NORMS)
+    cut: int = _opt("model", 1, "number of model stages kept at the hospital (1 = the first conv+norm+ReLU)")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where the images come from and how they are shared out (read by the hospitals only)."""
+
+    dataset: str = _opt("data", "cifar10", "data source", DATASETS)
+    data_dir: str = _opt("data", "data", "torchvision root, an ImageFolder tree with train/ and test/, or a .tar.gz of one")
+    download: bool = _opt("data", False, "let torchvision download CIFAR if it is missing")
+    cache_dir: str = _opt("data", "~/.cache/splitrpc", "where decoded uint8 tensors are cached, keyed by source")
+    partition: str = _opt("data", "iid", "how the training set is split over hospitals", PARTITIONS)
+    alpha: float = _opt("data", 0.5, "Dirichlet concentration for --partition dirichlet (smaller = more label skew)")
+    overlap: float = _opt("data", 0.0, "copy this fraction of each hospital's records to another hospital (duplicates, for experiments)")
+    limit_train: int = _opt("data", 0, "use only the first n training samples (0 = all)")
+    limit_test: int = _opt("data", 0, "use only the first n test samples (0 = all)")
+    augment: bool = _opt("data", True, "random crop (4-pixel padding) and horizontal flip on training batches")
+    num_classes: int = _opt("data", 0, "classifier outputs (0 = the dataset's: 100 for cifar100, else 10)")
+    synthetic_train: int = _opt("data", 2048, "training samples of --dataset synthetic")
+    synthetic_test: int = _opt("data", 512, "test samples of --dataset synthetic")
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """Split learning: the step schedule, the hospitals' L1s, the U-shape and what crosses the cut."""
+
+    schedule: str = _opt("split", "sequential", "sequential: hospitals take turns; parallel: all hospitals per step", SCHEDULES)
+    l1: str = _opt("split", "independent", "each hospital keeps its own L1, or hospitals average L1 weights", L1_MODES)
+    l1_sync_every: int = _opt("split", 1, "steps between L1 averages under --l1 average")
+    l1_grad_scale: str = _opt("split", "participants", "parallel schedule: multiply each hospital's L1 gradient by the number "
                               "of participants (the gradient of its own batch mean, as in a sequential step) or "
                               "not (none: its share of the concatenated batch's mean)", L1_GRAD_SCALES)
-    l1_init: str = _opt("shared", "shared: every L1 starts from --seed, like the local reference (so the server "
+    l1_init: str = _opt("split", "shared", "shared: every L1 starts from --seed, like the local reference (so the server "
                         "could rebuild it); private: each hospital's own randomness (averaged once under --l1 "
                         "average)", L1_INITS)
-    dedup: str = _opt("none", "remove records duplicated across hospitals before training: keyed tokens (hmac) "
-                      "or a keyless Diffie-Hellman set intersection (psi)", DEDUP_MODES)
-    dedup_key_file: str = _opt("", "--dedup hmac: the secret shared by the hospitals only (never read by the server); "
-                               "{hospital} in the path is replaced by the hospital's number")
-    dedup_manifest: str = _opt("", "CSV path,patient_id: images of one patient count as one record (imagefolder)")
-    labels: str = _opt("server", "server: the server computes the loss (labels travel with the activations); "
+    labels: str = _opt("split", "server", "server: the server computes the loss (labels travel with the activations); "
                        "hospital: U-shaped, each hospital keeps the last --tail stages and the loss, and labels never "
                        "leave it", LABEL_MODES)
-    tail: int = _opt(1, "--labels hospital: model stages each hospital keeps at the end (1 = the classifier)")
-    codec: str = _opt("none", "how activations travel up and their gradients down: as they are, as bfloat16 or "
+    tail: int = _opt("split", 1, "--labels hospital: model stages each hospital keeps at the end (1 = the classifier)")
+    codec: str = _opt("split", "none", "how activations travel up and their gradients down: as they are, as bfloat16 or "
                       "float16, or as float8 e4m3 with a float32 scale per channel (about 4x fewer bytes)", CODECS)
-    prefetch: bool = _opt(True, "sequential schedule: the next step's hospital computes and sends its activations "
+    prefetch: bool = _opt("split", True, "sequential schedule: the next step's hospital computes and sends its activations "
                           "while the server runs this step (only where that leaves the result unchanged)")
-    noise: float = _opt(0.0, "defence: standard deviation of Gaussian noise added to activations before they leave a hospital")
-    nopeek: float = _opt(0.0, "defence: weight of the distance-correlation penalty (NoPeek) in each hospital's loss")
-    capture_dir: str = _opt("", "leakage audits: the server keeps the last --capture-samples activations it received "
+
+
+@dataclass(frozen=True)
+class PrivacyOptions:
+    """What a hospital hides and how it is audited: defences, leakage captures, and removing duplicated patients."""
+
+    noise: float = _opt("privacy", 0.0, "defence: standard deviation of Gaussian noise added to activations before they leave a hospital")
+    nopeek: float = _opt("privacy", 0.0, "defence: weight of the distance-correlation penalty (NoPeek) in each hospital's loss")
+    capture_dir: str = _opt("privacy", "", "leakage audits: the server keeps the last --capture-samples activations it received "
                             "from each hospital, and each hospital the inputs that produced them, written here")
-    capture_samples: int = _opt(256, "samples per hospital kept by --capture-dir")
-    # --- optimisation -------------------------------------------------------------
-    epochs: int = _opt(1, "training epochs")
-    batch_size: int = _opt(128, "batch size per hospital")
-    eval_batch_size: int = _opt(500, "batch size of test-set evaluation")
-    optimizer: str = _opt("sgd", "optimizer", OPTIMIZERS)
-    lr: float = _opt(0.05, "peak learning rate")
-    momentum: float = _opt(0.9, "SGD momentum")
-    nesterov: bool = _opt(False, "Nesterov momentum (SGD)")
-    weight_decay: float = _opt(5e-4, "L2 weight decay")
-    beta1: float = _opt(0.9, "Adam beta1")
-    beta2: float = _opt(0.999, "Adam beta2")
-    lr_schedule: str = _opt("cosine", "learning-rate schedule after warmup", LR_SCHEDULES)
-    warmup_epochs: float = _opt(0.0, "linear warmup from 0 to --lr over this many epochs")
-    milestones: tuple = _opt((0.5, 0.75), "multistep: fractions of training at which the LR is multiplied by --gamma")
-    gamma: float = _opt(0.1, "multistep: LR factor at each milestone")
-    local_steps: int = _opt(1, "fedavg: local steps per round (a round also ends with every epoch)")
-    lr_scaling: bool = _opt(False, "ddp: scale --lr linearly by the number of hospitals (Goyal et al., 2017)")
-    max_steps: int = _opt(0, "stop after this many optimizer steps (0 = run all epochs); the LR schedule is unchanged")
-    seed: int = _opt(0, "seed for initialisation, partition, data order and augmentation")
-    # --- runtime -----------------------------------------------------------------
-    transport: str = _opt("tcp", "tcp: TensorPipe over TCP sockets even on one host; auto: TensorPipe's own choice", TRANSPORTS)
-    rpc_timeout: float = _opt(60.0, "seconds before an unanswered RPC (or a silent peer) is an error")
-    setup_timeout: float = _opt(900.0, "seconds every party may take to prepare its data and join")
-    rpc_threads: int = _opt(16, "TensorPipe worker threads per process")
-    threads: int = _opt(0, "torch intra-op threads of every process (0 = by role: see --server-threads)")
-    server_threads: int = _opt(0, "split: intra-op threads of the server (0 = every core of its host)")
-    hospital_threads: int = _opt(0, "split: intra-op threads of each hospital (0 = 1 when the server shares its "
+    capture_samples: int = _opt("privacy", 256, "samples per hospital kept by --capture-dir")
+    dedup: str = _opt("privacy", "none", "remove records duplicated across hospitals before training: keyed tokens (hmac) "
+                      "or a keyless Diffie-Hellman set intersection (psi)", DEDUP_MODES)
+    dedup_key_file: str = _opt("privacy", "", "--dedup hmac: the secret shared by the hospitals only (never read by the server); "
+                               "{hospital} in the path is replaced by the hospital's number")
+    dedup_manifest: str = _opt("privacy", "", "CSV path,patient_id: images of one patient count as one record (imagefolder)")
+
+
+@dataclass(frozen=True)
+class OptimisationOptions:
+    """The optimizer, the learning-rate schedule and how long to train."""
+
+    epochs: int = _opt("optimisation", 1, "training epochs")
+    batch_size: int = _opt("optimisation", 128, "batch size per hospital")
+    eval_batch_size: int = _opt("optimisation", 500, "batch size of test-set evaluation")
+    optimizer: str = _opt("optimisation", "sgd", "optimizer", OPTIMIZERS)
+    lr: float = _opt("optimisation", 0.05, "peak learning rate")
+    momentum: float = _opt("optimisation", 0.9, "SGD momentum")
+    nesterov: bool = _opt("optimisation", False, "Nesterov momentum (SGD)")
+    weight_decay: float = _opt("optimisation", 5e-4, "L2 weight decay")
+    beta1: float = _opt("optimisation", 0.9, "Adam beta1")
+    beta2: float = _opt("optimisation", 0.999, "Adam beta2")
+    lr_schedule: str = _opt("optimisation", "cosine", "learning-rate schedule after warmup", LR_SCHEDULES)
+    warmup_epochs: float = _opt("optimisation", 0.0, "linear warmup from 0 to --lr over this many epochs")
+    milestones: tuple = _opt("optimisation", (0.5, 0.75), "multistep: fractions of training at which the LR is multiplied by --gamma")
+    gamma: float = _opt("optimisation", 0.1, "multistep: LR factor at each milestone")
+    local_steps: int = _opt("optimisation", 1, "fedavg: local steps per round (a round also ends with every epoch)")
+    lr_scaling: bool = _opt("optimisation", False, "ddp: scale --lr linearly by the number of hospitals (Goyal et al., 2017)")
+    max_steps: int = _opt("optimisation", 0, "stop after this many optimizer steps (0 = run all epochs); the LR schedule is unchanged")
+    seed: int = _opt("optimisation", 0, "seed for initialisation, partition, data order and augmentation")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Processes, threads, transport and timeouts; evaluation and logging; failures and final weights."""
+
+    transport: str = _opt("runtime", "tcp", "tcp: TensorPipe over TCP sockets even on one host; auto: TensorPipe's own choice", TRANSPORTS)
+    rpc_timeout: float = _opt("runtime", 60.0, "seconds before an unanswered RPC (or a silent peer) is an error")
+    setup_timeout: float = _opt("runtime", 900.0, "seconds every party may take to prepare its data and join")
+    rpc_threads: int = _opt("runtime", 16, "TensorPipe worker threads per process")
+    threads: int = _opt("runtime", 0, "torch intra-op threads of every process (0 = by role: see --server-threads)")
+    server_threads: int = _opt("runtime", 0, "split: intra-op threads of the server (0 = every core of its host)")
+    hospital_threads: int = _opt("runtime", 0, "split: intra-op threads of each hospital (0 = 1 when the server shares its "
                                  "host, else the host's cores / its hospitals)")
-    dtype: str = _opt("float32", "floating-point type of weights and activations (float64 for equivalence checks)", DTYPES)
-    device: str = _opt("cpu", "compute device; tensors cross RPC on the CPU", DEVICES)
-    eval_every: int = _opt(1, "evaluate every n epochs (and always after the last)")
-    log_every: int = _opt(20, "print progress every n steps")
-    record_step_losses: bool = _opt(False, "store every step's training loss in the run record")
-    checkpoint_dir: str = _opt("", "each party saves its own state under step-<n>/ here (server: trunk, optimizer, "
-                               "loop; hospital: L1, optimizer, dropped duplicates)")
-    checkpoint_every: str = _opt("", "checkpoint every N steps ('500') or N epochs ('2e'); empty: only at the end")
-    checkpoint_keep: int = _opt(2, "checkpoints each party keeps (older ones are deleted)")
-    resume: bool = _opt(False, "continue from the newest step for which every party has a checkpoint")
-    max_restarts: int = _opt(0, "run directly: torchrun restarts the group this many times after a failure "
-                              "(each restart resumes from the newest checkpoint)")
-    on_hospital_failure: str = _opt("abort", "a hospital dies, hangs or sends an invalid message: stop (abort) "
+    dtype: str = _opt("runtime", "float32", "floating-point type of weights and activations (float64 for equivalence checks)", DTYPES)
+    device: str = _opt("runtime", "cpu", "compute device; tensors cross RPC on the CPU", DEVICES)
+    eval_every: int = _opt("runtime", 1, "evaluate every n epochs (and always after the last)")
+    log_every: int = _opt("runtime", 20, "print progress every n steps")
+    record_step_losses: bool = _opt("runtime", False, "store every step's training loss in the run record")
+    on_hospital_failure: str = _opt("runtime", "abort", "a hospital dies, hangs or sends an invalid message: stop (abort) "
                                     "or go on with the others (continue)", FAILURE_MODES)
-    fault: str = _opt("", "testing: make a hospital misbehave, e.g. 'hospital2:nan@5' (from its 5th batch); "
+    fault: str = _opt("runtime", "", "testing: make a hospital misbehave, e.g. 'hospital2:nan@5' (from its 5th batch); "
                       "kinds: nan, inf, shape, dtype, labels")
-    save_dir: str = _opt("", "each party writes its final weights here (server: trunk, hospital i: its L1)")
-    out: str = _opt("", "append the run record (one JSON line) to this file")
-    tag: str = _opt("", "free-form label stored in the run record")
-    run_key: str = _opt("", "identifier of a run in a benchmark matrix (set by `python -m bench`)")
-    config: str = _opt("", "TOML file with any of these options; flags override it")
+    save_dir: str = _opt("runtime", "", "each party writes its final weights here (server: trunk, hospital i: its L1)")
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """Per-party checkpoints, resuming, and restarts after a failure."""
+
+    checkpoint_dir: str = _opt("checkpoint", "", "each party saves its own state under step-<n>/ here (server: trunk, optimizer, "
+                               "loop; hospital: L1, optimizer, dropped duplicates)")
+    checkpoint_every: str = _opt("checkpoint", "", "checkpoint every N steps ('500') or N epochs ('2e'); empty: only at the end")
+    checkpoint_keep: int = _opt("checkpoint", 2, "checkpoints each party keeps (older ones are deleted)")
+    resume: bool = _opt("checkpoint", False, "continue from the newest step for which every party has a checkpoint")
+    max_restarts: int = _opt("checkpoint", 0, "run directly: torchrun restarts the group this many times after a failure "
+                              "(each restart resumes from the newest checkpoint)")
+
+
+@dataclass(frozen=True)
+class Config(CheckpointOptions, RuntimeOptions, OptimisationOptions, PrivacyOptions, SplitOptions, DataOptions,
+             ModelOptions, RunOptions):
+    """Every option of a run, flat (``cfg.width``), as records and checkpoints store them; the
+    sections above group them for ``--help`` and docs/options.md."""
 
     # ------------------------------------------------------------------------------
     @property
     def world_size(self) -> int:
-        """Processes a run needs: the server plus N hospitals, N DDP ranks, or one."""
-        return {"split": self.hospitals + 1, "ddp": self.hospitals, "fedavg": self.hospitals, "local": 1,
-                "split-local": 1}[self.method]
+        """Processes a run needs, as its method declares (split: the server plus N hospitals)."""
+        from splitrpc import methods
+
+        return methods.get(self.method).world_size(self)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -162,6 +210,10 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# Each section's options, in --help's and docs/options.md's order; its docstring says what it is for.
+SECTIONS = {cls.__name__.removesuffix("Options").lower(): cls
+            for cls in (RunOptions, ModelOptions, DataOptions, SplitOptions, PrivacyOptions, OptimisationOptions,
+                        RuntimeOptions, CheckpointOptions)}
 
 
 def _coerce(name: str, value):
@@ -215,16 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Split learning across hospitals over torch.distributed.rpc (launch with torchrun, "
         "or run directly and let splitrpc start torchrun for you).",
     )
+    groups = {name: parser.add_argument_group(f"{name} options", cls.__doc__) for name, cls in SECTIONS.items()}
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
+        group = groups[meta["section"]]
         if type(f.default) is bool:
-            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+            group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
                                 help=f"{meta['help']} (default: {f.default})")
         else:
             default = ",".join(str(m) for m in f.default) if type(f.default) is tuple else f.default
-            metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else f.name.upper()
-            parser.add_argument(flag, dest=f.name, default=None, metavar=metavar,
+            metavar = meta.get("metavar") or ("{" + ",".join(meta["choices"]) + "}" if meta["choices"] else f.name.upper())
+            group.add_argument(flag, dest=f.name, default=None, metavar=metavar,
                                 help=f"{meta['help']} (default: {default if default != '' else 'none'})")
     return parser
 
@@ -245,7 +299,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     for name, value in vars(args).items():
         if value is not None and name != "config":
             values[name] = _coerce(name, value)
-    return validate(Config(**values))
+    return validate(Config(**values), given=set(values))
 
 
 def from_dict(values: dict) -> Config:
@@ -253,10 +307,11 @@ def from_dict(values: dict) -> Config:
     unknown = set(values) - set(FIELDS)
     if unknown:
         raise UserError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    return validate(Config(**{k: _coerce(k, v) for k, v in values.items()}))
+    return validate(Config(**{k: _coerce(k, v) for k, v in values.items()}), given=set(values))
 
 
-def validate(cfg: Config) -> Config:
+def validate(cfg: Config, given: set[str] | None = None) -> Config:
+    """Check every option; ``given``: the options the user set (flags, TOML, a matrix entry), if known."""
     for name, f in FIELDS.items():
         choices = f.metadata["choices"]
         value = getattr(cfg, name)
@@ -284,12 +339,6 @@ def validate(cfg: Config) -> Config:
     from splitrpc.models import check_cut, stage_count  # models imports torch; config stays light until here
 
     check_cut(stage_count(cfg.model), cfg.cut, cfg.model)
-    if cfg.labels == "hospital":
-        from splitrpc.models import check_tail
-
-        if cfg.method != "split":
-            raise UserError("--labels hospital is the U-shaped split: it needs --method split")
-        check_tail(stage_count(cfg.model), cfg.cut, cfg.tail, cfg.model)
     if any(not 0 < m < 1 for m in cfg.milestones) or list(cfg.milestones) != sorted(cfg.milestones):
         raise UserError(f"--milestones must be increasing fractions in (0, 1), got {list(cfg.milestones)}")
     if cfg.rpc_threads < 4:
@@ -300,26 +349,13 @@ def validate(cfg: Config) -> Config:
         value = getattr(cfg, name)
         if not (value >= 0 and math.isfinite(value)):
             raise UserError(f"--{name} must be a non-negative number, got {value}")
-        if value and cfg.method != "split":
-            raise UserError(f"--{name} protects what leaves a hospital: it needs --method split")
-    if cfg.codec != "none" and cfg.method != "split":
-        raise UserError(f"--codec {cfg.codec} encodes what crosses the cut: it needs --method split")
     if cfg.codec != "none" and cfg.dtype != "float32":
         raise UserError(f"--codec {cfg.codec} compresses float32 activations; it cannot be combined with "
                         f"--dtype {cfg.dtype}")
-    if cfg.capture_dir and cfg.method != "split":
-        raise UserError("--capture-dir records what the server receives: it needs --method split")
     if cfg.capture_samples < 1:
         raise UserError(f"--capture-samples must be at least 1, got {cfg.capture_samples}")
-    if cfg.dedup != "none" and cfg.method != "split":
-        raise UserError("--dedup needs --method split: the server runs the protocol")
-    if cfg.dedup == "hmac" and not cfg.dedup_key_file:
-        raise UserError("--dedup hmac needs --dedup-key-file (a secret shared by the hospitals, e.g. from "
-                        "`python -c 'import secrets; print(secrets.token_hex(32))'`)")
     if cfg.dedup_manifest and cfg.dataset != "imagefolder":
         raise UserError("--dedup-manifest refers to ImageFolder paths; it needs --dataset imagefolder")
-    if (cfg.checkpoint_dir or cfg.resume) and cfg.method != "split":
-        raise UserError("--checkpoint-dir and --resume are implemented for --method split")
     if (cfg.resume or cfg.checkpoint_every) and not cfg.checkpoint_dir:
         raise UserError("--resume and --checkpoint-every need --checkpoint-dir")
     from splitrpc.checkpoint import parse_every
@@ -329,28 +365,14 @@ def validate(cfg: Config) -> Config:
         # Hospitals prune right after writing a step, before the server writes its file:
         # with one kept, a crash in between could leave no step that every party has.
         raise UserError(f"--checkpoint-keep must be at least 2, got {cfg.checkpoint_keep}")
-    if cfg.lr_scaling and cfg.method != "ddp":
-        raise UserError("--lr-scaling scales the rate by the number of DDP ranks: it needs --method ddp")
     if cfg.max_restarts < 0:
         raise UserError(f"--max-restarts must not be negative, got {cfg.max_restarts}")
-    if cfg.on_hospital_failure == "continue" and cfg.l1 == "average":
-        raise UserError("--on-hospital-failure continue cannot be combined with --l1 average "
-                        "(the hospitals' all-reduce group cannot lose a member)")
     if cfg.fault:
         m = re.fullmatch(r"hospital(\d+):(\w+)@(\d+)", cfg.fault)
         if not m or m.group(2) not in FAULT_KINDS or not 1 <= int(m.group(1)) <= cfg.hospitals:
             raise UserError(f"--fault: expected hospital<i>:<kind>@<batch> with kind in {', '.join(FAULT_KINDS)} "
                             f"and i in 1..{cfg.hospitals}, got {cfg.fault!r}")
-    if cfg.local_steps != 1 and cfg.method != "fedavg":
-        raise UserError("--local-steps sets the length of a federated-averaging round: it needs --method fedavg")
-    if cfg.method == "fedavg" and cfg.on_hospital_failure == "continue":
-        raise UserError("--method fedavg supports --on-hospital-failure abort only (its all-reduce group cannot "
-                        "lose a member)")
-    if cfg.l1_grad_scale != "participants" and cfg.method not in ("split", "split-local"):
-        raise UserError("--l1-grad-scale scales split learning's L1 gradients: it needs --method split or split-local")
-    if cfg.method == "split-local" and cfg.l1_init == "private":
-        raise UserError("--method split-local reproduces --l1-init shared only (private L1s come from each "
-                        "hospital's own randomness)")
-    if cfg.method == "split" and cfg.world_size < 2:
-        raise UserError("--method split needs at least one hospital")
-    return cfg
+    from splitrpc import methods
+
+    # Options only other methods read are one clear error; then the method's own checks.
+    return methods.check_options(cfg, FIELDS, given)

@@ -14,9 +14,7 @@ computes on their concatenated batches.
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,11 +22,11 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from splitrpc import comm, console, data, loop, record, transport
+from splitrpc import comm, transport
+from splitrpc.methods import Method, Party
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import LRSchedule, apply_gradients, make_optimizer
-
-RING = "ring"  # the peer name under which all-reduce traffic is booked
+from splitrpc.ranks import RING, RankParty, RankTrainer
 
 
 class CountingAllReduce:
@@ -112,14 +110,13 @@ def gradient_bytes(model: torch.nn.Module) -> int:
     return sum(comm.tensor_bytes(p) for p in model.parameters() if p.requires_grad)
 
 
-class DdpTrainer:
+class DdpTrainer(RankTrainer):
+    """A DDP rank: a replica whose gradients are all-reduced in buckets during the backward pass."""
+
+    head_file = "head-ddp.pt"
+
     def __init__(self, cfg, rank: int):
-        self.cfg, self.rank, self.ranks = cfg, rank, cfg.hospitals
-        self.hospital = rank + 1
-        self.device = transport.compute_device(cfg)
-        self.ledger = comm.Ledger(transport.hospital_name(self.hospital))
-        self.shard = data.load_shard(cfg, self.hospital)
-        self.test = data.load_test(cfg)
+        super().__init__(cfg, rank)
         model = model_for(cfg).to(self.device)
         split_model(model, cfg.cut)  # the same --cut check as split learning
         self.gradient_bytes = gradient_bytes(model)
@@ -130,21 +127,8 @@ class DdpTrainer:
         self.model.register_comm_hook(self.hook_state, counting_allreduce_hook)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.batches = self._all_gather(self.shard.num_batches)
-        self.local_losses: list[tuple[float, int]] = []
-        self.steps = 0
         self.eval_payload = 0.0
         self.timed = {"steps": 0, "step_s": 0.0, "wait_s": 0.0}  # sums over the steps CountingAllReduce times
-
-    def _all_gather(self, value):
-        gathered = [None] * self.ranks
-        dist.all_gather_object(gathered, value)
-        return gathered
-
-    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """All-reduce outside the gradient path (CPU tensors, over gloo), booked like the gradient buckets."""
-        self.ledger.book_ring(RING, comm.tensor_bytes(tensor), self.ranks)
-        dist.all_reduce(tensor)
-        return tensor
 
     def train_step(self, epoch: int, index: int, participants, lr: float) -> tuple[float, int]:
         started = time.perf_counter()
@@ -167,29 +151,15 @@ class DdpTrainer:
             self.timed["wait_s"] += wait
         return loss.item(), len(participants) * self.cfg.batch_size
 
-    def reduce_losses(self, losses: list[float], counts: list[int]) -> list[float]:
-        """Each step's loss over every participating hospital's batch (gathered after the epoch)."""
-        epoch = torch.tensor(self.local_losses[-len(losses):], dtype=torch.float64)
-        totals = self._all_reduce(epoch)
-        return (totals[:, 0] / totals[:, 1].clamp_min(1)).tolist()
-
     @torch.no_grad()
     def evaluate(self) -> list[float]:
-        """The replica's test accuracy; ranks share the test batches and add up the counts."""
+        """The replica's test accuracy, after averaging the BatchNorm statistics DDP does not broadcast."""
         module = self.model.module
         buffers = [b for b in module.buffers() if b.is_floating_point()]
         if buffers:
             self.ledger.book_ring(RING, comm.tensor_bytes(*buffers), self.ranks)
             transport.all_reduce_mean_(buffers, self.ranks)
-        module.eval()
-        counts = torch.zeros(2, dtype=torch.float64)
-        for b in range(self.rank, self.test.num_batches, self.ranks):
-            images, labels = self.test.batch(b)
-            counts[0] += (module(images.to(self.device)).argmax(1).cpu() == labels).sum().item()
-            counts[1] += len(labels)
-        module.train()
-        self._all_reduce(counts)
-        return [counts[0].item() / counts[1].item()]
+        return self.accuracy(module)
 
     def communication(self, steps_per_epoch: int, train_seconds: float) -> dict:
         reports = self._all_gather(self.ledger.report())
@@ -197,32 +167,13 @@ class DdpTrainer:
         n = self.timed["steps"]
         timing = slowest_step(self._all_gather(
             {"steps": n, "step_s": self.timed["step_s"] / max(n, 1), "wait_s": self.timed["wait_s"] / max(n, 1)}))
-        names = [transport.hospital_name(r + 1) for r in range(self.ranks)]
         ring = comm.ring_allreduce_bytes(self.gradient_bytes, self.ranks)
-        analytic = comm.party_table({n: {"sent": self.steps * ring, "received": self.steps * ring} for n in names})
-        phases = {}
-        for phase in comm.PHASES:
-            payload, tcp, store = comm.phase_tables(reports, phase)
-            phases[phase] = {
-                "seconds": self.ledger.seconds.get(phase, 0.0),
-                "analytic_bytes": analytic if phase == "train" else None,
-                "payload_bytes": payload,
-                "tcp_bytes": tcp,
-                "tcp_store_bytes": store,
-                "tcp_over_payload": comm.ratio(tcp and tcp["total"], payload["total"]),
-                "tcp_delivered_over_payload": comm.ratio(tcp and tcp["total"] - tcp["retransmitted"], payload["total"]),
-            }
-
-        def per_epoch(table):
-            if table is None or not self.steps:
-                return None
-            scale = steps_per_epoch / self.steps
-            per_rank = [table[n]["sent"] + table[n]["received"] for n in names]
-            return {"total": table["total"] * scale, "per_hospital": sum(per_rank) / len(per_rank) * scale}
-
+        analytic = comm.party_table({n: {"sent": self.steps * ring, "received": self.steps * ring}
+                                     for n in self.names()})
+        phases = self.phases(reports, analytic)
         return {
             "method": "ddp",
-            "transport": "gloo" if self.device.type == "cpu" else "nccl",
+            "transport": self.transport_name(),
             "phases": phases,
             "measured_steps": self.steps,
             "steps_per_epoch": steps_per_epoch,
@@ -231,51 +182,40 @@ class DdpTrainer:
             "bucket_bytes_per_step": self.hook_state.bucket_bytes / self.steps if self.steps else None,
             "buckets": buckets,
             "step_timing": timing,
-            "per_epoch": {kind: per_epoch(phases["train"][f"{kind}_bytes"]) for kind in ("analytic", "payload", "tcp")},
+            "per_epoch": self.per_epoch(phases, steps_per_epoch / self.steps if self.steps else None),
             "wait_share": None,  # DDP overlaps all-reduce with the backward pass; see "buckets" for the overlap
         }
 
     def save(self, directory: str) -> None:
-        head, trunk = split_model(self.model.module, self.cfg.cut)
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.cpu() for k, v in trunk.state_dict().items()}, Path(directory) / "trunk.pt")
-        torch.save({k: v.cpu() for k, v in head.state_dict().items()}, Path(directory) / "head-ddp.pt")
+        self.save_model(self.model.module, directory)
 
 
-def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
-    started = time.perf_counter()
-    run_record = record.new_record(cfg)
-    who = f"rank{rank}"
-    with coordinator.reporting(who):
-        data.prepare(cfg)
-    coordinator.mark_ready()
-    coordinator.wait_all_ready(cfg.setup_timeout)
-    transport.init_hospital_group(cfg, rank)
-    try:
-        with coordinator.reporting(who):
-            trainer = DdpTrainer(cfg, rank)
-            plan = data.epoch_plan(trainer.batches, "parallel")
-            peak = cfg.lr * cfg.hospitals if cfg.lr_scaling else cfg.lr
-            if rank == 0:
-                console.line(f"[rank0] pid {os.getpid()} joined; {cfg.hospitals} ranks, peak lr {peak:g}")
-            run_record["hospitals"] = [{"name": transport.hospital_name(r + 1), "train_batches": n}
-                                       for r, n in enumerate(trainer.batches)]
-            run_record["setup_time_s"] = time.perf_counter() - started
-            result = loop.run(cfg, plan, trainer.train_step, trainer.evaluate, who=who,
-                              lr_schedule=LRSchedule(cfg, len(plan), peak_lr=peak),
-                              switch_phase=trainer.ledger.switch, reduce_losses=trainer.reduce_losses,
-                              quiet=rank != 0)
-            trainer.ledger.switch("done")
-            run_record.update(result)
-            run_record["comm"] = trainer.communication(len(plan), result["train_time_s"])
-            if cfg.save_dir and rank == 0:
-                trainer.save(cfg.save_dir)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    if rank == 0:
-        run_record["status"] = "ok"
-        run_record["wall_time_s"] = time.perf_counter() - started
-        record.append_jsonl(cfg.out, run_record)
-        record.print_summary(run_record, who)
-    return 0
+class DdpParty(RankParty):
+    def make_trainer(self) -> DdpTrainer:
+        return DdpTrainer(self.cfg, self.rank)
+
+    def peak_lr(self) -> float:
+        return self.cfg.lr * self.cfg.hospitals if self.cfg.lr_scaling else self.cfg.lr
+
+    def joined_line(self) -> str:
+        return f"{self.cfg.hospitals} ranks, peak lr {self.peak_lr():g}"
+
+    def loop_options(self) -> dict:
+        return {"lr_schedule": LRSchedule(self.cfg, len(self.plan), peak_lr=self.peak_lr())}
+
+    def finish(self, run_record: dict) -> None:
+        run_record["comm"] = self.trainer.communication(len(self.plan), run_record["train_time_s"])
+
+
+class Ddp(Method):
+    name = "ddp"
+    summary = "the baseline: synchronous data-parallel SGD (DistributedDataParallel), one rank per hospital"
+    exchange = "all-reduce"
+    options = frozenset({"lr_scaling"})
+    fixed = {"schedule": "parallel"}  # every hospital takes part in every step
+
+    def party(self, cfg, rank, coordinator) -> Party:
+        return DdpParty(cfg, rank, coordinator)
+
+
+METHOD = Ddp()

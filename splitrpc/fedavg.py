@@ -20,31 +20,29 @@ gradient and the momentum buffer.
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from splitrpc import comm, console, data, loop, record, transport
+from splitrpc import comm, loop
 from splitrpc.ddp import slowest_step
+from splitrpc.errors import UserError
+from splitrpc.methods import Method, Party
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
 from splitrpc.protocol import l1_sync_tensors
+from splitrpc.ranks import RING, RankParty, RankTrainer
 
-RING = "ring"  # the peer name under which all-reduce traffic is booked, as for DDP
 
+class FedAvgTrainer(RankTrainer):
+    """A FedAvg rank: a replica trained on its own batches, averaged with the others every round."""
 
-class FedAvgTrainer:
+    head_file = "head-fedavg.pt"
+
     def __init__(self, cfg, rank: int):
-        self.cfg, self.rank, self.ranks = cfg, rank, cfg.hospitals
-        self.hospital = rank + 1
-        self.device = transport.compute_device(cfg)
-        self.ledger = comm.Ledger(transport.hospital_name(self.hospital))
-        self.shard = data.load_shard(cfg, self.hospital)
-        self.test = data.load_test(cfg)
+        super().__init__(cfg, rank)
         self.model = model_for(cfg).to(self.device)
         split_model(self.model, cfg.cut)  # the same --cut check as split learning
         self.optimizer = make_optimizer(cfg, self.model.parameters())
@@ -52,8 +50,6 @@ class FedAvgTrainer:
         self.averaged = l1_sync_tensors(self.model)
         self.model_bytes = comm.tensor_bytes(*self.averaged)
         self.batches = self._all_gather(self.shard.num_batches)
-        self.local_losses: list[tuple[float, int]] = []
-        self.steps = 0
         self.rounds = 0
         # Samples this hospital and all hospitals trained on since the last average.
         self.round_mine, self.round_all = 0, 0
@@ -62,17 +58,6 @@ class FedAvgTrainer:
         # hospital's local steps, and its wait in the round's all-reduce.
         self.timed = {"rounds": 0, "compute_s": 0.0, "wait_s": 0.0}
         self.round_compute_s = 0.0
-
-    def _all_gather(self, value):
-        gathered = [None] * self.ranks
-        dist.all_gather_object(gathered, value)
-        return gathered
-
-    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """All-reduce outside the averaging path (CPU tensors, over gloo), booked like the rounds."""
-        self.ledger.book_ring(RING, comm.tensor_bytes(tensor), self.ranks)
-        dist.all_reduce(tensor)
-        return tensor
 
     def train_step(self, epoch: int, index: int, participants, lr: float) -> tuple[float, int]:
         started = time.perf_counter()
@@ -119,24 +104,9 @@ class FedAvgTrainer:
         self.rounds += 1
         self.round_mine, self.round_all = 0, 0
 
-    def reduce_losses(self, losses: list[float], counts: list[int]) -> list[float]:
-        """Each step's loss over every participating hospital's batch (gathered after the epoch)."""
-        epoch = torch.tensor(self.local_losses[-len(losses):], dtype=torch.float64)
-        totals = self._all_reduce(epoch)
-        return (totals[:, 0] / totals[:, 1].clamp_min(1)).tolist()
-
-    @torch.no_grad()
     def evaluate(self) -> list[float]:
-        """The averaged model's test accuracy (every replica holds it); ranks share the test batches."""
-        self.model.eval()
-        counts = torch.zeros(2, dtype=torch.float64)
-        for b in range(self.rank, self.test.num_batches, self.ranks):
-            images, labels = self.test.batch(b)
-            counts[0] += (self.model(images.to(self.device)).argmax(1).cpu() == labels).sum().item()
-            counts[1] += len(labels)
-        self.model.train()
-        self._all_reduce(counts)
-        return [counts[0].item() / counts[1].item()]
+        """The averaged model's test accuracy (every replica holds it)."""
+        return self.accuracy(self.model)
 
     def round_timing(self) -> dict | None:
         """A round as the time model sees one, as for DDP's step: the slowest hospital's local steps, and that
@@ -150,36 +120,16 @@ class FedAvgTrainer:
 
     def communication(self, steps_per_epoch: int) -> dict:
         reports = self._all_gather(self.ledger.report())
-        names = [transport.hospital_name(r + 1) for r in range(self.ranks)]
         ring = comm.ring_allreduce_bytes(self.model_bytes, self.ranks)
-        analytic = comm.party_table({n: {"sent": self.rounds * ring, "received": self.rounds * ring} for n in names})
-        phases = {}
-        for phase in comm.PHASES:
-            payload, tcp, store = comm.phase_tables(reports, phase)
-            phases[phase] = {
-                "seconds": self.ledger.seconds.get(phase, 0.0),
-                "analytic_bytes": analytic if phase == "train" else None,
-                "payload_bytes": payload,
-                "tcp_bytes": tcp,
-                "tcp_store_bytes": store,
-                "tcp_over_payload": comm.ratio(tcp and tcp["total"], payload["total"]),
-                "tcp_delivered_over_payload": comm.ratio(tcp and tcp["total"] - tcp["retransmitted"], payload["total"]),
-            }
-
+        analytic = comm.party_table({n: {"sent": self.rounds * ring, "received": self.rounds * ring}
+                                     for n in self.names()})
+        phases = self.phases(reports, analytic)
         # Training traffic is one model all-reduce per round (a run's last round may be short, its
         # bytes are not), so an epoch's bytes scale with its rounds, not with its steps.
         rounds_per_epoch = -(-steps_per_epoch // self.cfg.local_steps)
-
-        def per_epoch(table):
-            if table is None or not self.rounds:
-                return None
-            scale = rounds_per_epoch / self.rounds
-            per_rank = [table[n]["sent"] + table[n]["received"] for n in names]
-            return {"total": table["total"] * scale, "per_hospital": sum(per_rank) / len(per_rank) * scale}
-
         return {
             "method": "fedavg",
-            "transport": "gloo" if self.device.type == "cpu" else "nccl",
+            "transport": self.transport_name(),
             "phases": phases,
             "measured_steps": self.steps,
             "steps_per_epoch": steps_per_epoch,
@@ -188,54 +138,49 @@ class FedAvgTrainer:
             "rounds": self.rounds,
             "rounds_per_epoch": rounds_per_epoch,
             "model_bytes_per_round": self.model_bytes,
-            "per_epoch": {kind: per_epoch(phases["train"][f"{kind}_bytes"]) for kind in ("analytic", "payload", "tcp")},
+            "per_epoch": self.per_epoch(phases, rounds_per_epoch / self.rounds if self.rounds else None),
             "wait_share": None,
             "round_timing": self.round_timing(),
         }
 
     def save(self, directory: str) -> None:
-        head, trunk = split_model(self.model, self.cfg.cut)
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.cpu() for k, v in trunk.state_dict().items()}, Path(directory) / "trunk.pt")
-        torch.save({k: v.cpu() for k, v in head.state_dict().items()}, Path(directory) / "head-fedavg.pt")
+        self.save_model(self.model, directory)
 
 
-def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
-    started = time.perf_counter()
-    run_record = record.new_record(cfg)
-    who = f"rank{rank}"
-    with coordinator.reporting(who):
-        data.prepare(cfg)
-    coordinator.mark_ready()
-    coordinator.wait_all_ready(cfg.setup_timeout)
-    transport.init_hospital_group(cfg, rank)
-    try:
-        with coordinator.reporting(who):
-            trainer = FedAvgTrainer(cfg, rank)
-            plan = data.epoch_plan(trainer.batches, "parallel")
-            trainer.steps_per_epoch = len(plan)
-            trainer.total_steps = loop.Loop.total_steps_of(cfg, len(plan))
-            if rank == 0:
-                console.line(f"[rank0] pid {os.getpid()} joined; {cfg.hospitals} ranks, {cfg.local_steps} local "
-                             f"step(s) per round")
-            run_record["hospitals"] = [{"name": transport.hospital_name(r + 1), "train_batches": n}
-                                       for r, n in enumerate(trainer.batches)]
-            run_record["setup_time_s"] = time.perf_counter() - started
-            result = loop.run(cfg, plan, trainer.train_step, trainer.evaluate, who=who,
-                              on_step_end=trainer.after_step, switch_phase=trainer.ledger.switch,
-                              reduce_losses=trainer.reduce_losses, quiet=rank != 0)
-            trainer.ledger.switch("done")
-            run_record.update(result)
-            run_record["rounds"] = trainer.rounds
-            run_record["comm"] = trainer.communication(len(plan))
-            if cfg.save_dir and rank == 0:
-                trainer.save(cfg.save_dir)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    if rank == 0:
-        run_record["status"] = "ok"
-        run_record["wall_time_s"] = time.perf_counter() - started
-        record.append_jsonl(cfg.out, run_record)
-        record.print_summary(run_record, who)
-    return 0
+class FedAvgParty(RankParty):
+    def make_trainer(self) -> FedAvgTrainer:
+        return FedAvgTrainer(self.cfg, self.rank)
+
+    def setup(self, run_record: dict) -> None:
+        super().setup(run_record)
+        self.trainer.steps_per_epoch = len(self.plan)
+        self.trainer.total_steps = loop.Loop.total_steps_of(self.cfg, len(self.plan))
+
+    def joined_line(self) -> str:
+        return f"{self.cfg.hospitals} ranks, {self.cfg.local_steps} local step(s) per round"
+
+    def loop_options(self) -> dict:
+        return {"on_step_end": self.trainer.after_step}
+
+    def finish(self, run_record: dict) -> None:
+        run_record["rounds"] = self.trainer.rounds
+        run_record["comm"] = self.trainer.communication(len(self.plan))
+
+
+class FedAvg(Method):
+    name = "fedavg"
+    summary = "federated averaging: local steps on every hospital's replica, averaged every round"
+    exchange = "all-reduce"
+    options = frozenset({"local_steps", "on_hospital_failure"})  # the latter only to refuse "continue" below
+    fixed = {"schedule": "parallel"}  # every hospital takes part in every step
+
+    def validate(self, cfg) -> None:
+        if cfg.on_hospital_failure == "continue":
+            raise UserError("--method fedavg supports --on-hospital-failure abort only (its all-reduce group cannot "
+                            "lose a member)")
+
+    def party(self, cfg, rank, coordinator) -> Party:
+        return FedAvgParty(cfg, rank, coordinator)
+
+
+METHOD = FedAvg()

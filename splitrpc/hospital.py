@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from splitrpc import checkpoint, codec, comm, console, data, dedup, privacy, transport
 from splitrpc.errors import PeerError
+from splitrpc.methods import Party
 from splitrpc.models import model_for, split_model, split_u
 from splitrpc.optim import apply_gradients, make_optimizer
 from splitrpc.protocol import key_file, l1_sync_tensors, label_dtype
@@ -387,46 +388,63 @@ def _store(call, *args):
         raise PeerError("lost the server: the coordination store is gone") from None
 
 
-def run(cfg, rank: int, coordinator: transport.Coordinator) -> int:
-    """Main thread of a hospital process: prepare data, serve the server, leave when it is done."""
-    name = transport.hospital_name(rank)
-    with coordinator.reporting(name):
-        data.prepare(cfg)
-    coordinator.mark_ready()
-    coordinator.wait_all_ready(cfg.setup_timeout)
-    if cfg.l1 == "average":
-        # The hospitals' own group, for averaging L1; the server is not a member.
-        dist.init_process_group("gloo", store=dist.PrefixStore("hospitals", coordinator.store),
-                                rank=rank - 1, world_size=cfg.hospitals)
-    transport.start_rpc(cfg, rank, cfg.world_size)
-    console.line(f"[{name}] pid {os.getpid()} joined; data stays here")
-    beat_every = min(5.0, cfg.rpc_timeout / 4)
-    last_beat = 0.0
-    try:
-        with coordinator.reporting(name):
-            # The server drives everything through RPC handler threads; this thread
-            # only watches that the server is alive until it says it has finished.
-            while not _store(coordinator.finished):
-                failure = _store(coordinator.failure)
-                if failure:
-                    raise PeerError(f"run stopped: {failure}", consequence=True)
-                if time.monotonic() - last_beat >= beat_every:
-                    try:
-                        rpc.rpc_sync(transport.SERVER, transport.heartbeat, timeout=cfg.rpc_timeout)
-                    except Exception as exc:
-                        if _store(coordinator.finished):
-                            break
-                        raise PeerError(f"lost the server: {transport.remote_error_summary(exc)}") from None
-                    last_beat = time.monotonic()
-                time.sleep(FINISH_POLL_S)
-            # Read before the acknowledgement: after it the server, the store's host, may leave.
-            graceful = not _store(coordinator.lost)
-            _store(coordinator.acknowledge_finish, name)
-    except BaseException:
-        transport.stop_rpc(graceful=False, timeout_s=0)
-        raise
-    # A graceful stop waits for every party; with a hospital lost on the way it cannot complete.
-    transport.stop_rpc(graceful=graceful, timeout_s=cfg.rpc_timeout)
-    if cfg.l1 == "average":
-        dist.destroy_process_group()
-    return 0
+class HospitalParty(Party):
+    """Rank i of a split run: prepares its data, serves the server's requests (the Hospital object
+    the server creates here), and leaves when the server says it has finished. It writes no record:
+    the server's holds the run."""
+
+    writes_record = False
+
+    def __init__(self, cfg, rank: int, coordinator: transport.Coordinator):
+        self.cfg, self.rank, self.coordinator = cfg, rank, coordinator
+        self.who = transport.hospital_name(rank)
+        self.graceful = True
+
+    def join(self) -> None:
+        cfg, coordinator = self.cfg, self.coordinator
+        with coordinator.reporting(self.who):
+            data.prepare(cfg)
+        coordinator.mark_ready()
+        coordinator.wait_all_ready(cfg.setup_timeout)
+        if cfg.l1 == "average":
+            # The hospitals' own group, for averaging L1; the server is not a member.
+            dist.init_process_group("gloo", store=dist.PrefixStore("hospitals", coordinator.store),
+                                    rank=self.rank - 1, world_size=cfg.hospitals)
+        transport.start_rpc(cfg, self.rank, cfg.world_size)
+        console.line(f"[{self.who}] pid {os.getpid()} joined; data stays here")
+
+    def reporting(self):
+        return self.coordinator.reporting(self.who)
+
+    def train(self) -> dict:
+        """The server drives everything through RPC handler threads; this thread only watches
+        that the server is alive until it says it has finished."""
+        coordinator, timeout = self.coordinator, self.cfg.rpc_timeout
+        beat_every = min(5.0, timeout / 4)
+        last_beat = 0.0
+        while not _store(coordinator.finished):
+            failure = _store(coordinator.failure)
+            if failure:
+                raise PeerError(f"run stopped: {failure}", consequence=True)
+            if time.monotonic() - last_beat >= beat_every:
+                try:
+                    rpc.rpc_sync(transport.SERVER, transport.heartbeat, timeout=timeout)
+                except Exception as exc:
+                    if _store(coordinator.finished):
+                        break
+                    raise PeerError(f"lost the server: {transport.remote_error_summary(exc)}") from None
+                last_beat = time.monotonic()
+            time.sleep(FINISH_POLL_S)
+        # Read before the acknowledgement: after it the server, the store's host, may leave.
+        self.graceful = not _store(coordinator.lost)
+        _store(coordinator.acknowledge_finish, self.who)
+        return {}
+
+    def leave(self, failed: bool) -> None:
+        if failed:
+            transport.stop_rpc(graceful=False, timeout_s=0)
+            return
+        # A graceful stop waits for every party; with a hospital lost on the way it cannot complete.
+        transport.stop_rpc(graceful=self.graceful, timeout_s=self.cfg.rpc_timeout)
+        if self.cfg.l1 == "average":
+            dist.destroy_process_group()

@@ -117,19 +117,9 @@ def node_processes(cfg, nnodes: int, node_rank: int, per_node: int) -> int:
     """Processes this node starts: the server alone on node 0 under split, else ``per_node`` hospitals."""
     if not 0 <= node_rank < nnodes:
         raise UserError(f"--node-rank {node_rank} is outside 0..{nnodes - 1}")
-    if cfg.method in ("local", "split-local"):
-        raise UserError(f"--method {cfg.method} runs in one process; it has no multi-node layout")
-    if cfg.method == "split":
-        expected = 1 + (nnodes - 1) * per_node
-        if nnodes < 2 or expected != cfg.world_size:
-            raise UserError(f"--nnodes {nnodes} with --nproc-per-node {per_node} gives {expected} processes (the "
-                            f"server on node 0, {per_node} hospital(s) on each other node) but --hospitals "
-                            f"{cfg.hospitals} needs {cfg.world_size}")
-        return 1 if node_rank == 0 else per_node
-    if nnodes * per_node != cfg.world_size:
-        raise UserError(f"--nnodes {nnodes} x --nproc-per-node {per_node} = {nnodes * per_node} ranks but "
-                        f"--method {cfg.method} --hospitals {cfg.hospitals} needs {cfg.world_size}")
-    return per_node
+    from splitrpc import methods
+
+    return methods.get(cfg.method).node_processes(cfg, nnodes, node_rank, per_node)
 
 
 def multinode(args, train_argv: list[str]) -> int:

@@ -8,13 +8,13 @@ optimizer and schedule as split learning, with no network in between.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from splitrpc import data, loop, record, transport
+from splitrpc import data, loop, transport
+from splitrpc.methods import Method, Party
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
 
@@ -56,20 +56,49 @@ class LocalTrainer:
         torch.save({k: v.cpu() for k, v in head.state_dict().items()}, Path(directory) / "head-local.pt")
 
 
-def run(cfg) -> int:
-    started = time.perf_counter()
-    transport.set_threads(cfg)
-    run_record = record.new_record(cfg)
-    trainer = LocalTrainer(cfg)
-    run_record["hospitals"] = [{"name": f"shard{i}", "train_samples": len(s), "train_batches": s.num_batches}
-                               for i, s in enumerate(trainer.shards, start=1)]
-    plan = data.epoch_plan([s.num_batches for s in trainer.shards], cfg.schedule)
-    run_record["setup_time_s"] = time.perf_counter() - started
-    run_record.update(loop.run(cfg, plan, trainer.train_step, trainer.evaluate, who="local"))
-    if cfg.save_dir:
-        trainer.save(cfg.save_dir)
-    run_record["status"] = "ok"
-    run_record["wall_time_s"] = time.perf_counter() - started
-    record.append_jsonl(cfg.out, run_record)
-    record.print_summary(run_record, "local")
-    return 0
+class LocalParty(Party):
+    """The only process of a one-process run: trains, evaluates and saves in place. ``split-local``
+    subclasses it with its own trainer."""
+
+    who = "local"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def make_trainer(self):
+        return LocalTrainer(self.cfg)
+
+    def shard_name(self, index: int) -> str:
+        return f"shard{index}"
+
+    def loop_options(self) -> dict:
+        return {}
+
+    def join(self) -> None:
+        transport.set_threads(self.cfg)
+
+    def setup(self, run_record: dict) -> None:
+        self.trainer = self.make_trainer()
+        run_record["hospitals"] = [{"name": self.shard_name(i), "train_samples": len(s), "train_batches": s.num_batches}
+                                   for i, s in enumerate(self.trainer.shards, start=1)]
+        self.plan = data.epoch_plan([s.num_batches for s in self.trainer.shards], self.cfg.schedule)
+
+    def train(self) -> dict:
+        return loop.run(self.cfg, self.plan, self.trainer.train_step, self.trainer.evaluate, who=self.who,
+                        **self.loop_options())
+
+    def save(self, directory: str) -> None:
+        self.trainer.save(directory)
+
+
+class Local(Method):
+    name = "local"
+    summary = "centralized training in one process: the ceiling, and the reference for equivalence"
+    one_process = True
+    options = frozenset({"schedule"})
+
+    def party(self, cfg, rank, coordinator) -> Party:
+        return LocalParty(cfg)
+
+
+METHOD = Local()

@@ -14,13 +14,15 @@ is a bug in one of them.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from splitrpc import data, loop, record, transport
+from splitrpc import data, transport
+from splitrpc.errors import UserError
+from splitrpc.local import LocalParty
+from splitrpc.methods import Method, Party
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
 from splitrpc.protocol import l1_sync_tensors
@@ -102,22 +104,38 @@ class SplitReference:
                        Path(directory) / f"head-{transport.hospital_name(h)}.pt")
 
 
-def run(cfg) -> int:
-    started = time.perf_counter()
-    transport.set_threads(cfg)
-    run_record = record.new_record(cfg)
-    trainer = SplitReference(cfg)
-    run_record["hospitals"] = [{"name": transport.hospital_name(i), "train_samples": len(s),
-                                "train_batches": s.num_batches} for i, s in enumerate(trainer.shards, start=1)]
-    plan = data.epoch_plan([s.num_batches for s in trainer.shards], cfg.schedule)
-    run_record["setup_time_s"] = time.perf_counter() - started
-    run_record.update(loop.run(cfg, plan, trainer.train_step, trainer.evaluate, who="split-local",
-                               on_step_end=trainer.after_step))
-    run_record["l1_syncs"] = trainer.l1_syncs
-    if cfg.save_dir:
-        trainer.save(cfg.save_dir)
-    run_record["status"] = "ok"
-    run_record["wall_time_s"] = time.perf_counter() - started
-    record.append_jsonl(cfg.out, run_record)
-    record.print_summary(run_record, "split-local")
-    return 0
+class SplitLocalParty(LocalParty):
+    """The only process of a split-local run: N L1 copies and one trunk, stepped as split learning steps."""
+
+    who = "split-local"
+
+    def make_trainer(self) -> SplitReference:
+        return SplitReference(self.cfg)
+
+    def shard_name(self, index: int) -> str:
+        return transport.hospital_name(index)
+
+    def loop_options(self) -> dict:
+        return {"on_step_end": self.trainer.after_step}
+
+    def finish(self, run_record: dict) -> None:
+        run_record["l1_syncs"] = self.trainer.l1_syncs
+
+
+class SplitLocal(Method):
+    name = "split-local"
+    summary = ("split learning's arithmetic in one process (N L1 copies + one trunk), the exact reference for "
+               "--method split")
+    one_process = True
+    options = frozenset({"schedule", "l1", "l1_sync_every", "l1_grad_scale", "l1_init"})
+
+    def validate(self, cfg) -> None:
+        if cfg.l1_init == "private":
+            raise UserError("--method split-local reproduces --l1-init shared only (private L1s come from each "
+                            "hospital's own randomness)")
+
+    def party(self, cfg, rank, coordinator) -> Party:
+        return SplitLocalParty(cfg)
+
+
+METHOD = SplitLocal()

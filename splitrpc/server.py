@@ -25,12 +25,12 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
-from splitrpc import accounting, checkpoint, codec, comm, console, data, dedup, loop, record, transport
+from splitrpc import accounting, checkpoint, codec, comm, console, data, dedup, loop, transport
 from splitrpc.errors import PeerError, UserError
-from splitrpc.hospital import Hospital
+from splitrpc.methods import Party
 from splitrpc.models import activation_shape, model_for, split_model, split_u
 from splitrpc.optim import apply_gradients, make_optimizer
-from splitrpc.protocol import l1_sync_numel, label_dtype
+from splitrpc.protocol import call_hospital, l1_sync_numel, label_dtype, open_hospital
 
 
 class HospitalFailure(PeerError):
@@ -57,8 +57,9 @@ def message_problem(message, batch: int, activation_shape: tuple, dtype: torch.d
     for tensor, (expected, _) in zip(wire, spec):
         if tuple(tensor.shape) != expected or len(labels) != batch:
             return f"activations of shape {tuple(tensor.shape)} with {len(labels)} labels, expected {expected}"
-    if codec_name == "fp8" and not bool((wire[1] > 0).all()):
-        return "float8 scales that are not positive"
+    problem = codec.wire_problem(codec_name, wire)
+    if problem:
+        return problem
     # Decoded, as the trunk would see them: a finite but huge scale can still overflow.
     bad = (~torch.isfinite(codec.decode(codec_name, [t.detach() for t in wire], dtype))).sum().item()
     if bad:
@@ -85,8 +86,9 @@ def output_gradient_problem(reply, shape: tuple, dtype: torch.dtype, codec_name:
             return f"a loss gradient of {tuple(tensor.shape)} {tensor.dtype}, expected {expected_shape} {expected_dtype}"
     if tuple(reply[-1].shape) != (1,) or not reply[-1].is_floating_point():
         return f"a loss of shape {tuple(reply[-1].shape)} and dtype {reply[-1].dtype}, expected one float"
-    if codec_name == "fp8" and not bool((reply[1] > 0).all()):
-        return "float8 scales that are not positive"
+    problem = codec.wire_problem(codec_name, reply[:-1])
+    if problem:
+        return problem
     decoded = codec.decode(codec_name, list(reply[:-1]), dtype)
     if not (bool(torch.isfinite(decoded).all()) and bool(torch.isfinite(reply[-1]).all())):
         return "a non-finite loss or loss gradient"
@@ -100,7 +102,7 @@ class Hospitals:
     def __init__(self, cfg):
         self.cfg = cfg
         self.names = [transport.hospital_name(i) for i in range(1, cfg.hospitals + 1)]
-        self.rrefs = [rpc.remote(name, Hospital, args=(cfg, i), timeout=cfg.setup_timeout)
+        self.rrefs = [rpc.remote(name, open_hospital, args=(cfg, i), timeout=cfg.setup_timeout)
                       for i, name in enumerate(self.names, start=1)]
         self.lost: dict[int, dict] = {}  # index -> {name, step, error}
         # Requests sent to each hospital, per accounting phase (round trips, for the time model).
@@ -116,10 +118,10 @@ class Hospitals:
 
     def call_async(self, index: int, method: str, *args, timeout: float | None = None):
         """Start ``Hospital.<method>(*args)`` on hospital ``index`` (1-based); returns a future."""
-        proxy = self.rrefs[index - 1].rpc_async(timeout=self.cfg.rpc_timeout if timeout is None else timeout)
         if method not in MEASUREMENT_CALLS:
             self.requests[self.phase][index] += 1
-        return getattr(proxy, method)(*args)
+        return rpc.rpc_async(self.names[index - 1], call_hospital, args=(self.rrefs[index - 1], method, *args),
+                             timeout=self.cfg.rpc_timeout if timeout is None else timeout)
 
     def wait(self, index: int, future):
         try:
@@ -571,61 +573,75 @@ def should_resume(cfg) -> bool:
     return cfg.resume or (restarted and bool(cfg.checkpoint_dir))
 
 
-def run(cfg, coordinator: transport.Coordinator) -> int:
-    """Main thread of the server process."""
-    started = time.perf_counter()
-    run_record = record.new_record(cfg)
-    coordinator.mark_ready()
-    coordinator.wait_all_ready(cfg.setup_timeout)
-    transport.start_rpc(cfg, 0, cfg.world_size)
-    console.line(f"[server] pid {os.getpid()} joined; {cfg.hospitals} hospitals")
-    try:
-        with coordinator.reporting(transport.SERVER):
-            server = Server(cfg, coordinator)
-            resume_step = server.newest_checkpoint() if should_resume(cfg) else None
-            if cfg.resume and resume_step is None:
-                raise UserError(f"--resume: no step in {cfg.checkpoint_dir} has a checkpoint from every party")
-            resumed = server.restore(resume_step) if resume_step is not None else None
-            if resumed is None and cfg.dedup != "none":
-                server.dedup_record = server.deduplicate()
-            if resumed is None and cfg.l1 == "average" and cfg.l1_init == "private":
-                server.call_live("average_l1")  # privately initialised L1s start equal, at a point nobody chose
-            # Planned from the hospitals' sizes after deduplication (restored with a checkpoint).
-            plan = data.epoch_plan([i["train_batches"] for i in server.info], cfg.schedule)
-            server.loop = loop.Loop(cfg, plan, server.train_step, server.evaluate, who="server",
-                                    on_step_end=server.after_step, switch_phase=server.switch_phase)
-            server.checkpoint_every = checkpoint.parse_every(cfg.checkpoint_every, len(plan))
-            if resumed is not None:
-                server.loop.load_state_dict(resumed["loop"])
-                run_record["resumed_from_step"] = resume_step
-            run_record["hospitals"] = server.info
-            run_record["threads"] = {"server": torch.get_num_threads(), "hospitals": [i["threads"] for i in server.info]}
-            run_record["setup_time_s"] = time.perf_counter() - started
-            run_record.update(server.loop.run())
-            server.switch_phase("done")
-            run_record["dedup"] = server.dedup_record
-            run_record["lost_hospitals"] = list(server.hospitals.lost.values())
-            run_record["comm"] = server.communication(len(plan), run_record["train_time_s"])
-            if cfg.capture_dir:
-                run_record["capture"] = server.write_capture()
-            if cfg.nopeek:
-                run_record["nopeek"] = server.call_live("privacy_stats")
-            if cfg.save_dir:
-                server.save(cfg.save_dir)
-    except BaseException:
-        transport.stop_rpc(graceful=False, timeout_s=0)
-        raise
-    run_record["status"] = "ok"
-    run_record["wall_time_s"] = time.perf_counter() - started
-    record.append_jsonl(cfg.out, run_record)
-    record.print_summary(run_record, "server")
-    coordinator.finish()
-    coordinator.wait_for_acknowledgements([server.hospitals.name(i) for i in server.hospitals.live],
-                                          timeout_s=cfg.rpc_timeout)
-    if server.hospitals.lost:
-        # A dropped hospital may still be alive (it sent a bad message, or it hung and woke):
-        # it leaves cleanly if it finds the store before this process, its host, is gone.
-        coordinator.wait_for_acknowledgements([server.hospitals.name(i) for i in server.hospitals.lost],
-                                              timeout_s=LOST_ACK_WAIT_S)
-    transport.stop_rpc(graceful=not server.hospitals.lost, timeout_s=cfg.rpc_timeout)
-    return 0
+class ServerParty(Party):
+    """Rank 0 of a split run: drives every step through the Hospitals proxy, records, saves, and
+    tells the hospitals when the run is over."""
+
+    who = transport.SERVER
+
+    def __init__(self, cfg, coordinator: transport.Coordinator):
+        self.cfg, self.coordinator = cfg, coordinator
+
+    def join(self) -> None:
+        self.coordinator.mark_ready()
+        self.coordinator.wait_all_ready(self.cfg.setup_timeout)
+        transport.start_rpc(self.cfg, 0, self.cfg.world_size)
+        console.line(f"[server] pid {os.getpid()} joined; {self.cfg.hospitals} hospitals")
+
+    def reporting(self):
+        return self.coordinator.reporting(transport.SERVER)
+
+    def setup(self, run_record: dict) -> None:
+        cfg = self.cfg
+        self.server = server = Server(cfg, self.coordinator)
+        resume_step = server.newest_checkpoint() if should_resume(cfg) else None
+        if cfg.resume and resume_step is None:
+            raise UserError(f"--resume: no step in {cfg.checkpoint_dir} has a checkpoint from every party")
+        resumed = server.restore(resume_step) if resume_step is not None else None
+        if resumed is None and cfg.dedup != "none":
+            server.dedup_record = server.deduplicate()
+        if resumed is None and cfg.l1 == "average" and cfg.l1_init == "private":
+            server.call_live("average_l1")  # privately initialised L1s start equal, at a point nobody chose
+        # Planned from the hospitals' sizes after deduplication (restored with a checkpoint).
+        self.plan = data.epoch_plan([i["train_batches"] for i in server.info], cfg.schedule)
+        server.loop = loop.Loop(cfg, self.plan, server.train_step, server.evaluate, who="server",
+                                on_step_end=server.after_step, switch_phase=server.switch_phase)
+        server.checkpoint_every = checkpoint.parse_every(cfg.checkpoint_every, len(self.plan))
+        if resumed is not None:
+            server.loop.load_state_dict(resumed["loop"])
+            run_record["resumed_from_step"] = resume_step
+        run_record["hospitals"] = server.info
+        run_record["threads"] = {"server": torch.get_num_threads(), "hospitals": [i["threads"] for i in server.info]}
+
+    def train(self) -> dict:
+        result = self.server.loop.run()
+        self.server.switch_phase("done")
+        return result
+
+    def finish(self, run_record: dict) -> None:
+        server, cfg = self.server, self.cfg
+        run_record["dedup"] = server.dedup_record
+        run_record["lost_hospitals"] = list(server.hospitals.lost.values())
+        run_record["comm"] = server.communication(len(self.plan), run_record["train_time_s"])
+        if cfg.capture_dir:
+            run_record["capture"] = server.write_capture()
+        if cfg.nopeek:
+            run_record["nopeek"] = server.call_live("privacy_stats")
+
+    def save(self, directory: str) -> None:
+        self.server.save(directory)
+
+    def leave(self, failed: bool) -> None:
+        if failed:
+            transport.stop_rpc(graceful=False, timeout_s=0)
+            return
+        hospitals = self.server.hospitals
+        self.coordinator.finish()
+        self.coordinator.wait_for_acknowledgements([hospitals.name(i) for i in hospitals.live],
+                                                   timeout_s=self.cfg.rpc_timeout)
+        if hospitals.lost:
+            # A dropped hospital may still be alive (it sent a bad message, or it hung and woke):
+            # it leaves cleanly if it finds the store before this process, its host, is gone.
+            self.coordinator.wait_for_acknowledgements([hospitals.name(i) for i in hospitals.lost],
+                                                       timeout_s=LOST_ACK_WAIT_S)
+        transport.stop_rpc(graceful=not hospitals.lost, timeout_s=self.cfg.rpc_timeout)

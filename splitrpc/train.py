@@ -13,7 +13,7 @@ import time
 import traceback
 import warnings
 
-from splitrpc import console, transport
+from splitrpc import console, lifecycle, methods, transport
 from splitrpc.config import parse_args
 from splitrpc.errors import PeerError, UserError, report
 
@@ -30,30 +30,16 @@ def _quiet_library_warnings() -> None:
 
 
 def run_worker(cfg) -> int:
-    """One process of a torchrun group: server or hospital (split), or a DDP rank."""
+    """One process of a torchrun group: its rank's party of the method (server or hospital, a rank)."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world_size != cfg.world_size:
-        roles = {"split": f"1 server + {cfg.hospitals} hospitals", "ddp": f"{cfg.hospitals} hospitals",
-                 "fedavg": f"{cfg.hospitals} hospitals"}[cfg.method]
+    method = methods.get(cfg.method)
+    if world_size != method.world_size(cfg):
         raise UserError(f"torchrun started {world_size} processes but --method {cfg.method} --hospitals "
-                        f"{cfg.hospitals} needs {cfg.world_size} ({roles}); use --nproc-per-node {cfg.world_size}")
+                        f"{cfg.hospitals} needs {method.world_size(cfg)} ({method.roles(cfg)}); use --nproc-per-node "
+                        f"{method.world_size(cfg)}")
     transport.set_threads(cfg, rank)
     coordinator = transport.Coordinator(rank, world_size, cfg.setup_timeout)
-    if cfg.method == "ddp":
-        from splitrpc import ddp
-
-        return ddp.run(cfg, rank, coordinator)
-    if cfg.method == "fedavg":
-        from splitrpc import fedavg
-
-        return fedavg.run(cfg, rank, coordinator)
-    if rank == 0:
-        from splitrpc import server
-
-        return server.run(cfg, coordinator)
-    from splitrpc import hospital
-
-    return hospital.run(cfg, rank, coordinator)
+    return lifecycle.run(cfg, rank, coordinator)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,23 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     who = transport.role_name(rank) if distributed else ""
     try:
         cfg = parse_args(argv)
-        if distributed and cfg.method == "split":
-            who = transport.role_name(rank)
-        elif distributed:
-            who = f"rank{rank}"
-        if cfg.method == "local":
+        method = methods.get(cfg.method)
+        if distributed:
+            who = method.who(rank)
+        if method.one_process:
             if distributed and int(os.environ["WORLD_SIZE"]) != 1:
-                raise UserError("--method local runs in one process; do not start it with several torchrun processes")
-            from splitrpc import local
-
-            return local.run(cfg)
-        if cfg.method == "split-local":
-            if distributed and int(os.environ["WORLD_SIZE"]) != 1:
-                raise UserError("--method split-local runs in one process; do not start it with several torchrun "
+                raise UserError(f"--method {cfg.method} runs in one process; do not start it with several torchrun "
                                 "processes")
-            from splitrpc import reference
-
-            return reference.run(cfg)
+            return lifecycle.run(cfg)
         if not distributed:
             from splitrpc import data, launch
 

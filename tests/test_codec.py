@@ -79,7 +79,7 @@ def test_codec_options_are_checked():
 @pytest.mark.parametrize("args,message", [
     (["--codec", "xyz"], "--codec: unknown value 'xyz'"),
     (["--codec", "fp8", "--dtype", "float64"], "cannot be combined with --dtype float64"),
-    (["--codec", "bf16", "--method", "ddp"], "needs --method split"),
+    (["--codec", "bf16", "--method", "ddp"], "--codec bf16 does not apply to --method ddp"),
 ])
 def test_bad_codec_values_are_one_line(cli, args, message):
     result = cli("--dataset", "synthetic", *args, out=False, timeout=60)

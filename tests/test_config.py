@@ -53,14 +53,20 @@ def test_record_round_trip():
     (["--server-threads", "-1"], "--server-threads must not be negative"),
     (["--hospital-threads", "two"], "--hospital-threads: expected int"),
     (["--prefetch", "maybe"], "unrecognized arguments: maybe"),  # a switch: --prefetch or --no-prefetch
-    (["--method", "ddp", "--l1-grad-scale", "none"], "--l1-grad-scale scales split learning's L1 gradients"),
+    (["--method", "ddp", "--l1-grad-scale", "none"], "--l1-grad-scale none does not apply to --method ddp (it is "
+                                                     "read by --method split, split-local)"),
     (["--method", "split-local", "--l1-init", "private"], "--method split-local reproduces --l1-init shared only"),
     (["--method", "fedavg", "--local-steps", "0"], "--local-steps must be at least 1"),
     (["--method", "fedavg", "--local-steps", "2.5"], "--local-steps: expected int"),
-    (["--method", "ddp", "--local-steps", "4"], "--local-steps sets the length of a federated-averaging round"),
+    (["--method", "ddp", "--local-steps", "4"], "--local-steps 4 does not apply to --method ddp (it is read by "
+                                                "--method fedavg)"),
+    (["--method", "local", "--no-prefetch"], "--no-prefetch does not apply to --method local"),
+    (["--method", "split-local", "--codec", "fp8"], "--codec fp8 does not apply to --method split-local"),
+    (["--method", "fedavg", "--lr-scaling"], "--lr-scaling does not apply to --method fedavg (it is read by --method ddp)"),
+    (["--tail", "2"], "--tail 2 sets the U-shaped tail: it needs --labels hospital"),
     (["--method", "fedavg", "--on-hospital-failure", "continue"], "--method fedavg supports --on-hospital-failure "
                                                                    "abort only"),
-    (["--method", "fedavg", "--checkpoint-dir", "ck"], "--checkpoint-dir and --resume are implemented for --method split"),
+    (["--method", "fedavg", "--checkpoint-dir", "ck"], "--checkpoint-dir ck does not apply to --method fedavg"),
 ])
 def test_bad_input_is_one_clear_error(args, message):
     with pytest.raises(UserError) as info:

@@ -126,6 +126,6 @@ def test_malformed_manifest_stops_with_one_line(cli, tmp_path):
 
 def test_dedup_needs_split_and_a_key(cli):
     r = cli("--method", "ddp", "--dedup", "psi", timeout=60)
-    assert r.returncode == 2 and "--dedup needs --method split" in r.stderr
+    assert r.returncode == 2 and "--dedup psi does not apply to --method ddp" in r.stderr
     r = cli("--method", "split", "--dedup", "hmac", timeout=60)
     assert r.returncode == 2 and "--dedup hmac needs --dedup-key-file" in r.stderr

@@ -90,7 +90,7 @@ def test_a_hospital_hands_the_server_no_labels(tmp_path, cache_dir):
     (["--labels", "hospital", "--tail", "10"], "leaves the server no stage"),
     (["--labels", "hospital", "--cut", "5", "--tail", "6"], "leaves the server no stage"),
     (["--labels", "hospital", "--tail", "0"], "--tail >= 1"),
-    (["--labels", "hospital", "--method", "ddp"], "needs --method split"),
+    (["--labels", "hospital", "--method", "ddp"], "--labels hospital does not apply to --method ddp"),
     (["--labels", "xyz"], "--labels: unknown value"),
 ])
 def test_bad_u_shapes_are_one_line(cli, args, message):

@@ -1,0 +1,165 @@
+"""What every rank of a hospitals-only group shares (DDP and FedAvg): rank r = 0..N-1 is hospital
+r+1, holds its own shard and a full replica, and talks to the others over one gloo group.
+
+``RankTrainer`` has the group's collectives (booked in the ledger, as the method's own traffic
+is), the step losses and test accuracy reduced over ranks, the bytes table of every phase and
+the final save; ``RankParty`` runs one rank through ``splitrpc.lifecycle``. A method adds only
+what it does differently: its step, and what it exchanges.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from splitrpc import comm, console, data, transport
+from splitrpc.methods import Party
+from splitrpc.models import split_model
+
+RING = "ring"  # the peer name under which all-reduce traffic is booked
+
+
+class RankTrainer:
+    """The parts of a DDP or FedAvg rank that do not depend on what the method exchanges."""
+
+    head_file = ""  # the saved L1's name: head-<method>.pt
+
+    def __init__(self, cfg, rank: int):
+        self.cfg, self.rank, self.ranks = cfg, rank, cfg.hospitals
+        self.hospital = rank + 1
+        self.device = transport.compute_device(cfg)
+        self.ledger = comm.Ledger(transport.hospital_name(self.hospital))
+        self.shard = data.load_shard(cfg, self.hospital)
+        self.test = data.load_test(cfg)
+        self.local_losses: list[tuple[float, int]] = []
+        self.steps = 0
+
+    def _all_gather(self, value):
+        gathered = [None] * self.ranks
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce outside the method's own exchange (CPU tensors, over gloo), booked like it."""
+        self.ledger.book_ring(RING, comm.tensor_bytes(tensor), self.ranks)
+        dist.all_reduce(tensor)
+        return tensor
+
+    def reduce_losses(self, losses: list[float], counts: list[int]) -> list[float]:
+        """Each step's loss over every participating hospital's batch (gathered after the epoch)."""
+        epoch = torch.tensor(self.local_losses[-len(losses):], dtype=torch.float64)
+        totals = self._all_reduce(epoch)
+        return (totals[:, 0] / totals[:, 1].clamp_min(1)).tolist()
+
+    @torch.no_grad()
+    def accuracy(self, model: torch.nn.Module) -> list[float]:
+        """``model``'s test accuracy (every rank holds the same one); ranks share the test batches."""
+        model.eval()
+        counts = torch.zeros(2, dtype=torch.float64)
+        for b in range(self.rank, self.test.num_batches, self.ranks):
+            images, labels = self.test.batch(b)
+            counts[0] += (model(images.to(self.device)).argmax(1).cpu() == labels).sum().item()
+            counts[1] += len(labels)
+        model.train()
+        self._all_reduce(counts)
+        return [counts[0].item() / counts[1].item()]
+
+    def names(self) -> list[str]:
+        return [transport.hospital_name(r + 1) for r in range(self.ranks)]
+
+    def phases(self, reports: list[dict], analytic: dict) -> dict:
+        """Bytes three ways for every phase; ``analytic`` is the training phase's count from shapes."""
+        phases = {}
+        for phase in comm.PHASES:
+            payload, tcp, store = comm.phase_tables(reports, phase)
+            phases[phase] = {
+                "seconds": self.ledger.seconds.get(phase, 0.0),
+                "analytic_bytes": analytic if phase == "train" else None,
+                "payload_bytes": payload,
+                "tcp_bytes": tcp,
+                "tcp_store_bytes": store,
+                "tcp_over_payload": comm.ratio(tcp and tcp["total"], payload["total"]),
+                "tcp_delivered_over_payload": comm.ratio(tcp and tcp["total"] - tcp["retransmitted"], payload["total"]),
+            }
+        return phases
+
+    def per_epoch(self, phases: dict, scale: float | None) -> dict:
+        """The training phase's bytes scaled to one epoch (``scale``: epochs' units over measured units)."""
+        names = self.names()
+
+        def one(table):
+            if table is None or scale is None:
+                return None
+            per_rank = [table[n]["sent"] + table[n]["received"] for n in names]
+            return {"total": table["total"] * scale, "per_hospital": sum(per_rank) / len(per_rank) * scale}
+
+        return {kind: one(phases["train"][f"{kind}_bytes"]) for kind in ("analytic", "payload", "tcp")}
+
+    def transport_name(self) -> str:
+        return "gloo" if self.device.type == "cpu" else "nccl"
+
+    def save_model(self, model: torch.nn.Module, directory: str) -> None:
+        """The same files as a split run: the trunk, and the head under this method's name."""
+        head, trunk = split_model(model, self.cfg.cut)
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.cpu() for k, v in trunk.state_dict().items()}, Path(directory) / "trunk.pt")
+        torch.save({k: v.cpu() for k, v in head.state_dict().items()}, Path(directory) / self.head_file)
+
+
+class RankParty(Party):
+    """One rank of a DDP or FedAvg run. Rank 0 prints, records and saves; every rank trains."""
+
+    def __init__(self, cfg, rank: int, coordinator):
+        self.cfg, self.rank, self.coordinator = cfg, rank, coordinator
+        self.who = f"rank{rank}"
+        self.writes_record = rank == 0
+
+    def make_trainer(self):
+        raise NotImplementedError
+
+    def joined_line(self) -> str:
+        return f"{self.cfg.hospitals} ranks"
+
+    def loop_options(self) -> dict:
+        return {}
+
+    def join(self) -> None:
+        with self.coordinator.reporting(self.who):
+            data.prepare(self.cfg)
+        self.coordinator.mark_ready()
+        self.coordinator.wait_all_ready(self.cfg.setup_timeout)
+        transport.init_hospital_group(self.cfg, self.rank)
+
+    def reporting(self):
+        return self.coordinator.reporting(self.who)
+
+    def setup(self, run_record: dict) -> None:
+        self.trainer = self.make_trainer()
+        self.plan = data.epoch_plan(self.trainer.batches, "parallel")
+        if self.rank == 0:
+            console.line(f"[rank0] pid {os.getpid()} joined; {self.joined_line()}")
+        run_record["hospitals"] = [{"name": transport.hospital_name(r + 1), "train_batches": n}
+                                   for r, n in enumerate(self.trainer.batches)]
+
+    def train(self) -> dict:
+        from splitrpc import loop
+
+        result = loop.run(self.cfg, self.plan, self.trainer.train_step, self.trainer.evaluate, who=self.who,
+                          switch_phase=self.trainer.ledger.switch, reduce_losses=self.trainer.reduce_losses,
+                          quiet=self.rank != 0, **self.loop_options())
+        self.trainer.ledger.switch("done")
+        return result
+
+    def save(self, directory: str) -> None:
+        if self.rank == 0:
+            self.trainer.save(directory)
+
+    def synchronize(self) -> None:
+        dist.barrier()
+
+    def leave(self, failed: bool) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,70 @@
+"""Split learning (Jeon et al., 2019), declared for the method registry.
+
+Rank 0 is the server (``splitrpc.server``), ranks 1..N the hospitals
+(``splitrpc.hospital``). This module imports neither: each process imports
+only its own side's code when it learns its rank.
+"""
+
+from __future__ import annotations
+
+from splitrpc.errors import UserError
+from splitrpc.methods import Method, Party
+
+
+class Split(Method):
+    name = "split"
+    summary = "split learning: each hospital keeps its data and L1, the server the trunk (1 + N processes)"
+    exchange = "activations"
+    has_server = True
+    options = frozenset({
+        "schedule", "prefetch", "l1", "l1_sync_every", "l1_grad_scale", "l1_init", "labels", "tail", "codec",
+        "noise", "nopeek", "capture_dir", "capture_samples", "dedup", "dedup_key_file", "dedup_manifest",
+        "server_threads", "hospital_threads", "checkpoint_dir", "checkpoint_every", "resume",
+        "on_hospital_failure", "fault",
+    })
+
+    def world_size(self, cfg) -> int:
+        return cfg.hospitals + 1
+
+    def roles(self, cfg) -> str:
+        return f"1 server + {cfg.hospitals} hospitals"
+
+    def who(self, rank: int | None) -> str:
+        from splitrpc.transport import role_name
+
+        return role_name(rank or 0)
+
+    def validate(self, cfg) -> None:
+        if cfg.labels == "hospital":
+            from splitrpc.models import check_tail, stage_count
+
+            check_tail(stage_count(cfg.model), cfg.cut, cfg.tail, cfg.model)
+        elif cfg.tail != 1:
+            raise UserError(f"--tail {cfg.tail} sets the U-shaped tail: it needs --labels hospital")
+        if cfg.dedup == "hmac" and not cfg.dedup_key_file:
+            raise UserError("--dedup hmac needs --dedup-key-file (a secret shared by the hospitals, e.g. from "
+                            "`python -c 'import secrets; print(secrets.token_hex(32))'`)")
+        if cfg.on_hospital_failure == "continue" and cfg.l1 == "average":
+            raise UserError("--on-hospital-failure continue cannot be combined with --l1 average "
+                            "(the hospitals' all-reduce group cannot lose a member)")
+
+    def party(self, cfg, rank, coordinator) -> Party:
+        if rank == 0:
+            from splitrpc.server import ServerParty
+
+            return ServerParty(cfg, coordinator)
+        from splitrpc.hospital import HospitalParty
+
+        return HospitalParty(cfg, rank, coordinator)
+
+    def node_processes(self, cfg, nnodes: int, node_rank: int, per_node: int) -> int:
+        """The server alone on node 0, ``per_node`` hospitals on every other node."""
+        expected = 1 + (nnodes - 1) * per_node
+        if nnodes < 2 or expected != self.world_size(cfg):
+            raise UserError(f"--nnodes {nnodes} with --nproc-per-node {per_node} gives {expected} processes (the "
+                            f"server on node 0, {per_node} hospital(s) on each other node) but --hospitals "
+                            f"{cfg.hospitals} needs {self.world_size(cfg)}")
+        return 1 if node_rank == 0 else per_node
+
+
+METHOD = Split()
