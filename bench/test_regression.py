@@ -197,7 +197,7 @@ def _bytes_per_step(benchmark, server, steps: int) -> None:
 @pytest.mark.parametrize("model", list(MODELS))
 def test_split_step(benchmark, rpc_group, model):
     """One parallel step of split learning (2 hospitals), alternating with a local step of the same samples."""
-    from splitrpc.server import Server
+    from splitrpc.split.server import Server
 
     server = Server(config(model, *_cache_args()), rpc_group)
     server.ledger.switch("train")
@@ -274,7 +274,7 @@ LOCAL_SEQUENTIAL = (((1, 0),), ((2, 0),))
 def test_split_steps_sequential(benchmark, rpc_group, prefetch):
     """Two sequential steps; with prefetch the second one's activations are computed and sent
     while the first runs (the default engine's overlap). Each pair alternates with two local steps."""
-    from splitrpc.server import Server
+    from splitrpc.split.server import Server
 
     cfg = config("resnet20", *_cache_args(), "--schedule", "sequential", "--epochs", "1000",
                  *([] if prefetch else ["--no-prefetch"]))
@@ -288,7 +288,7 @@ def test_split_steps_sequential(benchmark, rpc_group, prefetch):
 
 def test_split_step_fp8(benchmark, rpc_group):
     """One parallel step with float8 activations and gradients at the cut, alternating with a local step."""
-    from splitrpc.server import Server
+    from splitrpc.split.server import Server
 
     server = Server(config("resnet20", *_cache_args(), "--codec", "fp8"), rpc_group)
     server.ledger.switch("train")

@@ -37,7 +37,7 @@ class SplitBytes:
         self.cfg, self.activation_shape, self.output_shape, self.l1_numel = cfg, activation_shape, output_shape, l1_numel
         self.dtype = getattr(torch, cfg.dtype)
         self.element_size = torch.empty((), dtype=self.dtype).element_size()
-        from splitrpc.protocol import label_dtype
+        from splitrpc.split.protocol import label_dtype
 
         self.label_size = torch.empty((), dtype=label_dtype(cfg.num_classes)).element_size()
 

@@ -30,9 +30,8 @@ from splitrpc import comm, loop
 from splitrpc.ddp import slowest_step
 from splitrpc.errors import UserError
 from splitrpc.methods import Method, Party
-from splitrpc.models import model_for, split_model
+from splitrpc.models import floating_state, model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
-from splitrpc.protocol import l1_sync_tensors
 from splitrpc.ranks import RING, RankParty, RankTrainer
 
 
@@ -47,7 +46,7 @@ class FedAvgTrainer(RankTrainer):
         split_model(self.model, cfg.cut)  # the same --cut check as split learning
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         # What a round averages: every parameter and floating-point buffer (BatchNorm statistics).
-        self.averaged = l1_sync_tensors(self.model)
+        self.averaged = floating_state(self.model)
         self.model_bytes = comm.tensor_bytes(*self.averaged)
         self.batches = self._all_gather(self.shard.num_batches)
         self.rounds = 0

@@ -180,3 +180,8 @@ def activation_shape(model: nn.Sequential, cut: int, image_shape=(3, 32, 32)) ->
     shape = tuple(head(torch.zeros(1, *image_shape, dtype=dtype)).shape[1:])
     head.train(was_training)
     return shape
+
+
+def floating_state(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter and floating-point buffer (BatchNorm statistics): what averaging models moves."""
+    return [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]

@@ -25,7 +25,7 @@ from splitrpc.local import LocalParty
 from splitrpc.methods import Method, Party
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
-from splitrpc.protocol import l1_sync_tensors
+from splitrpc.split.protocol import l1_sync_tensors
 
 
 def l1_gradient_scale(cfg, participants: int) -> float:

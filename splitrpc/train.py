@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             data.prepare(cfg)
             if cfg.dedup == "hmac":
                 from splitrpc.dedup import load_key
-                from splitrpc.protocol import key_file
+                from splitrpc.split.protocol import key_file
 
                 for index in range(1, cfg.hospitals + 1):
                     load_key(key_file(cfg, index))

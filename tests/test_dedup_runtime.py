@@ -7,7 +7,7 @@ import pytest
 
 from splitrpc import data, dedup
 from splitrpc.config import parse_args
-from splitrpc.hospital import Hospital
+from splitrpc.split.hospital import Hospital
 
 SYNTH = ["--dataset", "synthetic", "--synthetic-train", 900, "--synthetic-test", 64, "--model", "resnet20",
          "--width", 0.25, "--batch-size", 16, "--max-steps", 2, "--threads", 1, "--log-every", 100]

@@ -29,7 +29,7 @@ def train_l1(cfg, monkeypatch, steps: int):
     The server's part is stood in for by a fixed linear loss on the activations, whose
     gradient is handed to the hospital's end of the cut as distributed autograd hands it.
     """
-    from splitrpc import hospital as hospital_module
+    from splitrpc.split import hospital as hospital_module
 
     h = hospital_module.Hospital(cfg, 1)
     initial = {k: v.clone() for k, v in h.head.state_dict().items()}

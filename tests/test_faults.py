@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO
 from test_errors import Run, _exit_times
-from splitrpc.server import message_problem
+from splitrpc.split.server import message_problem
 
 pytestmark = pytest.mark.distributed
 
@@ -250,7 +250,7 @@ def test_a_retried_step_is_taken_once_at_the_hospital(cache_dir):
     that first attempt (L1, BatchNorm statistics, optimizer), so it sends exactly what it sent the first
     time and ends the step as if the first attempt had never happened."""
     from splitrpc.config import parse_args
-    from splitrpc.hospital import Hospital
+    from splitrpc.split.hospital import Hospital
 
     cfg = parse_args(["--dataset", "synthetic", "--model", "vgg11", "--width", "0.25", "--batch-size", "16",
                       "--synthetic-train", "64", "--synthetic-test", "16", "--momentum", "0.9",

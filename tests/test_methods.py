@@ -83,13 +83,13 @@ def test_help_groups_the_options_by_section(capsys):
 
 def test_the_server_imports_no_hospital_code():
     # Module-level imports of the server's side; at run time it reaches a hospital's endpoints only
-    # through splitrpc.protocol.call_hospital, which runs on the hospital (no RRef type fetched).
+    # through splitrpc.split.protocol.call_hospital, which runs on the hospital (no RRef type fetched).
     import subprocess
     import sys
 
     from conftest import REPO
 
-    code = ("import sys, splitrpc.server, splitrpc.split; "
-            "print(sorted(m for m in sys.modules if m == 'splitrpc.hospital'))")
+    code = ("import sys, splitrpc.split.server, splitrpc.split; "
+            "print(sorted(m for m in sys.modules if m == 'splitrpc.split.hospital'))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr[-2000:]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from splitrpc.config import parse_args
-from splitrpc.hospital import Hospital
+from splitrpc.split.hospital import Hospital
 from splitrpc.models import stage_count
 
 pytestmark = pytest.mark.distributed

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict, deque
+from collections import deque
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.distributed.autograd as dist_autograd
-import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
 from splitrpc import accounting, checkpoint, codec, comm, console, data, dedup, loop, transport
@@ -30,120 +29,11 @@ from splitrpc.errors import PeerError, UserError
 from splitrpc.methods import Party
 from splitrpc.models import activation_shape, model_for, split_model, split_u
 from splitrpc.optim import apply_gradients, make_optimizer
-from splitrpc.protocol import call_hospital, l1_sync_numel, label_dtype, open_hospital
+from splitrpc.split.hospitals import HospitalFailure, Hospitals
+from splitrpc.split.protocol import l1_sync_numel, label_dtype, message_problem, output_gradient_problem
 
 
-class HospitalFailure(PeerError):
-    """Hospital ``index`` died, hung, raised, or sent something invalid."""
-
-    def __init__(self, index: int, message: str):
-        super().__init__(message)
-        self.index = index
-
-
-def message_problem(message, batch: int, activation_shape: tuple, dtype: torch.dtype, label_dtype: torch.dtype,
-                    num_classes: int, codec_name: str = "none", with_labels: bool = True) -> str | None:
-    """What is wrong with a hospital's message ``(*wire activations, labels)`` (U-shaped: no labels), or None."""
-    spec = codec.wire_spec(codec_name, (batch, *activation_shape), dtype)
-    if (not isinstance(message, (tuple, list)) or len(message) != len(spec) + with_labels
-            or not all(isinstance(t, torch.Tensor) for t in message)):
-        return f"something other than {len(spec)} activation tensor(s)" + (" and labels" if with_labels else "")
-    wire, labels = (message[:-1], message[-1]) if with_labels else (message, torch.zeros(batch, dtype=label_dtype))
-    for tensor, (_, expected_dtype) in zip(wire, spec):
-        if tensor.dtype != expected_dtype:
-            return f"activations of dtype {tensor.dtype}, expected {expected_dtype}"
-    if labels.dtype != label_dtype or labels.dim() != 1:
-        return f"labels of dtype {labels.dtype} and shape {tuple(labels.shape)}, expected {label_dtype} of shape ({batch},)"
-    for tensor, (expected, _) in zip(wire, spec):
-        if tuple(tensor.shape) != expected or len(labels) != batch:
-            return f"activations of shape {tuple(tensor.shape)} with {len(labels)} labels, expected {expected}"
-    problem = codec.wire_problem(codec_name, wire)
-    if problem:
-        return problem
-    # Decoded, as the trunk would see them: a finite but huge scale can still overflow.
-    bad = (~torch.isfinite(codec.decode(codec_name, [t.detach() for t in wire], dtype))).sum().item()
-    if bad:
-        return f"{bad} non-finite activation values"
-    low, high = labels.min().item(), labels.max().item()
-    if low < 0 or high >= num_classes:
-        return f"labels outside 0..{num_classes - 1} (found {low}..{high})"
-    return None
-
-
-# Calls that serve the measurement itself, not training: left out of the round-trip counts.
-MEASUREMENT_CALLS = frozenset({"switch_phase", "comm_report"})
 LOST_ACK_WAIT_S = 2.0  # a dropped hospital that is alive polls the store every 0.2 s; a dead one never answers
-
-
-def output_gradient_problem(reply, shape: tuple, dtype: torch.dtype, codec_name: str) -> str | None:
-    """What is wrong with a U-shaped hospital's reply ``(*gradient wire, loss)``, or None."""
-    spec = codec.wire_spec(codec_name, shape, dtype)
-    if (not isinstance(reply, (tuple, list)) or len(reply) != len(spec) + 1
-            or not all(isinstance(t, torch.Tensor) for t in reply)):
-        return "something other than the loss and its gradient"
-    for tensor, (expected_shape, expected_dtype) in zip(reply[:-1], spec):
-        if tuple(tensor.shape) != expected_shape or tensor.dtype != expected_dtype:
-            return f"a loss gradient of {tuple(tensor.shape)} {tensor.dtype}, expected {expected_shape} {expected_dtype}"
-    if tuple(reply[-1].shape) != (1,) or not reply[-1].is_floating_point():
-        return f"a loss of shape {tuple(reply[-1].shape)} and dtype {reply[-1].dtype}, expected one float"
-    problem = codec.wire_problem(codec_name, reply[:-1])
-    if problem:
-        return problem
-    decoded = codec.decode(codec_name, list(reply[:-1]), dtype)
-    if not (bool(torch.isfinite(decoded).all()) and bool(torch.isfinite(reply[-1]).all())):
-        return "a non-finite loss or loss gradient"
-    return None
-
-
-class Hospitals:
-    """RRefs to the Hospital objects. Every call is bounded by --rpc-timeout and every
-    failure becomes a HospitalFailure whose one line names the hospital."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.names = [transport.hospital_name(i) for i in range(1, cfg.hospitals + 1)]
-        self.rrefs = [rpc.remote(name, open_hospital, args=(cfg, i), timeout=cfg.setup_timeout)
-                      for i, name in enumerate(self.names, start=1)]
-        self.lost: dict[int, dict] = {}  # index -> {name, step, error}
-        # Requests sent to each hospital, per accounting phase (round trips, for the time model).
-        self.phase = "setup"
-        self.requests: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-
-    @property
-    def live(self) -> list[int]:
-        return [i for i in range(1, self.cfg.hospitals + 1) if i not in self.lost]
-
-    def name(self, index: int) -> str:
-        return self.names[index - 1]
-
-    def call_async(self, index: int, method: str, *args, timeout: float | None = None):
-        """Start ``Hospital.<method>(*args)`` on hospital ``index`` (1-based); returns a future."""
-        if method not in MEASUREMENT_CALLS:
-            self.requests[self.phase][index] += 1
-        return rpc.rpc_async(self.names[index - 1], call_hospital, args=(self.rrefs[index - 1], method, *args),
-                             timeout=self.cfg.rpc_timeout if timeout is None else timeout)
-
-    def wait(self, index: int, future):
-        try:
-            return future.wait()
-        except Exception as exc:
-            raise HospitalFailure(index, f"{self.name(index)}: {transport.remote_error_summary(exc)}") from None
-
-    def call_all(self, method: str, *args, indices: Sequence[int] | None = None, timeout: float | None = None) -> list:
-        indices = self.live if indices is None else indices
-        futures = [self.call_async(i, method, *args, timeout=timeout) for i in indices]
-        return [self.wait(i, f) for i, f in zip(indices, futures)]
-
-    def unresponsive(self, indices: Sequence[int]) -> list[int]:
-        """Which of ``indices`` do not answer a trivial call within --rpc-timeout."""
-        futures = {i: self.call_async(i, "describe") for i in indices}
-        dead = []
-        for i, f in futures.items():
-            try:
-                f.wait()
-            except Exception:
-                dead.append(i)
-        return dead
 
 
 class Server:

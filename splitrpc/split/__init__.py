@@ -1,8 +1,18 @@
-"""Split learning (Jeon et al., 2019), declared for the method registry.
+"""Split learning (Jeon et al., 2019): the method's declaration, and its package by concern.
 
-Rank 0 is the server (``splitrpc.server``), ranks 1..N the hospitals
-(``splitrpc.hospital``). This module imports neither: each process imports
-only its own side's code when it learns its rank.
+- ``protocol``: what both sides agree on (label dtype, what L1 averaging moves, the checks
+  of every message the server receives, the two functions through which it reaches a
+  hospital's endpoints);
+- ``hospitals``: the server's proxy for the hospitals (timeouts, round-trip counts, failures
+  named), its failure vocabulary;
+- ``server``: the trunk, one step's messages top to bottom, evaluation, checkpoints, the
+  server's party (rank 0);
+- ``hospital``: the hospital's endpoints (L1, its optimizer, its data, defences, audits,
+  deduplication, checkpoints) and its party (ranks 1..N);
+- ``faults``: a hospital that misbehaves on purpose, for tests.
+
+Rank 0 imports only ``server`` (and what it imports), ranks 1..N only ``hospital``: this
+module imports neither, each process loads its own side when it learns its rank.
 """
 
 from __future__ import annotations
@@ -50,10 +60,10 @@ class Split(Method):
 
     def party(self, cfg, rank, coordinator) -> Party:
         if rank == 0:
-            from splitrpc.server import ServerParty
+            from splitrpc.split.server import ServerParty
 
             return ServerParty(cfg, coordinator)
-        from splitrpc.hospital import HospitalParty
+        from splitrpc.split.hospital import HospitalParty
 
         return HospitalParty(cfg, rank, coordinator)
 

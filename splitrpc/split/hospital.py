@@ -28,7 +28,8 @@ from splitrpc.errors import PeerError
 from splitrpc.methods import Party
 from splitrpc.models import model_for, split_model, split_u
 from splitrpc.optim import apply_gradients, make_optimizer
-from splitrpc.protocol import key_file, l1_sync_tensors, label_dtype
+from splitrpc.split.faults import inject_fault, parse_fault
+from splitrpc.split.protocol import key_file, l1_sync_tensors, label_dtype
 
 FINISH_POLL_S = 0.2
 
@@ -354,30 +355,6 @@ class Hospital:
                 self.shard.drop(state["dropped"])
                 self.dropped = list(state["dropped"])
         return self.describe()
-
-
-def parse_fault(spec: str, index: int) -> tuple[str, int] | None:
-    """--fault hospital<i>:<kind>@<n>: (kind, n) if it names this hospital."""
-    if not spec:
-        return None
-    who, rest = spec.split(":", 1)
-    kind, start = rest.split("@")
-    return (kind, int(start)) if who == transport.hospital_name(index) else None
-
-
-def inject_fault(kind: str, activations: torch.Tensor, labels: torch.Tensor, num_classes: int):
-    """Testing: corrupt what this hospital sends, as a faulty or malicious site would."""
-    if kind in ("nan", "inf"):
-        activations = activations.clone()  # in place on a copy, so the graph to L1 stays intact
-        activations[(0 if kind == "nan" else -1,) * activations.dim()] = float(kind)
-    elif kind == "shape":
-        activations = activations[:, :-1]
-    elif kind == "dtype":
-        activations = activations.to(torch.float16)
-    elif kind == "labels":
-        labels = labels.clone()
-        labels[0] = num_classes
-    return activations, labels
 
 
 def _store(call, *args):
