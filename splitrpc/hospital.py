@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
-from splitrpc import checkpoint, codec, comm, console, data, dedup, privacy, transport
+from splitrpc import checkpoint, codec, comm, console, data, dedup, transport
+from splitrpc.privacy.dcor import distance_correlation
 from splitrpc.errors import PeerError
 from splitrpc.models import model_for, split_model, split_u
 from splitrpc.optim import apply_gradients, make_optimizer
@@ -118,7 +119,7 @@ class Hospital:
             if self.cfg.nopeek:
                 # NoPeek: this hospital's own loss term, lambda * dCor(inputs, what leaves), whose
                 # gradient is added to the one the server sends back (at the step).
-                dcor = privacy.distance_correlation(images, activations)
+                dcor = distance_correlation(images, activations)
                 extra = dict(zip(self.head.parameters(), torch.autograd.grad(
                     self.cfg.nopeek * dcor, list(self.head.parameters()), retain_graph=True, allow_unused=True)))
                 self.nopeek_values.append(dcor.item())
