@@ -383,8 +383,8 @@ def test_attack_end_to_end(trained_split, aux, held_out):
                                    batch_size=32)
     assert reconstructed.shape == held_out.shape and torch.isfinite(reconstructed).all()
     report = inversion.leakage_report(held_out, reconstructed, received, DATASET)
-    assert set(report) == {"corr", "dcor_bias_corrected", "psnr", "ssim", "n"} and report["n"] == len(held_out)
-    assert 0 < report["corr"] <= 1 and -1 <= report["ssim"] <= 1
+    assert set(report) == {"dcor", "dcor_bias_corrected", "psnr", "ssim", "n"} and report["n"] == len(held_out)
+    assert 0 < report["dcor"] <= 1 and -1 <= report["ssim"] <= 1
     # The black-box attack recovers structure that guessing the mean image cannot.
     mean_image = aux.mean(0, keepdim=True).expand_as(held_out)
     assert pixel_ssim(mean_image, held_out) < 0.1  # measured 0.074
@@ -393,7 +393,7 @@ def test_attack_end_to_end(trained_split, aux, held_out):
 
 def test_leakage_report_of_a_perfect_reconstruction(held_out):
     report = inversion.leakage_report(held_out, held_out, 2 * held_out + 1, DATASET)
-    assert report["corr"] == pytest.approx(1.0, abs=1e-6)
+    assert report["dcor"] == pytest.approx(1.0, abs=1e-6)
     assert report["dcor_bias_corrected"] == pytest.approx(1.0, abs=1e-6)
     assert report["psnr"] == 100.0 and report["ssim"] == pytest.approx(1.0, abs=1e-12)
     assert report["n"] == len(held_out)
