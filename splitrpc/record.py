@@ -198,11 +198,12 @@ def variant(cfg: Mapping, detail: str = "training") -> str:
 
 @dataclass(frozen=True)
 class Epoch:
-    """One entry of a record's ``epochs`` (``summarize_epoch``); the accuracies are None when not evaluated."""
+    """One entry of a record's ``epochs`` (``summarize_epoch``); the accuracies are None when not evaluated,
+    any other field the entry lacks is None too."""
     epoch: int
-    steps: int
-    train_time_s: float
-    train_loss: float
+    steps: int | None
+    train_time_s: float | None
+    train_loss: float | None
     test_acc_mean: float | None
     test_acc_min: float | None
 
@@ -235,8 +236,8 @@ class RunRecord:
 
     @classmethod
     def of(cls, record: Mapping) -> RunRecord:
-        epochs = tuple(Epoch(e["epoch"], e["steps"], e["train_time_s"], e["train_loss"], e.get("test_acc_mean"),
-                             e.get("test_acc_min")) for e in record.get("epochs") or ())
+        epochs = tuple(Epoch(e["epoch"], e.get("steps"), e.get("train_time_s"), e.get("train_loss"),
+                             e.get("test_acc_mean"), e.get("test_acc_min")) for e in record.get("epochs") or ())
         return cls(_frozen(record.get("config")), record.get("status"), epochs, record.get("final_test_acc"),
                    record.get("final_test_acc_min"), record.get("steps"), record.get("steps_per_epoch"),
                    record.get("train_time_s"), record.get("wall_time_s"), _frozen(record.get("comm")))

@@ -53,13 +53,17 @@ def table_column(section: str, column: int) -> set[str]:
      "split", "split (sequential, no prefetch)"),
     ({"method": "split", "l1": "average", "l1_sync_every": 10, "l1_grad_scale": "none"},
      "split (L1 averaged every 10 steps, L1 gradient unscaled)", "split", "split (sequential)"),
-    ({"method": "split", "l1": "average", "codec": None}, "split (L1 averaged every step)", "split",
+    ({"method": "split", "l1": "average", "codec": "none"}, "split (L1 averaged every step)", "split",
      "split (sequential)"),
 ])
 def test_variant_names_each_detail(cfg, training, codec, engine):
     assert variant(cfg) == variant(cfg, "training") == training
     assert variant(cfg, "codec") == codec
     assert variant(cfg, "engine") == engine
+
+
+def test_no_codec_is_named_like_the_default():
+    assert variant({"method": "split", "codec": None}, "codec") == variant({"method": "split"}, "codec") == "split"
 
 
 def test_an_unknown_detail_is_refused():
@@ -108,7 +112,7 @@ def record() -> dict:
 
 def test_the_view_reads_config_epochs_bytes_timing_and_status():
     raw = record()
-    run = RunRecord(raw)
+    run = RunRecord.of(raw)
     assert (run.method, run.hospitals, run.variant(), run.variant("codec")) == ("split", 2, "split (independent L1, "
                                                                                  "cut 2)", "split")
     assert run.ok and run.status == "ok" and run.whole_schedule
@@ -124,15 +128,15 @@ def test_the_view_reads_config_epochs_bytes_timing_and_status():
 
 def test_the_view_is_read_only_and_tells_what_is_missing():
     raw = record()
-    run = RunRecord(raw)
+    run = RunRecord.of(raw)
     with pytest.raises(TypeError):
         run.config["method"] = "ddp"
     with pytest.raises(AttributeError):
         run.status = "failed"
     assert raw["config"]["method"] == "split" and raw["status"] == "ok"
-    local = RunRecord({"status": "failed", "config": {"method": "local", "epochs": 3}, "epochs": [], "comm": None})
+    local = RunRecord.of({"status": "failed", "config": {"method": "local", "epochs": 3}, "epochs": [], "comm": None})
     assert not local.ok and not local.whole_schedule and local.final_acc is None
     assert local.bytes_per_epoch_per_hospital() is None and dict(local.comm) == {}
     cut_short = record()
     cut_short["epochs"] = cut_short["epochs"][:1]
-    assert not RunRecord(cut_short).whole_schedule
+    assert not RunRecord.of(cut_short).whole_schedule
