@@ -17,7 +17,7 @@ A defence is applied to that gradient before it flows into the trunk, so the
 accuracy it costs is the accuracy of training through it.
 
 At the start, middle and end of training, the gradients of ``--window``
-consecutive batches are attacked (splitrpc.privacy.label_leakage_report): norm
+consecutive batches are attacked (splitrpc.privacy.label_leakage.label_leakage_report): norm
 scoring and Li et al.'s cosine scoring (one-vs-rest leak AUC), nearest class
 direction from a few known labels per class and spherical k-means named by those
 labels (10-class accuracy), and k-means named by Hungarian matching to the true
@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from splitrpc import data, privacy
+from splitrpc import data
+from splitrpc.privacy import label_leakage
 from splitrpc.config import from_dict
 from splitrpc.errors import UserError, report
 from splitrpc.models import model_for, split_model, stage_count
@@ -87,9 +88,9 @@ def split_three(model: torch.nn.Sequential, cut: int, tail: int):
 
 def defend(gradients: torch.Tensor, setting: dict, generator: torch.Generator) -> torch.Tensor:
     if setting["defence"] == "noise":
-        return privacy.gaussian_noise_defence(gradients, setting["noise_ratio"], generator)
+        return label_leakage.gaussian_noise_defence(gradients, setting["noise_ratio"], generator)
     if setting["defence"] == "max_norm":
-        return privacy.max_norm_defence(gradients, generator)
+        return label_leakage.max_norm_defence(gradients, generator)
     return gradients
 
 
@@ -133,7 +134,7 @@ def run_setting(cfg, setting: dict, steps: int, window: int, shard: data.Shard, 
     for s in starts:
         gradients = torch.cat([g for g, _ in collected[s]])
         labels = torch.cat([y for _, y in collected[s]])
-        result = privacy.label_leakage_report(gradients, labels, cfg.num_classes, KNOWN_PER_CLASS, ATTACK_SEED)
+        result = label_leakage.label_leakage_report(gradients, labels, cfg.num_classes, KNOWN_PER_CLASS, ATTACK_SEED)
         points.append({"steps": [s + 1, s + len(collected[s])], **result})
     return {"test_acc": evaluate(model, test, setting), "final_loss": sum(losses[-window:]) / min(window, len(losses)),
             "points": points, "seconds": time.perf_counter() - started,

@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitrpc import data, privacy
+from splitrpc import data
+from splitrpc.privacy import image_metrics, inversion
+from splitrpc.privacy.label_leakage import label_leakage_report
 from splitrpc.config import from_dict
 from splitrpc.errors import UserError, report
 from splitrpc.models import build_model, model_for, split_model, split_u
@@ -72,7 +74,7 @@ def label_leakage(record: dict, cfg) -> dict:
     keys = sorted(set(received) & set(kept))
     gradients = torch.cat([received[k]["output_gradient"] for k in keys])
     labels = torch.cat([kept[k]["labels"] for k in keys])
-    report = privacy.label_leakage_report(gradients, labels, cfg.num_classes, KNOWN_PER_CLASS, seed=ATTACKER_SEED)
+    report = label_leakage_report(gradients, labels, cfg.num_classes, KNOWN_PER_CLASS, seed=ATTACKER_SEED)
     return {"server_has_labels": False, **{k: v for k, v in report.items() if not k.endswith("per_class")}}
 
 
@@ -91,10 +93,10 @@ def blind_guess(record: dict) -> dict:
     inputs, _ = load_capture(Path(record["capture"]["dir"]), "hospital1")
     aux_images, _ = auxiliary_images(cfg)
     guess = aux_images.mean(0, keepdim=True).expand_as(inputs)
-    originals = privacy.denormalize(inputs, cfg.dataset).clamp(0, 1)
-    guessed = privacy.denormalize(guess, cfg.dataset).clamp(0, 1)
-    return {"psnr": privacy.psnr(guessed, originals, data_range=1.0),
-            "ssim": privacy.ssim(guessed, originals, data_range=1.0)}
+    originals = image_metrics.denormalize(inputs, cfg.dataset).clamp(0, 1)
+    guessed = image_metrics.denormalize(guess, cfg.dataset).clamp(0, 1)
+    return {"psnr": image_metrics.psnr(guessed, originals, data_range=1.0),
+            "ssim": image_metrics.ssim(guessed, originals, data_range=1.0)}
 
 
 def attack_run(record: dict, grids_dir: Path) -> dict:
@@ -127,15 +129,15 @@ def attack_run(record: dict, grids_dir: Path) -> dict:
     aux_images, aux_labels = auxiliary_images(cfg)
     count = len(aux_labels)
 
-    black_box = privacy.attack(trunk, template, aux_images, aux_labels, activations,
+    black_box = inversion.attack(trunk, template, aux_images, aux_labels, activations,
                                surrogate_steps=SURROGATE_STEPS, decoder_steps=DECODER_STEPS, seed=ATTACKER_SEED,
                                also_train=also_train)
-    white_box = privacy.invert_white_box(true_head, activations, steps=WHITE_BOX_STEPS, seed=ATTACKER_SEED)
-    black = privacy.leakage_report(inputs, black_box, activations, cfg.dataset)
-    white = privacy.leakage_report(inputs, white_box, activations, cfg.dataset)
+    white_box = inversion.invert_white_box(true_head, activations, steps=WHITE_BOX_STEPS, seed=ATTACKER_SEED)
+    black = inversion.leakage_report(inputs, black_box, activations, cfg.dataset)
+    white = inversion.leakage_report(inputs, white_box, activations, cfg.dataset)
 
     grids_dir.mkdir(parents=True, exist_ok=True)
-    to_pixels = lambda x: (privacy.denormalize(x[:GRID_IMAGES].float(), cfg.dataset).clamp(0, 1) * 255).round().to(
+    to_pixels = lambda x: (image_metrics.denormalize(x[:GRID_IMAGES].float(), cfg.dataset).clamp(0, 1) * 255).round().to(
         torch.uint8).numpy()
     np.savez_compressed(grids_dir / f"{cfg.run_key}.npz", original=to_pixels(inputs), black_box=to_pixels(black_box),
                         white_box=to_pixels(white_box))

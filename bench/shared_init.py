@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitrpc import data, privacy
+from splitrpc import data
+from splitrpc.privacy import image_metrics, inversion
 from splitrpc.config import from_dict
 from splitrpc.errors import UserError, report
 from splitrpc.models import model_for, split_model
@@ -99,27 +100,27 @@ def attack(record: dict, directory: Path) -> list[dict]:
     initial, _ = split_model(model_for(cfg, cfg.seed), cfg.cut)  # all the server can rebuild
     trained, _ = split_model(model_for(cfg, cfg.seed), cfg.cut)
     trained.load_state_dict(torch.load(directory / "model" / "head-hospital1.pt"))
-    originals = privacy.denormalize(images, cfg.dataset).clamp(0, 1)
-    floor = privacy.denormalize(torch.zeros_like(images), cfg.dataset).clamp(0, 1)
+    originals = image_metrics.denormalize(images, cfg.dataset).clamp(0, 1)
+    floor = image_metrics.denormalize(torch.zeros_like(images), cfg.dataset).clamp(0, 1)
     rows = []
     for name, head in (("initial", initial), ("trained", trained)):
         started = time.perf_counter()
-        raw = privacy.invert_white_box(head, activations, steps=WHITE_BOX_STEPS, seed=ATTACKER_SEED,
+        raw = inversion.invert_white_box(head, activations, steps=WHITE_BOX_STEPS, seed=ATTACKER_SEED,
                                        batch_statistics=True)
-        pixels = privacy.denormalize(privacy.match_batch_moments(raw, mean, std), cfg.dataset).clamp(0, 1)
+        pixels = image_metrics.denormalize(inversion.match_batch_moments(raw, mean, std), cfg.dataset).clamp(0, 1)
         # an auditor's bound: the same inversion rescaled with the batch's own moments
-        bound = privacy.denormalize(privacy.match_batch_moments(raw, images.mean(dim=(0, 2, 3)),
+        bound = image_metrics.denormalize(inversion.match_batch_moments(raw, images.mean(dim=(0, 2, 3)),
                                                                 images.std(dim=(0, 2, 3))), cfg.dataset).clamp(0, 1)
         with torch.no_grad():
             gap = [(p_init - p_now).norm().item() / p_init.norm().item()
                    for p_init, p_now in zip(initial.parameters(), trained.parameters())
                    if p_init.dim() > 1]  # the convolution's weights
-        rows.append({"head": name, "psnr": privacy.psnr(pixels, originals, data_range=1.0),
-                     "ssim": privacy.ssim(pixels, originals, data_range=1.0),
-                     "psnr_true_moments": privacy.psnr(bound, originals, data_range=1.0),
-                     "ssim_true_moments": privacy.ssim(bound, originals, data_range=1.0),
-                     "floor_psnr": privacy.psnr(floor, originals, data_range=1.0),
-                     "floor_ssim": privacy.ssim(floor, originals, data_range=1.0),
+        rows.append({"head": name, "psnr": image_metrics.psnr(pixels, originals, data_range=1.0),
+                     "ssim": image_metrics.ssim(pixels, originals, data_range=1.0),
+                     "psnr_true_moments": image_metrics.psnr(bound, originals, data_range=1.0),
+                     "ssim_true_moments": image_metrics.ssim(bound, originals, data_range=1.0),
+                     "floor_psnr": image_metrics.psnr(floor, originals, data_range=1.0),
+                     "floor_ssim": image_metrics.ssim(floor, originals, data_range=1.0),
                      # relative distance of the true L1's convolution from the seed-rebuilt one
                      "l1_weight_change": gap[0], "seconds": time.perf_counter() - started})
     return rows

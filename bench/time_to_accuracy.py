@@ -49,6 +49,7 @@ from pathlib import Path
 
 from bench import timemodel
 from splitrpc.errors import UserError, report
+from splitrpc.record import RunRecord, variant
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,7 @@ def reference_for(refs: dict[tuple[int, str], dict], cfg: dict) -> dict | None:
 
 def whole_schedules(records: list[dict]) -> list[dict]:
     """The runs that trained every epoch of their schedule (wan_tta_n2.jsonl holds one-epoch runs beside them)."""
-    return [r for r in records if r.get("status") == "ok" and len(r["epochs"]) == r["config"]["epochs"]]
+    return [r for r in records if RunRecord.of(r).whole_schedule]
 
 
 def curves_of(records: list[dict]) -> list[dict]:
@@ -116,11 +117,6 @@ def hours_to(points: list[dict], target: float) -> float | None:
     return next((p["hours"] for p in points if p["acc"] >= target), None)
 
 
-def variant(cfg: dict) -> str:
-    from plots.convergence import variant as name  # one naming of the runs, the figures'
-    return name(cfg)
-
-
 def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, targets=TARGETS, rtt_s=0.0,
             duplex=None) -> list[dict]:
     rows = []
@@ -135,7 +131,7 @@ def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, t
                "width": cfg["width"], "hospitals": cfg["hospitals"], "epochs": len(r["epochs"]),
                "final_acc": r["final_test_acc"], "compute_s_per_step": compute,
                "compute_source": f"unshaped run {ref['config'].get('run_key')} (wan_tta, {variant(ref['config'])})",
-               "bytes_per_step": timemodel.hospital_bytes(r), "rtt_s": rtt_s, "rates": {}}
+               "bytes_per_step": RunRecord.of(r).hospital_bytes_per_step(), "rtt_s": rtt_s, "rates": {}}
         for rate in rates:
             points = curve(r, compute, rate, rtt_s, duplex, buckets)
             row["rates"][rate_name(rate)] = {

@@ -54,6 +54,7 @@ import sys
 from pathlib import Path
 
 from splitrpc.errors import UserError, report
+from splitrpc.record import RunRecord, variant
 
 # Ethernet (14) + IPv4 (20) + TCP with timestamps (32) per 1448-byte segment at MTU 1500:
 # tbf meters whole frames, the TCP counters count payload.
@@ -303,19 +304,12 @@ def project(record: dict, model: dict, rtts_s=PROJECTED_RTTS_S) -> dict:
             "note": "RTT > 0 is a projection (no delay emulation here)"}
 
 
-def hospital_bytes(record: dict) -> dict:
-    """{hospital: {"up", "down"}}: bytes per training step on each hospital's link (the kernel's TCP counters)."""
-    tcp, steps = record["comm"]["phases"]["train"]["tcp_bytes"], record["steps"]
-    return {party: {"up": tcp[party]["sent"] / steps, "down": tcp[party]["received"] / steps}
-            for party in tcp if party.startswith("hospital")}
-
-
 def at_rate(record: dict, rate: float | None, rtt_s: float = 0.0, duplex=None, compute_s: float | None = None,
             buckets=None) -> float:
     """Predicted seconds per step of a run's setting with every hospital link at ``rate``: ``compute_s``
     (default: the run's own seconds per step, i.e. an unshaped run's) + its bytes / rate, less what DDP
     hides behind its backward pass (``buckets``, default the run's own), + round trips x RTT."""
-    links = {party: {**b, "rate": rate} for party, b in hospital_bytes(record).items()}
+    links = {party: {**b, "rate": rate} for party, b in RunRecord.of(record).hospital_bytes_per_step().items()}
     cfg = record["config"]
     trips, _ = round_trips(record)
     compute = record["train_time_s"] / record["steps"] if compute_s is None else compute_s
@@ -370,8 +364,8 @@ def evaluate(records: list[dict], duplex=None) -> list[dict]:
             continue
         reference = find_reference(records, rec)
         cfg = rec["config"]
-        row = {"run_key": cfg.get("run_key"), "method": variant(cfg), "model": cfg["model"], "width": cfg["width"],
-               "hospitals": cfg["hospitals"], "rate_bit_s": rec["wan"]["rate_bit_s"],
+        row = {"run_key": cfg.get("run_key"), "method": variant(cfg, "codec"), "model": cfg["model"],
+               "width": cfg["width"], "hospitals": cfg["hospitals"], "rate_bit_s": rec["wan"]["rate_bit_s"],
                "server_rate_bit_s": rec["wan"]["server_rate_bit_s"]}
         if reference is None:
             row["model_check"] = None  # no unshaped run of this setting yet
@@ -385,12 +379,6 @@ def evaluate(records: list[dict], duplex=None) -> list[dict]:
 PROJECTED_RATES_BIT_S = (1e9, 100e6, 50e6, 20e6, 10e6)
 
 
-def variant(cfg: dict) -> str:
-    """The method, and the cut-layer codec when split learning uses one (``split+fp8``)."""
-    codec = cfg.get("codec", "none")
-    return cfg["method"] if codec in (None, "none") else f"{cfg['method']}+{codec}"
-
-
 def projections(records: list[dict], rates=PROJECTED_RATES_BIT_S, rtts_s=PROJECTED_RTTS_S, duplex=None) -> list[dict]:
     """Per setting (from its unshaped run): seconds per full epoch at each rate and RTT, and the
     split/DDP crossover rate at each RTT. All of it model output; RTT > 0 is never measured here."""
@@ -398,7 +386,7 @@ def projections(records: list[dict], rates=PROJECTED_RATES_BIT_S, rtts_s=PROJECT
     for r in records:
         if r.get("status") == "ok" and is_reference(r):
             cfg = r["config"]
-            refs.setdefault((cfg["model"], cfg["hospitals"], cfg["batch_size"]), {})[variant(cfg)] = r
+            refs.setdefault((cfg["model"], cfg["hospitals"], cfg["batch_size"]), {})[variant(cfg, "codec")] = r
     out = []
     for (model, n, batch), by_method in sorted(refs.items()):
         entry = {"model": model, "hospitals": n, "batch_size": batch, "methods": {}}

@@ -14,29 +14,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from plots.engine import _model
+from splitrpc.record import RunRecord, variant
 
 MB = 1e6
-
-
-def variant(cfg: dict) -> str:
-    """How a convergence run is named: the method, and what distinguishes it from the method's default."""
-    method = cfg["method"]
-    if method == "fedavg":
-        steps = cfg.get("local_steps", 1)
-        return "fedavg (1 round per epoch)" if steps >= 10000 else f"fedavg ({steps} local steps)"
-    if method != "split":
-        return method
-    parts = []
-    if cfg.get("l1") == "average":
-        every = cfg.get("l1_sync_every", 1)
-        parts.append("L1 averaged every step" if every == 1 else f"L1 averaged every {every} steps")
-    else:
-        parts.append("independent L1")
-    if cfg.get("l1_grad_scale", "participants") == "none":
-        parts.append("L1 gradient unscaled")
-    if cfg.get("cut", 1) != 1:
-        parts.append(f"cut {cfg['cut']}")
-    return f"split ({', '.join(parts)})"
 
 
 def partition(cfg: dict) -> str:
@@ -48,23 +28,19 @@ def _order(name: str) -> tuple:
     return (next((i for i, p in enumerate(first) if name.startswith(p)), len(first)), name)
 
 
-def _curve(record: dict, key: str) -> tuple[list[int], list[float]]:
-    epochs = [e for e in record["epochs"] if key in e]
-    return [e["epoch"] for e in epochs], [e[key] for e in epochs]
-
-
 def _best(record: dict) -> tuple[float, int]:
-    epochs, accs = _curve(record, "test_acc_mean")
+    epochs, accs = RunRecord.of(record).curve("test_acc_mean")
     best = max(range(len(accs)), key=accs.__getitem__)
     return accs[best], epochs[best]
 
 
 def _cumulative_mb(record: dict) -> list[float] | None:
     """Training traffic per hospital (kernel TCP counters) at the end of each evaluated epoch, in MB."""
-    per_epoch = (((record.get("comm") or {}).get("per_epoch") or {}).get("tcp") or {}).get("per_hospital")
+    run = RunRecord.of(record)
+    per_epoch = run.bytes_per_epoch_per_hospital("tcp")
     if per_epoch is None:
         return None  # local training: one process, nothing crosses a network
-    return [per_epoch * e / MB for e in _curve(record, "test_acc_mean")[0]]
+    return [per_epoch * e / MB for e in run.curve("test_acc_mean")[0]]
 
 
 def fig_convergence(records: list[dict], out_dir: Path, name: str, save) -> list[Path]:
@@ -83,11 +59,11 @@ def fig_convergence(records: list[dict], out_dir: Path, name: str, save) -> list
         for r in sorted(panels[key], key=lambda r: _order(variant(r["config"]))):
             label = variant(r["config"])
             color = cmap(names.index(label) % 10)
-            epochs, accs = _curve(r, "test_acc_mean")
+            epochs, accs = RunRecord.of(r).curve("test_acc_mean")
             by_epoch.plot(epochs, accs, marker="o", markersize=3, color=color, label=label)
             if r["config"]["method"] == "split" and r["config"].get("l1") != "average":
                 # Independent L1s: every hospital has its own model; the worst of them.
-                by_epoch.plot(*_curve(r, "test_acc_min"), linestyle="--", color=color, alpha=0.5,
+                by_epoch.plot(*RunRecord.of(r).curve("test_acc_min"), linestyle="--", color=color, alpha=0.5,
                               label=f"{label}, worst hospital")
             traffic = _cumulative_mb(r)
             if traffic is not None:
@@ -119,8 +95,7 @@ def convergence_table(records: list[dict]) -> list[str]:
         key = (_model(cfg), partition(cfg))
         gap = "" if key not in local else f"{100 * (r['final_test_acc'] - local[key]):+.2f}"
         best, best_epoch = _best(r)
-        per_epoch = ((r.get("comm") or {}).get("per_epoch") or {}).get("tcp") or {}
-        traffic = per_epoch.get("per_hospital")
+        traffic = RunRecord.of(r).bytes_per_epoch_per_hospital("tcp")
         lines.append(f"| {key[0]} | {key[1]} | {variant(cfg)} | {len(r['epochs'])} | {r['final_test_acc']:.4f} / "
                      f"{r['final_test_acc_min']:.4f} | {gap} | {best:.4f} ({best_epoch}) | "
                      f"{r['epochs'][-1]['train_loss']:.4f} | {'' if traffic is None else f'{traffic / MB:.0f}'} | "

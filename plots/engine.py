@@ -12,7 +12,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from splitrpc.record import relative_speed
+from splitrpc.record import RunRecord, relative_speed, variant
 
 CODEC_ORDER = {"none": 0, "bf16": 1, "fp16": 2, "fp8": 3}
 
@@ -20,18 +20,6 @@ CODEC_ORDER = {"none": 0, "bf16": 1, "fp16": 2, "fp8": 3}
 def _model(cfg: dict) -> str:
     width = f" x{cfg['width']:g}" if cfg.get("width", 1.0) != 1.0 else ""
     return f"{cfg['model']}{width}"
-
-
-def variant(cfg: dict) -> str:
-    """How a throughput run is named in tables and figures."""
-    if cfg["method"] != "split":
-        return f"{cfg['method']} ({cfg.get('schedule', 'sequential')})" if cfg["method"] == "local" else cfg["method"]
-    parts = [cfg.get("schedule", "sequential")]
-    if not cfg.get("prefetch", True) and cfg.get("schedule") == "sequential":
-        parts.append("no prefetch")
-    if cfg.get("codec", "none") != "none":
-        parts.append(cfg["codec"])
-    return f"split ({', '.join(parts)})"
 
 
 def _local_samples_per_s(records: list[dict]) -> dict:
@@ -45,7 +33,7 @@ def throughput_table(records: list[dict]) -> list[str]:
              "| model | run | threads (server / hospitals, or per process) | samples/s | vs local | "
              "requests per hospital per step | server waiting for activations (s) |",
              "|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (_model(r["config"]), variant(r["config"]))):
+    for r in sorted(records, key=lambda r: (_model(r["config"]), variant(r["config"], "engine"))):
         cfg, comm = r["config"], r.get("comm") or {}
         reference = local.get((_model(cfg), cfg.get("schedule", "sequential"))) if cfg["method"] == "split" else None
         threads = r.get("threads")
@@ -54,7 +42,7 @@ def throughput_table(records: list[dict]) -> list[str]:
         trips = comm.get("round_trips_per_step")
         waiting = (comm.get("server_time_s") or {}).get("waiting_for_activations")
         lines.append(
-            f"| {_model(cfg)} | {variant(cfg)} | {threads_text} | {r['samples_per_s']:.0f} | "
+            f"| {_model(cfg)} | {variant(cfg, 'engine')} | {threads_text} | {r['samples_per_s']:.0f} | "
             f"{'' if not reference else format(relative_speed(r['samples_per_s'], reference), '.2f')} | "
             f"{'' if trips is None else format(trips, '.2f')} | {'' if waiting is None else format(waiting, '.1f')} |")
     return lines + [""]
@@ -71,11 +59,11 @@ def codec_table(records: list[dict]) -> list[str]:
                                             CODEC_ORDER[r["config"].get("codec", "none")])):
         cfg = r["config"]
         base = baseline.get((_model(cfg), cfg["hospitals"]))
-        per_hospital = r["comm"]["per_epoch"]["payload"]["per_hospital"]
+        per_hospital = RunRecord.of(r).bytes_per_epoch_per_hospital("payload")
         gap = bytes_ratio = ""
         if base is not None:
             gap = f"{100 * (r['final_test_acc'] - base['final_test_acc']):+.2f}"
-            bytes_ratio = f"{per_hospital / base['comm']['per_epoch']['payload']['per_hospital']:.3f}"
+            bytes_ratio = f"{per_hospital / RunRecord.of(base).bytes_per_epoch_per_hospital('payload'):.3f}"
         ratio = r["comm"]["phases"]["train"]["tcp_over_payload"]
         lines.append(
             f"| {_model(cfg)} | {cfg['hospitals']} | {cfg.get('codec', 'none')} | "
@@ -88,7 +76,8 @@ def fig_throughput(records: list[dict], out_dir: Path, name: str, save) -> list[
     models = sorted({_model(r["config"]) for r in records})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
-        rows = sorted((variant(r["config"]), r["samples_per_s"]) for r in records if _model(r["config"]) == model)
+        rows = sorted((variant(r["config"], "engine"), r["samples_per_s"]) for r in records
+                      if _model(r["config"]) == model)
         colors = ["tab:gray" if v.startswith("local") else "tab:blue" if v.startswith("split") else "tab:orange"
                   for v, _ in rows]
         ax.barh([v for v, _ in rows], [s for _, s in rows], color=colors)
@@ -104,7 +93,8 @@ def fig_codec(records: list[dict], out_dir: Path, name: str, save) -> list[Path]
     for r in records:
         cfg = r["config"]
         panels[(_model(cfg), cfg["hospitals"])].append(
-            (cfg.get("codec", "none"), r["comm"]["per_epoch"]["payload"]["per_hospital"] / 1e9, r["final_test_acc"]))
+            (cfg.get("codec", "none"), RunRecord.of(r).bytes_per_epoch_per_hospital("payload") / 1e9,
+             r["final_test_acc"]))
     keys = sorted(panels)
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):

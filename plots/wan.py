@@ -33,6 +33,7 @@ from bench import time_to_accuracy as tta  # noqa: E402
 from bench import timemodel  # noqa: E402
 from plots.convergence import partition as partition_name  # noqa: E402
 from plots.figures import METHOD_LABEL, METHOD_STYLE, REPO, save  # noqa: E402
+from splitrpc import record  # noqa: E402
 
 RESULTS = "wan.jsonl"
 TTA_RESULTS = "wan_tta.jsonl"  # bench/configs/wan_tta.toml
@@ -60,7 +61,7 @@ def settings(records: list[dict]) -> dict[tuple, dict[str, dict]]:
     for r in records:
         if timemodel.is_reference(r):
             cfg = r["config"]
-            out.setdefault((cfg["model"], cfg["hospitals"]), {})[timemodel.variant(cfg)] = r
+            out.setdefault((cfg["model"], cfg["hospitals"]), {})[record.variant(cfg, "codec")] = r
     return dict(sorted(out.items()))
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from splitrpc.errors import UserError
+from splitrpc.overlap import apply_overlap
 
 IMAGE_SIZE = 32
 CACHE_VERSION = 2  # 2: a names array (relative paths) beside images and labels
@@ -394,8 +395,6 @@ def shard_indices(cfg, labels: np.ndarray) -> list[np.ndarray]:
     """Every hospital's training indices: the partition, then --overlap's copies (duplicates)."""
     parts = partition(labels, cfg.hospitals, cfg.partition, cfg.alpha, cfg.seed)
     if cfg.overlap > 0:
-        from splitrpc.dedup import apply_overlap
-
         parts = apply_overlap(parts, cfg.overlap, cfg.seed)
     return parts
 

@@ -1,4 +1,10 @@
-"""The run record (one JSON line per run) and progress output."""
+"""The run record (one JSON line per run): writing it, reading it, naming its run; and progress output.
+
+Writing: ``new_record``, ``summarize_epoch``, ``append_jsonl``. Reading: ``RunRecord``,
+a typed read-only view of one record (config, epochs and their accuracies, bytes,
+timing, status), and ``variant``, the one function that names a run's variant in
+tables, figures and the generated results (the names committed files hold).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,10 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -141,3 +150,144 @@ def print_summary(run: dict, who: str) -> None:
         parts = [f"{kind} {human_bytes(train[f'{kind}_bytes']['total'])}" for kind in ("analytic", "payload", "tcp")
                  if train.get(f"{kind}_bytes")]
         console.line(f"[{who}] training traffic over {comm['measured_steps']} steps: {', '.join(parts)}")
+
+
+# --------------------------------------------------------------------------- reading records
+VARIANT_DETAILS = ("codec", "training", "engine")
+
+
+def variant(cfg: Mapping, detail: str = "training") -> str:
+    """How a run is named in tables, figures and generated results: its method and, by ``detail``, what
+    distinguishes it from the method's other runs. Committed files hold these names: they never change.
+
+    * ``"training"``: what changes the accuracy curve (plots.convergence, bench.time_to_accuracy):
+      ``fedavg (10 local steps)``, ``fedavg (1 round per epoch)``, ``split (independent L1, cut 2)``,
+      ``split (L1 averaged every 10 steps)``, ``split (independent L1, L1 gradient unscaled)``; other
+      methods by name.
+    * ``"codec"``: what changes the bytes on a link (bench.timemodel, plots.wan, the keys of
+      results/wan_model.json): the method, with the cut-layer codec when one is used (``split+fp8``).
+    * ``"engine"``: what changes the speed of the engine (plots.engine's throughput table): the schedule
+      of local and split learning, split's prefetch and codec: ``local (parallel)``,
+      ``split (sequential, no prefetch)``, ``split (parallel, fp8)``; other methods by name.
+    """
+    method = cfg["method"]
+    if detail == "codec":
+        codec = cfg.get("codec", "none")
+        return method if codec in (None, "none") else f"{method}+{codec}"
+    if detail == "engine":
+        if method == "local":
+            return f"local ({cfg.get('schedule', 'sequential')})"
+        if method != "split":
+            return method
+        parts = [cfg.get("schedule", "sequential")]
+        if not cfg.get("prefetch", True) and cfg.get("schedule") == "sequential":
+            parts.append("no prefetch")
+        if cfg.get("codec", "none") != "none":
+            parts.append(cfg["codec"])
+        return f"split ({', '.join(parts)})"
+    if detail != "training":
+        raise ValueError(f"unknown variant detail {detail!r}: choose from {', '.join(VARIANT_DETAILS)}")
+    if method == "fedavg":
+        steps = cfg.get("local_steps", 1)
+        return "fedavg (1 round per epoch)" if steps >= 10000 else f"fedavg ({steps} local steps)"
+    if method != "split":
+        return method
+    parts = []
+    if cfg.get("l1") == "average":
+        every = cfg.get("l1_sync_every", 1)
+        parts.append("L1 averaged every step" if every == 1 else f"L1 averaged every {every} steps")
+    else:
+        parts.append("independent L1")
+    if cfg.get("l1_grad_scale", "participants") == "none":
+        parts.append("L1 gradient unscaled")
+    if cfg.get("cut", 1) != 1:
+        parts.append(f"cut {cfg['cut']}")
+    return f"split ({', '.join(parts)})"
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """One entry of a record's ``epochs`` (``summarize_epoch``); the accuracies are None when not evaluated,
+    any other field the entry lacks is None too."""
+    epoch: int
+    steps: int | None
+    train_time_s: float | None
+    train_loss: float | None
+    test_acc_mean: float | None
+    test_acc_min: float | None
+
+    @property
+    def evaluated(self) -> bool:
+        return self.test_acc_mean is not None
+
+
+def _frozen(mapping: Mapping | None) -> Mapping:
+    return MappingProxyType(mapping or {})
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A typed, read-only view of one run record (a dict as ``json.loads`` gives it): ``RunRecord.of(record)``.
+
+    Fields a record lacks read as None (``config``, ``comm``: empty, ``epochs``: none); ``config`` and ``comm``
+    are read-only views of the record's own dicts, not copies.
+    """
+    config: Mapping
+    status: str | None
+    epochs: tuple[Epoch, ...]
+    final_acc: float | None
+    final_acc_min: float | None
+    steps: int | None
+    steps_per_epoch: int | None
+    train_time_s: float | None
+    wall_time_s: float | None
+    comm: Mapping
+
+    @classmethod
+    def of(cls, record: Mapping) -> RunRecord:
+        epochs = tuple(Epoch(e["epoch"], e.get("steps"), e.get("train_time_s"), e.get("train_loss"),
+                             e.get("test_acc_mean"), e.get("test_acc_min")) for e in record.get("epochs") or ())
+        return cls(_frozen(record.get("config")), record.get("status"), epochs, record.get("final_test_acc"),
+                   record.get("final_test_acc_min"), record.get("steps"), record.get("steps_per_epoch"),
+                   record.get("train_time_s"), record.get("wall_time_s"), _frozen(record.get("comm")))
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    @property
+    def hospitals(self) -> int:
+        return self.config["hospitals"]
+
+    def variant(self, detail: str = "training") -> str:
+        return variant(self.config, detail)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def whole_schedule(self) -> bool:
+        """Ended ok after every epoch of its schedule (not a run cut short by --max-steps or an error)."""
+        return self.ok and len(self.epochs) == self.config["epochs"]
+
+    def curve(self, key: str = "test_acc_mean") -> tuple[list[int], list[float]]:
+        """(epoch numbers, ``key``: test_acc_mean or test_acc_min) over the evaluated epochs."""
+        evaluated = [e for e in self.epochs if getattr(e, key) is not None]
+        return [e.epoch for e in evaluated], [getattr(e, key) for e in evaluated]
+
+    @property
+    def seconds_per_step(self) -> float:
+        """Training seconds per step, measured (evaluations not counted)."""
+        return self.train_time_s / self.steps
+
+    def bytes_per_epoch_per_hospital(self, kind: str = "tcp") -> float | None:
+        """Training bytes per hospital per epoch (``kind``: tcp, the kernel's counters; payload; analytic);
+        None for a run without them (local training: nothing crosses a network)."""
+        return ((self.comm.get("per_epoch") or {}).get(kind) or {}).get("per_hospital")
+
+    def hospital_bytes_per_step(self) -> dict[str, dict[str, float]]:
+        """{hospital: {"up", "down"}}: bytes per training step on each hospital's link (the kernel's TCP counters)."""
+        tcp, steps = self.comm["phases"]["train"]["tcp_bytes"], self.steps
+        return {party: {"up": tcp[party]["sent"] / steps, "down": tcp[party]["received"] / steps}
+                for party in tcp if party.startswith("hospital")}

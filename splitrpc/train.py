@@ -68,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             # hospitals' deduplication key and manifest (read here, not by the server).
             data.prepare(cfg)
             if cfg.dedup == "hmac":
-                from splitrpc.dedup import load_key
+                from splitrpc.dedup.hmac_tokens import load_key
                 from splitrpc.split.protocol import key_file
 
                 for index in range(1, cfg.hospitals + 1):
                     load_key(key_file(cfg, index))
             if cfg.dedup_manifest:
-                from splitrpc.dedup import read_manifest
+                from splitrpc.dedup.identities import read_manifest
 
                 read_manifest(cfg.dedup_manifest)
             return launch.launch(cfg, argv, max_restarts=cfg.max_restarts)

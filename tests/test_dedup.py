@@ -10,7 +10,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from splitrpc import data, dedup
+from splitrpc import data, overlap
+from splitrpc.dedup import hmac_tokens, identities, psi, removal
 from splitrpc.errors import PeerError, UserError
 
 KEY = bytes(range(32))
@@ -27,7 +28,7 @@ def distinct_images(n: int, seed: int = 0) -> np.ndarray:
 
 def overlapped_parts(seed: int = 5) -> list[np.ndarray]:
     parts = data.partition(np.zeros(RECORDS, dtype=np.int64), HOSPITALS, "iid", 0.5, seed=1)
-    return dedup.apply_overlap(parts, FRACTION, seed)
+    return overlap.apply_overlap(parts, FRACTION, seed)
 
 
 def kept_records(parts_by_hospital: dict[int, np.ndarray], drops: dict[int, list[int]]) -> set[tuple[int, int]]:
@@ -53,12 +54,12 @@ def images():
 # --------------------------------------------------------------------------- finding duplicates
 def test_known_overlap_is_removed_exactly(images):
     parts = overlapped_parts()
-    truth = dedup.overlap_ground_truth(parts)
+    truth = overlap.overlap_ground_truth(parts)
     assert len(truth) == HOSPITALS * round(FRACTION * RECORDS / HOSPITALS) == 120
     by_hospital = {h: part for h, part in enumerate(parts, start=1)}
-    token_lists = {h: dedup.tokens(KEY, dedup.pixel_identities(images[part])) for h, part in by_hospital.items()}
+    token_lists = {h: hmac_tokens.tokens(KEY, identities.pixel_identities(images[part])) for h, part in by_hospital.items()}
 
-    drops, stats = dedup.plan_removals(token_lists)
+    drops, stats = removal.plan_removals(token_lists)
 
     kept = sorted(index for _, index in kept_records(by_hospital, drops))
     assert kept == list(range(RECORDS))  # every record survives, exactly once
@@ -77,16 +78,16 @@ def test_known_overlap_is_removed_exactly(images):
 
 def test_relabelling_and_reordering_keep_the_same_physical_records(images):
     parts = overlapped_parts()
-    reference, _ = dedup.plan_removals(
-        {h: dedup.tokens(KEY, dedup.pixel_identities(images[p])) for h, p in enumerate(parts)})
+    reference, _ = removal.plan_removals(
+        {h: hmac_tokens.tokens(KEY, identities.pixel_identities(images[p])) for h, p in enumerate(parts)})
     reference_kept = kept_records(dict(enumerate(parts)), reference)
     rng = np.random.default_rng(11)
     for trial in range(6):
         labels = rng.permutation([3, 7, 40, 41, 99, 5])[:HOSPITALS].tolist()  # new, non-contiguous numbers
         insertion = rng.permutation(HOSPITALS)  # and a shuffled dict order
         shuffled = {labels[h]: rng.permutation(parts[h]) for h in insertion}  # and shuffled record order
-        drops, stats = dedup.plan_removals(
-            {label: dedup.tokens(KEY, dedup.pixel_identities(images[p])) for label, p in shuffled.items()})
+        drops, stats = removal.plan_removals(
+            {label: hmac_tokens.tokens(KEY, identities.pixel_identities(images[p])) for label, p in shuffled.items()})
         back = {label: h for h, label in enumerate(labels)}
         kept = {(back[label], index) for label, index in kept_records(shuffled, drops)}
         assert kept == reference_kept, f"trial {trial}"
@@ -99,7 +100,7 @@ def test_hospitals_with_identical_records_are_interchangeable():
     outcomes = []
     for a, b, c in [(1, 2, 3), (2, 1, 3), (3, 1, 2), (2, 3, 1)]:
         token_lists = {a: common, b: list(reversed(common)), c: common[:4] + other}
-        drops, stats = dedup.plan_removals(token_lists)
+        drops, stats = removal.plan_removals(token_lists)
         kept = {h: frozenset(t for p, t in enumerate(token_lists[h]) if p not in drops[h]) for h in (a, b, c)}
         # The third hospital (a fingerprint of its own) keeps the same records whatever its
         # number; the two identical ones split the rest between them the same way.
@@ -113,7 +114,7 @@ def test_hospitals_with_identical_records_are_interchangeable():
 
 def test_repeats_within_one_hospital_keep_the_first():
     a, b, c = (bytes([i]) * 32 for i in range(3))
-    drops, stats = dedup.plan_removals({1: [a, b, a, a, c], 2: [c]})
+    drops, stats = removal.plan_removals({1: [a, b, a, a, c], 2: [c]})
     assert drops[1][:2] == [2, 3]
     assert stats["repeated_within"] == {1: 2, 2: 0}
     assert stats["duplicated_tokens"] == 2 and stats["cross_hospital_tokens"] == 1
@@ -127,7 +128,7 @@ def test_repeats_within_one_hospital_keep_the_first():
 def test_duplicates_held_by_all_end_up_spread_evenly():
     shared = [f"shared{i}".encode() for i in range(10)]
     token_lists = {h: [f"h{h}-{i}".encode() for i in range(100)] + shared for h in (1, 2, 3)}
-    drops, stats = dedup.plan_removals(token_lists)
+    drops, stats = removal.plan_removals(token_lists)
     assert sorted(stats["records_after"].values()) == [103, 103, 104]  # 10 = 3 + 3 + 4
     assert stats["dropped_total"] == 20
     assert stats["pairs"] == {"1-2": 10, "1-3": 10, "2-3": 10}
@@ -137,7 +138,7 @@ def test_duplicates_fill_the_smaller_hospital_first():
     shared = [f"shared{i}".encode() for i in range(60)]
     token_lists = {1: [f"a{i}".encode() for i in range(50)] + shared,
                    2: [f"b{i}".encode() for i in range(100)] + shared}
-    _, stats = dedup.plan_removals(token_lists)
+    _, stats = removal.plan_removals(token_lists)
     # 50 shared records lift hospital 1 to 100, the other 10 alternate: 105 and 105.
     # (Keeping every copy at one hospital would give 110 and 100.)
     assert stats["records_after"] == {1: 105, 2: 105}
@@ -155,14 +156,14 @@ def encodings(secret: bytes) -> list[bytes]:
 @pytest.mark.parametrize("kind", ["pixels", "manifest"])
 def test_hospital_message_reveals_no_identity_and_no_key(images, kind):
     if kind == "pixels":
-        identities = dedup.pixel_identities(images[:50])
-        secrets_ = identities
+        record_ids = identities.pixel_identities(images[:50])
+        secrets_ = record_ids
     else:
         ids = [f"MRN-{100000 + i}" for i in range(50)]
-        identities = dedup.manifest_identities([f"train/c/{i}.png" for i in range(50)],
+        record_ids = identities.manifest_identities([f"train/c/{i}.png" for i in range(50)],
                                                {f"train/c/{i}.png": ids[i] for i in range(50)})
-        secrets_ = identities + [i.encode() for i in ids]
-    message = dedup.hospital_message(KEY, identities)
+        secrets_ = record_ids + [i.encode() for i in ids]
+    message = hmac_tokens.hospital_message(KEY, record_ids)
     assert sorted(message) == ["key_check", "tokens"]
     assert len(message["tokens"]) == 50 and all(len(t) == 32 for t in message["tokens"])
     blob = pickle.dumps(message)
@@ -172,14 +173,14 @@ def test_hospital_message_reveals_no_identity_and_no_key(images, kind):
 
 
 def test_server_plan_accepts_messages_and_rejects_a_key_mismatch():
-    identities = [f"patient:{i}".encode() for i in range(20)]
-    messages = {1: dedup.hospital_message(KEY, identities[:12]), 2: dedup.hospital_message(KEY, identities[8:])}
-    drops, stats = dedup.server_plan(messages)
+    record_ids = [f"patient:{i}".encode() for i in range(20)]
+    messages = {1: hmac_tokens.hospital_message(KEY, record_ids[:12]), 2: hmac_tokens.hospital_message(KEY, record_ids[8:])}
+    drops, stats = hmac_tokens.server_plan(messages)
     assert stats["cross_hospital_tokens"] == 4 and stats["unique_tokens"] == 20
     assert sum(stats["records_after"].values()) == 20
-    messages[2] = dedup.hospital_message(b"another key of 16+ bytes", identities[8:])
+    messages[2] = hmac_tokens.hospital_message(b"another key of 16+ bytes", record_ids[8:])
     with pytest.raises(UserError) as excinfo:
-        dedup.server_plan(messages)
+        hmac_tokens.server_plan(messages)
     assert_one_line_error(excinfo, "hospital 2 holds a different --dedup-key-file than hospital 1")
 
 
@@ -191,30 +192,30 @@ def test_server_plan_accepts_messages_and_rejects_a_key_mismatch():
      "the hospitals hold 3 different --dedup-key-file keys (hospitals 1, 3 and 5 | hospital 2 | hospital 4)"),
 ])
 def test_mismatched_keys_name_the_hospitals(keys, expected):
-    checks = {h: dedup.key_check(name.encode() * 16) for h, name in keys.items()}
+    checks = {h: hmac_tokens.key_check(name.encode() * 16) for h, name in keys.items()}
     with pytest.raises(UserError) as excinfo:
-        dedup.verify_key_checks(checks)
+        hmac_tokens.verify_key_checks(checks)
     assert_one_line_error(excinfo, expected)
 
 
 def test_matching_keys_pass():
-    dedup.verify_key_checks({h: dedup.key_check(KEY) for h in (1, 2, 3)})
-    assert dedup.key_check(KEY) != dedup.key_check(KEY[::-1])
+    hmac_tokens.verify_key_checks({h: hmac_tokens.key_check(KEY) for h in (1, 2, 3)})
+    assert hmac_tokens.key_check(KEY) != hmac_tokens.key_check(KEY[::-1])
     # A key check could only equal a token if an identity equalled the label: no identity can.
-    assert len(dedup.KEY_CHECK_LABEL) != 32 and not dedup.KEY_CHECK_LABEL.startswith(dedup.PATIENT_PREFIX.encode())
+    assert len(hmac_tokens.KEY_CHECK_LABEL) != 32 and not hmac_tokens.KEY_CHECK_LABEL.startswith(identities.PATIENT_PREFIX.encode())
 
 
 # --------------------------------------------------------------------------- the key file
 def test_load_key_forms(tmp_path):
-    hex_key = dedup.new_key()
+    hex_key = hmac_tokens.new_key()
     assert len(hex_key) == 64
     (tmp_path / "hex").write_text(hex_key + "\n")
     (tmp_path / "HEX").write_text("  " + hex_key.upper() + "\r\n")
     raw = b"\x00\xff not hex, a passphrase!"
     (tmp_path / "raw").write_bytes(raw + b"\n")
-    assert dedup.load_key(str(tmp_path / "hex")) == dedup.load_key(str(tmp_path / "HEX")) == bytes.fromhex(hex_key)
-    assert dedup.load_key(str(tmp_path / "raw")) == raw
-    assert dedup.new_key() != hex_key
+    assert hmac_tokens.load_key(str(tmp_path / "hex")) == hmac_tokens.load_key(str(tmp_path / "HEX")) == bytes.fromhex(hex_key)
+    assert hmac_tokens.load_key(str(tmp_path / "raw")) == raw
+    assert hmac_tokens.new_key() != hex_key
 
 
 @pytest.mark.parametrize("content,expected", [
@@ -231,13 +232,13 @@ def test_load_key_errors(tmp_path, content, expected):
     elif content is not None:
         path.write_bytes(content)
     with pytest.raises(UserError) as excinfo:
-        dedup.load_key(str(path))
+        hmac_tokens.load_key(str(path))
     assert_one_line_error(excinfo, f"--dedup-key-file {path}: {expected}")
 
 
 def test_short_keys_are_refused_by_tokens():
     with pytest.raises(UserError, match="at least 16 bytes"):
-        dedup.tokens(b"too short", [b"x"])
+        hmac_tokens.tokens(b"too short", [b"x"])
 
 
 # --------------------------------------------------------------------------- manifests
@@ -249,11 +250,11 @@ def test_manifest_groups_images_of_one_patient(tmp_path):
                     "\n"
                     "train/dog/3.png,P2,B\n"
                     "train/dog/3.png,P2,B\n", encoding="utf-8")
-    manifest = dedup.read_manifest(str(path))
+    manifest = identities.read_manifest(str(path))
     assert manifest == {"train/cat/1.png": "P1", "train/cat/2.png": "P1", "train/dog/3.png": "P2"}
-    identities = dedup.manifest_identities(["train/dog/3.png", "train/cat/2.png", "train/cat/1.png"], manifest)
-    assert identities == [b"patient:P2", b"patient:P1", b"patient:P1"]
-    drops, stats = dedup.plan_removals({1: dedup.tokens(KEY, identities[:2]), 2: dedup.tokens(KEY, identities[2:])})
+    record_ids = identities.manifest_identities(["train/dog/3.png", "train/cat/2.png", "train/cat/1.png"], manifest)
+    assert record_ids == [b"patient:P2", b"patient:P1", b"patient:P1"]
+    drops, stats = removal.plan_removals({1: hmac_tokens.tokens(KEY, record_ids[:2]), 2: hmac_tokens.tokens(KEY, record_ids[2:])})
     assert stats["unique_tokens"] == 2 and stats["dropped_total"] == 1
     assert drops == {1: [1], 2: []}  # P1 goes to hospital 2, which holds nothing else (hospital 1 holds P2)
 
@@ -273,20 +274,20 @@ def test_malformed_manifests(tmp_path, text, expected):
     path = tmp_path / "manifest.csv"
     path.write_text(text)
     with pytest.raises(UserError) as excinfo:
-        dedup.read_manifest(str(path))
+        identities.read_manifest(str(path))
     assert_one_line_error(excinfo, f"manifest {path}", expected)
 
 
 def test_unreadable_manifest_and_missing_paths(tmp_path):
     with pytest.raises(UserError) as excinfo:
-        dedup.read_manifest(str(tmp_path / "absent.csv"))
+        identities.read_manifest(str(tmp_path / "absent.csv"))
     assert_one_line_error(excinfo, "absent.csv: cannot read it (No such file or directory)")
     (tmp_path / "latin1.csv").write_bytes(b"path,patient_id\ntrain/a/1.png,J\xf6rg\n")
     with pytest.raises(UserError) as excinfo:
-        dedup.read_manifest(str(tmp_path / "latin1.csv"))
+        identities.read_manifest(str(tmp_path / "latin1.csv"))
     assert_one_line_error(excinfo, "not UTF-8 text")
     with pytest.raises(UserError) as excinfo:
-        dedup.manifest_identities(["train/a/1.png", "train/a/2.png", "train/b/3.png"], {"train/a/1.png": "P1"})
+        identities.manifest_identities(["train/a/1.png", "train/a/2.png", "train/b/3.png"], {"train/a/1.png": "P1"})
     assert_one_line_error(excinfo, "2 of 3 samples are not in the manifest, the first is train/a/2.png")
 
 
@@ -294,42 +295,42 @@ def test_unreadable_manifest_and_missing_paths(tmp_path):
 def test_pixel_identities():
     images = distinct_images(3, seed=1)
     copy = images.copy()
-    assert dedup.pixel_identities(images) == dedup.pixel_identities(copy)
+    assert identities.pixel_identities(images) == identities.pixel_identities(copy)
     copy[1, 31, 0, 2] ^= 1
-    ids, changed = dedup.pixel_identities(images), dedup.pixel_identities(copy)
+    ids, changed = identities.pixel_identities(images), identities.pixel_identities(copy)
     assert [a == b for a, b in zip(ids, changed)] == [True, False, True]
     assert all(len(i) == 32 for i in ids) and len(set(ids)) == 3
     # A strided view (e.g. a column slice of a larger array) hashes like its contiguous copy.
     wide = np.concatenate([images, images], axis=2)[:, :, :32]
-    assert dedup.pixel_identities(wide) == ids
+    assert identities.pixel_identities(wide) == ids
     with pytest.raises(UserError, match="need uint8 images"):
-        dedup.pixel_identities(images.astype(np.float32))
+        identities.pixel_identities(images.astype(np.float32))
 
 
 # --------------------------------------------------------------------------- synthetic overlap
 def test_apply_overlap_is_reproducible_and_counts_add_up():
     parts = data.partition(np.zeros(RECORDS, dtype=np.int64), HOSPITALS, "iid", 0.5, seed=1)
-    a, b = dedup.apply_overlap(parts, FRACTION, 5), dedup.apply_overlap(parts, FRACTION, 5)
+    a, b = overlap.apply_overlap(parts, FRACTION, 5), overlap.apply_overlap(parts, FRACTION, 5)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, dedup.apply_overlap(parts, FRACTION, 6)))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, overlap.apply_overlap(parts, FRACTION, 6)))
     for before, after in zip(parts, a):
         assert set(before.tolist()) <= set(after.tolist())
         assert len(np.unique(after)) == len(after) and np.all(np.diff(after) > 0)
     assert sum(map(len, a)) == RECORDS + 120
     held = Counter(int(i) for part in a for i in part)
     assert set(held.values()) == {1, 2}  # disjoint input: a copied record sits at exactly two hospitals
-    assert [len(p) for p in dedup.apply_overlap(parts, 0.0, 5)] == [150] * 4
-    assert [len(p) for p in dedup.apply_overlap([np.arange(5), np.arange(5, 8)], 0.5, 0)] == [5 + 2, 3 + 3]
+    assert [len(p) for p in overlap.apply_overlap(parts, 0.0, 5)] == [150] * 4
+    assert [len(p) for p in overlap.apply_overlap([np.arange(5), np.arange(5, 8)], 0.5, 0)] == [5 + 2, 3 + 3]
 
 
 def test_apply_overlap_skips_records_held_everywhere_and_rejects_bad_input():
     everything = [np.arange(10), np.arange(10)]
-    assert all(np.array_equal(p, np.arange(10)) for p in dedup.apply_overlap(everything, 0.5, 0))
+    assert all(np.array_equal(p, np.arange(10)) for p in overlap.apply_overlap(everything, 0.5, 0))
     with pytest.raises(UserError, match=r"must be in \[0, 1\), got 1.0"):
-        dedup.apply_overlap(everything, 1.0, 0)
+        overlap.apply_overlap(everything, 1.0, 0)
     with pytest.raises(UserError, match="at least 2 hospitals"):
-        dedup.apply_overlap([np.arange(10)], 0.1, 0)
-    assert dedup.overlap_ground_truth([np.arange(3), np.arange(2, 5), np.array([4, 9])]) == {2, 4}
+        overlap.apply_overlap([np.arange(10)], 0.1, 0)
+    assert overlap.overlap_ground_truth([np.arange(3), np.arange(2, 5), np.array([4, 9])]) == {2, 4}
 
 
 # --------------------------------------------------------------------------- keyless variant (DH-based PSI)
@@ -353,11 +354,11 @@ def floor_pi_times_power_of_two(bits: int) -> int:
 
 def test_psi_group_is_rfc3526_group_14():
     # RFC 3526 defines the prime by this formula; the digits in the module must match it.
-    assert dedup.PSI_PRIME == 2**2048 - 2**1984 - 1 + 2**64 * (floor_pi_times_power_of_two(1918) + 124476)
-    assert pow(2, dedup.PSI_PRIME - 1, dedup.PSI_PRIME) == 1
-    h = dedup.psi_hash_to_group(b"patient:P1")
-    assert 1 < h < dedup.PSI_PRIME - 1 and pow(h, dedup.PSI_ORDER, dedup.PSI_PRIME) == 1  # a square
-    assert h != dedup.psi_hash_to_group(b"patient:P2")
+    assert psi.PSI_PRIME == 2**2048 - 2**1984 - 1 + 2**64 * (floor_pi_times_power_of_two(1918) + 124476)
+    assert pow(2, psi.PSI_PRIME - 1, psi.PSI_PRIME) == 1
+    h = psi.psi_hash_to_group(b"patient:P1")
+    assert 1 < h < psi.PSI_PRIME - 1 and pow(h, psi.PSI_ORDER, psi.PSI_PRIME) == 1  # a square
+    assert h != psi.psi_hash_to_group(b"patient:P2")
 
 
 class Transcript:
@@ -366,7 +367,7 @@ class Transcript:
     def __init__(self):
         self.messages: list = []
 
-    def relay(self, hospital: dedup.PsiHospital):
+    def relay(self, hospital: psi.PsiHospital):
         def reblind(values):
             self.messages.append(("to hospital", list(values)))
             answer = hospital.reblind(values)
@@ -379,21 +380,21 @@ class Transcript:
 def psi_run():
     images = distinct_images(PSI_RECORDS, seed=2)
     parts = data.partition(np.zeros(PSI_RECORDS, dtype=np.int64), PSI_HOSPITALS, "iid", 0.5, seed=1)
-    parts = {h: part for h, part in enumerate(dedup.apply_overlap(parts, FRACTION, seed=3), start=1)}
-    identities = {h: dedup.pixel_identities(images[part]) for h, part in parts.items()}
-    hospitals = {h: dedup.PsiHospital(ids) for h, ids in identities.items()}
+    parts = {h: part for h, part in enumerate(overlap.apply_overlap(parts, FRACTION, seed=3), start=1)}
+    record_ids = {h: identities.pixel_identities(images[part]) for h, part in parts.items()}
+    hospitals = {h: psi.PsiHospital(ids) for h, ids in record_ids.items()}
     transcript = Transcript()
     first = {h: hospital.first_message() for h, hospital in hospitals.items()}
     transcript.messages.append(("first messages", first))
-    token_lists = dedup.psi_server_tokens(first, {h: transcript.relay(x) for h, x in hospitals.items()})
-    return parts, identities, hospitals, transcript, token_lists
+    token_lists = psi.psi_server_tokens(first, {h: transcript.relay(x) for h, x in hospitals.items()})
+    return parts, record_ids, hospitals, transcript, token_lists
 
 
 def test_psi_finds_the_known_overlap(psi_run):
     parts, _, _, _, token_lists = psi_run
-    truth = dedup.overlap_ground_truth(list(parts.values()))
+    truth = overlap.overlap_ground_truth(list(parts.values()))
     assert len(truth) == PSI_HOSPITALS * 3  # 20% of 15 records per hospital
-    drops, stats = dedup.plan_removals(token_lists)
+    drops, stats = removal.plan_removals(token_lists)
     kept = sorted(index for _, index in kept_records(parts, drops))
     assert kept == list(range(PSI_RECORDS))
     assert sorted(int(parts[h][p]) for h in drops for p in drops[h]) == sorted(truth)
@@ -409,14 +410,14 @@ def test_psi_tokens_do_not_depend_on_the_relay_order(psi_run):
         blinded = values
         for h in order:
             blinded = hospitals[h].reblind(blinded)
-        assert [hashlib.sha256(v.to_bytes(dedup.PSI_ELEMENT_BYTES, "big")).digest() for v in blinded] == token_lists[2][:3]
+        assert [hashlib.sha256(v.to_bytes(psi.PSI_ELEMENT_BYTES, "big")).digest() for v in blinded] == token_lists[2][:3]
 
 
 def test_psi_transcript_reveals_no_identity_and_no_secret(psi_run):
-    _, identities, hospitals, transcript, _ = psi_run
+    _, record_ids, hospitals, transcript, _ = psi_run
     blob = pickle.dumps(transcript.messages)
-    all_identities = [i for ids in identities.values() for i in ids]
-    hashed = [dedup.psi_hash_to_group(i) for i in all_identities]
+    all_identities = [i for ids in record_ids.values() for i in ids]
+    hashed = [psi.psi_hash_to_group(i) for i in all_identities]
     for identity in all_identities:
         for form in encodings(identity):
             assert form not in blob
@@ -433,9 +434,9 @@ def test_psi_transcript_reveals_no_identity_and_no_secret(psi_run):
 
 
 def test_psi_rejects_invalid_relayed_values():
-    hospital = dedup.PsiHospital([b"x" * 32])
-    for bad in (0, 1, dedup.PSI_PRIME - 1, dedup.PSI_PRIME, "7"):
+    hospital = psi.PsiHospital([b"x" * 32])
+    for bad in (0, 1, psi.PSI_PRIME - 1, psi.PSI_PRIME, "7"):
         with pytest.raises(PeerError, match="not a valid group element"):
             hospital.reblind([bad])
     with pytest.raises(PeerError, match="hospital 2 returned 0 values for 1"):
-        dedup.psi_server_tokens({1: hospital.first_message(), 2: []}, {1: hospital.reblind, 2: lambda values: []})
+        psi.psi_server_tokens({1: hospital.first_message(), 2: []}, {1: hospital.reblind, 2: lambda values: []})

@@ -5,7 +5,8 @@ import pickle
 
 import pytest
 
-from splitrpc import data, dedup
+from splitrpc import data, overlap
+from splitrpc.dedup import identities
 from splitrpc.config import parse_args
 from splitrpc.split.hospital import Hospital
 
@@ -23,7 +24,7 @@ def key_files(tmp_path):
 def expected_duplicates(args, cache_dir):
     cfg = parse_args([*map(str, args), "--cache-dir", cache_dir])
     parts = data.shard_indices(cfg, data.load_split(cfg, "train").labels)
-    return parts, dedup.overlap_ground_truth(parts)
+    return parts, overlap.overlap_ground_truth(parts)
 
 
 @pytest.mark.distributed
@@ -71,13 +72,13 @@ def test_what_the_server_receives_holds_no_identity_or_key(tmp_path, cache_dir):
     cfg = parse_args(["--hospitals", "2", *map(str, SYNTH), "--overlap", "0.2", "--dedup", "hmac",
                       "--dedup-key-file", str(key_path), "--cache-dir", cache_dir])
     hospital = Hospital(cfg, 1)
-    identities = dedup.pixel_identities(hospital.shard.images.numpy())
+    record_ids = identities.pixel_identities(hospital.shard.images.numpy())
     message = hospital.dedup_message()
     wire = pickle.dumps(message)
-    assert sorted(message) == ["key_check", "tokens"] and len(message["tokens"]) == len(identities)
+    assert sorted(message) == ["key_check", "tokens"] and len(message["tokens"]) == len(record_ids)
     key = bytes.fromhex(key_hex)
     forbidden = [key, key_hex.encode(), key.hex().upper().encode()]
-    for identity in identities[:50]:
+    for identity in record_ids[:50]:
         forbidden += [identity, identity.hex().encode()]
     raw = hospital.shard.images.numpy()
     forbidden += [raw[i].tobytes()[:64] for i in range(5)]  # pixels

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from splitrpc import privacy
+from splitrpc.privacy import dcor
 
 pytestmark = pytest.mark.distributed
 
@@ -82,8 +82,8 @@ def test_noise_is_present_in_what_the_server_receives(cli, tmp_path):
     assert abs(difference.mean().item()) < 0.01
     # Noise also lowers how much the received activations depend on the inputs.
     inputs = torch.cat([b["inputs"] for b in torch.load(tmp_path / "plain" / "hospital1-inputs.pt")])
-    plain_r = privacy.bias_corrected_distance_correlation(inputs, received(tmp_path, "plain")).item()
-    noisy_r = privacy.bias_corrected_distance_correlation(inputs, received(tmp_path, "noisy")).item()
+    plain_r = dcor.bias_corrected_distance_correlation(inputs, received(tmp_path, "plain")).item()
+    noisy_r = dcor.bias_corrected_distance_correlation(inputs, received(tmp_path, "noisy")).item()
     assert noisy_r < plain_r
 
 
@@ -96,8 +96,8 @@ def test_nopeek_trains_l1_to_send_less_dependent_activations(cli, tmp_path):
     inputs = torch.cat([b["inputs"] for b in torch.load(tmp_path / "plain" / "hospital1-inputs.pt")])
     inputs_n = torch.cat([b["inputs"] for b in torch.load(tmp_path / "nopeek" / "hospital1-inputs.pt")])
     assert torch.equal(inputs, inputs_n)  # the same batches: only L1 differs
-    plain = privacy.distance_correlation(inputs, received(tmp_path, "plain")).item()
-    defended = privacy.distance_correlation(inputs, received(tmp_path, "nopeek")).item()
+    plain = dcor.distance_correlation(inputs, received(tmp_path, "plain")).item()
+    defended = dcor.distance_correlation(inputs, received(tmp_path, "nopeek")).item()
     assert defended < plain
     stats = results["nopeek"]["nopeek"][0]
     assert stats["nopeek_batches"] == 16 and 0 < stats["nopeek_dcor_mean"] <= 1

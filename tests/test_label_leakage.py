@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from splitrpc import privacy
+from splitrpc.privacy import label_leakage
 from splitrpc.errors import UserError
 
 CLASSES = 10
@@ -60,22 +60,22 @@ def test_auc_equals_the_pairwise_definition_with_ties(seed):
     generator = torch.Generator().manual_seed(seed)
     scores = torch.randint(0, 6, (57,), generator=generator).double()  # few distinct values: many ties
     positives = torch.rand(57, generator=generator) < 0.3
-    assert privacy.auc(scores, positives) == pytest.approx(pairwise_auc(scores, positives), abs=1e-12)
+    assert label_leakage.auc(scores, positives) == pytest.approx(pairwise_auc(scores, positives), abs=1e-12)
 
 
 def test_auc_extremes_and_bad_input():
     scores = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    assert privacy.auc(scores, torch.tensor([False, False, True, True])) == 1.0
-    assert privacy.auc(scores, torch.tensor([True, True, False, False])) == 0.0
-    assert privacy.auc(torch.ones(4), torch.tensor([True, False, True, False])) == 0.5
+    assert label_leakage.auc(scores, torch.tensor([False, False, True, True])) == 1.0
+    assert label_leakage.auc(scores, torch.tensor([True, True, False, False])) == 0.0
+    assert label_leakage.auc(torch.ones(4), torch.tensor([True, False, True, False])) == 0.5
     with pytest.raises(UserError, match="positives and negatives"):
-        privacy.auc(scores, torch.zeros(4, dtype=torch.bool))
+        label_leakage.auc(scores, torch.zeros(4, dtype=torch.bool))
 
 
 # --------------------------------------------------------------------------- attacks on a known case
 def test_direction_attacks_recover_labels_from_softmax_gradients():
     g, labels = softmax_gradients(N, CLASSES, seed=0)
-    report = privacy.label_leakage_report(g, labels, CLASSES, known_per_class=3, seed=0)
+    report = label_leakage.label_leakage_report(g, labels, CLASSES, known_per_class=3, seed=0)
     assert report["samples"] == N - 3 * CLASSES
     assert report["direction_mean_acc"] == 1.0
     assert report["direction_nearest_acc"] > 0.99
@@ -87,17 +87,17 @@ def test_direction_attacks_recover_labels_from_softmax_gradients():
 
 def test_norm_attack_separates_a_rare_badly_fitted_class():
     g, labels = imbalanced_binary_gradients(N, seed=0)
-    assert privacy.auc(privacy.norm_scores(g), labels == 1) > 0.99
+    assert label_leakage.auc(label_leakage.norm_scores(g), labels == 1) > 0.99
     # the direction attack too: the positives' gradients all point along (+1, -1)
     positive = int((labels == 1).nonzero()[0])
-    assert privacy.auc(privacy.cosine_scores(g, g[positive]), labels == 1) == 1.0
+    assert label_leakage.auc(label_leakage.cosine_scores(g, g[positive]), labels == 1) == 1.0
 
 
 def test_gradients_independent_of_labels_leak_nothing():
     generator = torch.Generator().manual_seed(3)
     labels = torch.randint(CLASSES, (N,), generator=generator)
     g = torch.randn(N, 64, generator=generator, dtype=torch.float64)
-    report = privacy.label_leakage_report(g, labels, CLASSES, known_per_class=5, seed=0)
+    report = label_leakage.label_leakage_report(g, labels, CLASSES, known_per_class=5, seed=0)
     # AUC over ~200 positives and ~1800 negatives has a standard error of ~0.02
     for key in ("norm_auc", "cosine_auc", "direction_mean_auc"):
         assert abs(report[key] - 0.5) < 0.03, key
@@ -111,7 +111,7 @@ def test_hungarian_matching_is_the_best_one_to_one_labelling():
     for _ in range(20):
         cost = torch.randint(0, 9, (5, 5), generator=generator).double()
         best = min(sum(cost[r, c].item() for r, c in enumerate(p)) for p in itertools.permutations(range(5)))
-        match = privacy.hungarian(cost)
+        match = label_leakage.hungarian(cost)
         assert sorted(match) == list(range(5))
         assert sum(cost[r, c].item() for r, c in enumerate(match)) == best
 
@@ -120,54 +120,54 @@ def test_clusters_named_by_known_labels_and_by_the_oracle():
     # three tight, well separated directions; cluster ids are arbitrary, names must follow the labels
     labels = torch.tensor([0] * 5 + [1] * 5 + [2] * 5)
     g = F.one_hot(labels, 3).double() + 0.01 * torch.randn(15, 3, generator=torch.Generator().manual_seed(0))
-    clusters = privacy.kmeans_directions(g, 3, seed=0)
+    clusters = label_leakage.kmeans_directions(g, 3, seed=0)
     assert len(set(clusters.tolist())) == 3
-    assert torch.equal(privacy.labels_by_hungarian(clusters, labels, 3), labels)
+    assert torch.equal(label_leakage.labels_by_hungarian(clusters, labels, 3), labels)
     known = torch.tensor([0, 5, 10])
-    assert torch.equal(privacy.labels_from_known(clusters, known, labels[known], 3), labels)
+    assert torch.equal(label_leakage.labels_from_known(clusters, known, labels[known], 3), labels)
 
 
 # --------------------------------------------------------------------------- defences
 def test_max_norm_equalises_expected_norms_and_blunts_the_norm_attack():
     g, labels = imbalanced_binary_gradients(N, seed=0)
     generator = torch.Generator().manual_seed(0)
-    before = privacy.auc(privacy.norm_scores(g), labels == 1)
-    defended = privacy.max_norm_defence(g, generator)
-    after = privacy.auc(privacy.norm_scores(defended), labels == 1)
+    before = label_leakage.auc(label_leakage.norm_scores(g), labels == 1)
+    defended = label_leakage.max_norm_defence(g, generator)
+    after = label_leakage.auc(label_leakage.norm_scores(defended), labels == 1)
     assert before > 0.99 and after < 0.75
     # a perfectly fitted sample (gradient exactly 0) stays 0 instead of turning NaN, also in float32
     zeroed = g.float().clone()
     zeroed[0] = 0
-    assert torch.equal(privacy.max_norm_defence(zeroed, generator)[0], torch.zeros(2))
-    assert torch.isfinite(privacy.max_norm_defence(zeroed, generator)).all()
+    assert torch.equal(label_leakage.max_norm_defence(zeroed, generator)[0], torch.zeros(2))
+    assert torch.isfinite(label_leakage.max_norm_defence(zeroed, generator)).all()
     # every perturbed gradient stays on its own line
     cos = (F.normalize(defended, dim=1) * F.normalize(g, dim=1)).sum(1).abs()
     assert torch.allclose(cos, torch.ones_like(cos))
     # E|g'|^2 = max |g|^2: check over many draws of one batch
-    draws = torch.stack([privacy.max_norm_defence(g[:50], generator).norm(dim=1) ** 2 for _ in range(4000)])
+    draws = torch.stack([label_leakage.max_norm_defence(g[:50], generator).norm(dim=1) ** 2 for _ in range(4000)])
     assert torch.allclose(draws.mean(0), g[:50].norm(dim=1).max() ** 2 * torch.ones(50, dtype=torch.float64), rtol=0.1)
 
 
 def test_gaussian_noise_blunts_the_direction_attack_in_proportion():
     g, labels = softmax_gradients(N, CLASSES, seed=0)
     generator = torch.Generator().manual_seed(0)
-    accuracies = [privacy.label_leakage_report(privacy.gaussian_noise_defence(g, ratio, generator), labels,
+    accuracies = [label_leakage.label_leakage_report(label_leakage.gaussian_noise_defence(g, ratio, generator), labels,
                                                CLASSES, seed=0)["direction_mean_acc"] for ratio in (0.0, 1.0, 5.0)]
     assert accuracies[0] == 1.0
     assert accuracies[0] > accuracies[1] > accuracies[2]
     assert accuracies[2] < 0.3
-    noisy = privacy.gaussian_noise_defence(torch.zeros(4, 100), 1.0, generator)
+    noisy = label_leakage.gaussian_noise_defence(torch.zeros(4, 100), 1.0, generator)
     assert torch.equal(noisy, torch.zeros(4, 100))  # the scale is relative to the largest gradient
 
 
 def test_bad_input_is_a_user_error():
     g, labels = softmax_gradients(20, 3, seed=0)
     with pytest.raises(UserError, match="label the server knows"):
-        privacy.class_direction_scores(g, torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), 3)
+        label_leakage.class_direction_scores(g, torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), 3)
     with pytest.raises(UserError, match="clusters"):
-        privacy.kmeans_directions(g, 30)
+        label_leakage.kmeans_directions(g, 30)
     with pytest.raises(UserError, match="non-negative"):
-        privacy.gaussian_noise_defence(g, -1.0, torch.Generator())
+        label_leakage.gaussian_noise_defence(g, -1.0, torch.Generator())
 
 
 # --------------------------------------------------------------------------- the bench entry point

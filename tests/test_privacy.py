@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from splitrpc import privacy
+from splitrpc.privacy import dcor, image_metrics, inversion
 from splitrpc.data import NORMALIZATION, Normalizer
 from splitrpc.errors import UserError
 from splitrpc.models import build_model, split_model
@@ -34,15 +34,15 @@ def dominant_colour(images: torch.Tensor) -> torch.Tensor:
 
 
 def pixels(images: torch.Tensor) -> torch.Tensor:
-    return privacy.denormalize(images, DATASET).clamp(0, 1)
+    return image_metrics.denormalize(images, DATASET).clamp(0, 1)
 
 
 def pixel_psnr(reconstructed, original) -> float:
-    return privacy.psnr(pixels(reconstructed), pixels(original), data_range=1.0)
+    return image_metrics.psnr(pixels(reconstructed), pixels(original), data_range=1.0)
 
 
 def pixel_ssim(reconstructed, original) -> float:
-    return privacy.ssim(pixels(reconstructed), pixels(original), data_range=1.0)
+    return image_metrics.ssim(pixels(reconstructed), pixels(original), data_range=1.0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,8 +102,8 @@ def test_dcor_matches_definition():
     y = x.flatten(1)[:, :4] ** 2 + 0.5 * torch.randn(12, 4, generator=generator, dtype=torch.float64)
     expected = reference_dcor_squared(x.numpy(), y.numpy())
     assert 0.3 < expected < 0.99  # a genuinely partial dependence
-    assert privacy.distance_correlation(x, y).item() ** 2 == pytest.approx(expected, abs=1e-12)
-    r_star = privacy.bias_corrected_distance_correlation(x, y).item()
+    assert dcor.distance_correlation(x, y).item() ** 2 == pytest.approx(expected, abs=1e-12)
+    r_star = dcor.bias_corrected_distance_correlation(x, y).item()
     assert r_star == pytest.approx(reference_r_star(x.numpy(), y.numpy()), abs=1e-12)
 
 
@@ -118,20 +118,20 @@ def test_dcor_is_one_for_identical_and_similar_samples():
         "rotated, scaled and shifted": (0.2 * flat @ rotation + 7.0).float(),
     }
     for name, y in similar.items():
-        assert privacy.distance_correlation(x, y).item() == pytest.approx(1.0, abs=1e-6), name
-        assert privacy.bias_corrected_distance_correlation(x, y).item() == pytest.approx(1.0, abs=1e-6), name
+        assert dcor.distance_correlation(x, y).item() == pytest.approx(1.0, abs=1e-6), name
+        assert dcor.bias_corrected_distance_correlation(x, y).item() == pytest.approx(1.0, abs=1e-6), name
 
 
 def test_dcor_of_independent_samples():
     # Low-dimensional: the V-statistic is near 0 (0.08-0.16 over 30 seeds at n = 200, d = 1).
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 1, generator=generator), torch.randn(200, 1, generator=generator)
-    assert privacy.distance_correlation(x, y).item() < 0.2
+    assert dcor.distance_correlation(x, y).item() < 0.2
     # High-dimensional (images, activations): the V-statistic is inflated towards 1 even
     # though x and y are independent; the bias-corrected R* stays near 0 (spread ~0.007).
     x, y = torch.randn(200, 3, 16, 16, generator=generator), torch.randn(200, 8, 8, 8, generator=generator)
-    assert privacy.distance_correlation(x, y).item() > 0.9
-    assert abs(privacy.bias_corrected_distance_correlation(x, y).item()) < 0.03
+    assert dcor.distance_correlation(x, y).item() > 0.9
+    assert abs(dcor.bias_corrected_distance_correlation(x, y).item()) < 0.03
 
 
 def test_dcor_sees_nonlinear_dependence_that_correlation_misses():
@@ -140,8 +140,8 @@ def test_dcor_sees_nonlinear_dependence_that_correlation_misses():
     y = x ** 2
     pearson = torch.corrcoef(torch.cat([x, y], 1).T)[0, 1].item()
     assert abs(pearson) < 0.15
-    assert privacy.distance_correlation(x, y).item() > 0.45  # population value ~0.5
-    assert privacy.bias_corrected_distance_correlation(x, y).item() > 0.2  # ~dCor^2
+    assert dcor.distance_correlation(x, y).item() > 0.45  # population value ~0.5
+    assert dcor.bias_corrected_distance_correlation(x, y).item() > 0.2  # ~dCor^2
 
 
 def test_dcor_gradient_flows_in_float32():
@@ -150,9 +150,9 @@ def test_dcor_gradient_flows_in_float32():
     layer = nn.Conv2d(3, 4, 3)
     # Duplicate rows have distance 0, where a naive sqrt would give NaN gradients.
     batch = torch.cat([images, images[:4]])
-    dcor = privacy.distance_correlation(batch, layer(batch))
-    assert dcor.dtype == torch.float32 and 0 < dcor.item() <= 1
-    dcor.backward()
+    corr = dcor.distance_correlation(batch, layer(batch))
+    assert corr.dtype == torch.float32 and 0 < corr.item() <= 1
+    corr.backward()
     grad = layer.weight.grad
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
@@ -160,40 +160,40 @@ def test_dcor_gradient_flows_in_float32():
 def test_dcor_of_constant_sample_is_zero_with_finite_gradient():
     x = torch.randn(10, 5)
     y = torch.ones(10, 3, requires_grad=True)
-    dcor = privacy.distance_correlation(x, y)
-    assert dcor.item() == 0.0
-    dcor.backward()
+    corr = dcor.distance_correlation(x, y)
+    assert corr.item() == 0.0
+    corr.backward()
     assert torch.isfinite(y.grad).all()
-    assert privacy.bias_corrected_distance_correlation(x, y.detach()).item() == 0.0
+    assert dcor.bias_corrected_distance_correlation(x, y.detach()).item() == 0.0
 
 
 def test_dcor_rejects_unpaired_or_too_few_samples():
     with pytest.raises(UserError, match="paired"):
-        privacy.distance_correlation(torch.zeros(4, 2), torch.zeros(5, 2))
+        dcor.distance_correlation(torch.zeros(4, 2), torch.zeros(5, 2))
     with pytest.raises(UserError, match="at least 2"):
-        privacy.distance_correlation(torch.zeros(1, 2), torch.zeros(1, 2))
+        dcor.distance_correlation(torch.zeros(1, 2), torch.zeros(1, 2))
     with pytest.raises(UserError, match="at least 4"):
-        privacy.bias_corrected_distance_correlation(torch.zeros(3, 2), torch.zeros(3, 2))
+        dcor.bias_corrected_distance_correlation(torch.zeros(3, 2), torch.zeros(3, 2))
 
 
 # --------------------------------------------------------------------------- image metrics
 def test_denormalize_inverts_the_data_pipeline():
     raw = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     normalised = Normalizer(SimpleNamespace(dataset="cifar10", dtype="float32"))(raw)
-    assert torch.allclose(privacy.denormalize(normalised, "cifar10"), raw.float() / 255, atol=1e-6)
+    assert torch.allclose(image_metrics.denormalize(normalised, "cifar10"), raw.float() / 255, atol=1e-6)
     with pytest.raises(UserError, match="unknown dataset"):
-        privacy.denormalize(normalised, "mnist")
+        image_metrics.denormalize(normalised, "mnist")
 
 
 def test_psnr_known_values():
     x = torch.full((2, 3, 8, 8), 0.5, dtype=torch.float64)
-    assert privacy.psnr(x, x, data_range=1.0) == privacy.PSNR_CAP_DB == 100.0
+    assert image_metrics.psnr(x, x, data_range=1.0) == image_metrics.PSNR_CAP_DB == 100.0
     # Per-image PSNR is averaged: offsets of 0.1 and 0.01 give 20 dB and 40 dB.
     offset = torch.tensor([0.1, 0.01], dtype=torch.float64).view(2, 1, 1, 1)
-    assert privacy.psnr(x + offset, x, data_range=1.0) == pytest.approx(30.0, abs=1e-9)
-    assert privacy.psnr((x + offset) * 255, x * 255, data_range=255.0) == pytest.approx(30.0, abs=1e-9)
+    assert image_metrics.psnr(x + offset, x, data_range=1.0) == pytest.approx(30.0, abs=1e-9)
+    assert image_metrics.psnr((x + offset) * 255, x * 255, data_range=255.0) == pytest.approx(30.0, abs=1e-9)
     with pytest.raises(UserError, match="differ in shape"):
-        privacy.psnr(x, x[:1], data_range=1.0)
+        image_metrics.psnr(x, x[:1], data_range=1.0)
 
 
 def reference_ssim(x: np.ndarray, y: np.ndarray, data_range: float) -> float:
@@ -228,24 +228,24 @@ def test_ssim_matches_windowed_reference():
     }
     for name, reconstructed in cases.items():
         expected = reference_ssim(reconstructed.numpy(), original.numpy(), data_range=1.0)
-        assert privacy.ssim(reconstructed, original, data_range=1.0) == pytest.approx(expected, abs=1e-10), name
+        assert image_metrics.ssim(reconstructed, original, data_range=1.0) == pytest.approx(expected, abs=1e-10), name
     # data_range enters only through C1 and C2: rescaling images and range together changes nothing.
     noisy = cases["noisy"]
-    assert privacy.ssim(noisy * 255, original * 255, data_range=255.0) == pytest.approx(
-        privacy.ssim(noisy, original, data_range=1.0), abs=1e-10)
+    assert image_metrics.ssim(noisy * 255, original * 255, data_range=255.0) == pytest.approx(
+        image_metrics.ssim(noisy, original, data_range=1.0), abs=1e-10)
 
 
 def test_ssim_basic_facts():
     original = pixels(smooth_images(4, seed=0, size=32))
-    assert privacy.ssim(original, original, data_range=1.0) == pytest.approx(1.0, abs=1e-12)
+    assert image_metrics.ssim(original, original, data_range=1.0) == pytest.approx(1.0, abs=1e-12)
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(original.shape, generator=generator)
-    scores = [privacy.ssim((original + level * noise).clamp(0, 1), original, data_range=1.0)
+    scores = [image_metrics.ssim((original + level * noise).clamp(0, 1), original, data_range=1.0)
               for level in (0.02, 0.05, 0.1, 0.2, 0.4)]
     assert all(a > b for a, b in zip(scores, scores[1:])), scores
     assert scores[0] > 0.9 and scores[-1] < 0.3, scores
     with pytest.raises(UserError, match="smaller than"):
-        privacy.ssim(original[..., :10, :10], original[..., :10, :10], data_range=1.0)
+        image_metrics.ssim(original[..., :10, :10], original[..., :10, :10], data_range=1.0)
 
 
 # --------------------------------------------------------------------------- decoder attack
@@ -258,9 +258,9 @@ def identity_head() -> nn.Module:
 
 def test_decoder_inverts_an_identity_head(aux, held_out):
     head = identity_head()
-    decoder = privacy.train_decoder(head, aux, steps=200, lr=3e-3, batch_size=32, hidden_channels=16)
+    decoder = inversion.train_decoder(head, aux, steps=200, lr=3e-3, batch_size=32, hidden_channels=16)
     with torch.no_grad():
-        reconstructed = privacy.reconstruct(decoder, head(held_out))
+        reconstructed = inversion.reconstruct(decoder, head(held_out))
     assert reconstructed.shape == held_out.shape
     assert pixel_psnr(reconstructed, held_out) > 27  # measured 31.4 dB
     assert pixel_ssim(reconstructed, held_out) > 0.95  # measured 0.989
@@ -272,8 +272,8 @@ def test_decoder_learns_nothing_from_noise_activations(aux, held_out):
     def noise_head(images):  # activations independent of the images
         return torch.randn(len(images), 8, SIZE, SIZE, generator=generator)
 
-    decoder = privacy.train_decoder(noise_head, aux, steps=200, lr=3e-3, batch_size=32, hidden_channels=16)
-    reconstructed = privacy.reconstruct(decoder, noise_head(held_out))
+    decoder = inversion.train_decoder(noise_head, aux, steps=200, lr=3e-3, batch_size=32, hidden_channels=16)
+    reconstructed = inversion.reconstruct(decoder, noise_head(held_out))
     mean_image = aux.mean(0, keepdim=True).expand_as(held_out)
     baseline = pixel_psnr(mean_image, held_out)  # measured 13.35 dB
     assert pixel_psnr(reconstructed, held_out) < min(15.0, baseline + 0.5)  # measured 13.3 dB
@@ -289,12 +289,12 @@ def test_decoder_upsamples_deeper_cuts(aux):
     assert activations.shape[-2:] == (SIZE // 4, SIZE // 4)
     before = copy.deepcopy(head.state_dict())
     head.train()
-    decoder = privacy.train_decoder(head, aux[:64], steps=2, batch_size=16)
+    decoder = inversion.train_decoder(head, aux[:64], steps=2, batch_size=16)
     assert head.training  # the head's mode is restored after eval-mode use
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())  # BN statistics untouched
-    assert privacy.reconstruct(decoder, activations).shape == (4, 3, SIZE, SIZE)
+    assert inversion.reconstruct(decoder, activations).shape == (4, 3, SIZE, SIZE)
     with pytest.raises(UserError, match="power-of-two"):
-        privacy.Decoder((4, 5, 5), (3, SIZE, SIZE), torch.zeros(4), torch.ones(4))
+        inversion.Decoder((4, 5, 5), (3, SIZE, SIZE), torch.zeros(4), torch.ones(4))
 
 
 # --------------------------------------------------------------------------- white-box inversion
@@ -307,7 +307,7 @@ def test_white_box_inversion_through_a_real_first_layer():
         activations = head(images)
     before = copy.deepcopy(head.state_dict())
     head.train()
-    recovered = privacy.invert_white_box(head, activations, steps=200, lr=0.05, tv_weight=0.01)
+    recovered = inversion.invert_white_box(head, activations, steps=200, lr=0.05, tv_weight=0.01)
     assert head.training and all(p.grad is None for p in head.parameters())
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
     mean_image = torch.zeros_like(images)  # the data set's mean is 0 in normalised space
@@ -359,7 +359,7 @@ def test_surrogate_head_fits_the_frozen_trunk(trained_split, aux, held_out):
     trunk_before = copy.deepcopy(trunk.state_dict())
     template_before = copy.deepcopy(template.state_dict())
 
-    surrogate = privacy.train_surrogate_head(trunk, template, aux, dominant_colour(aux), steps=100, lr=1e-2,
+    surrogate = inversion.train_surrogate_head(trunk, template, aux, dominant_colour(aux), steps=100, lr=1e-2,
                                              batch_size=64)
 
     surrogate_accuracy = accuracy(surrogate, trunk, held_out)
@@ -378,11 +378,11 @@ def test_attack_end_to_end(trained_split, aux, held_out):
     torch.manual_seed(1)
     with torch.no_grad():
         received = real_head(held_out)
-    reconstructed = privacy.attack(trunk, tiny_head(), aux, dominant_colour(aux), received,
+    reconstructed = inversion.attack(trunk, tiny_head(), aux, dominant_colour(aux), received,
                                    surrogate_steps=50, decoder_steps=50, surrogate_lr=1e-2, decoder_lr=3e-3,
                                    batch_size=32)
     assert reconstructed.shape == held_out.shape and torch.isfinite(reconstructed).all()
-    report = privacy.leakage_report(held_out, reconstructed, received, DATASET)
+    report = inversion.leakage_report(held_out, reconstructed, received, DATASET)
     assert set(report) == {"dcor", "dcor_bias_corrected", "psnr", "ssim", "n"} and report["n"] == len(held_out)
     assert 0 < report["dcor"] <= 1 and -1 <= report["ssim"] <= 1
     # The black-box attack recovers structure that guessing the mean image cannot.
@@ -392,7 +392,7 @@ def test_attack_end_to_end(trained_split, aux, held_out):
 
 
 def test_leakage_report_of_a_perfect_reconstruction(held_out):
-    report = privacy.leakage_report(held_out, held_out, 2 * held_out + 1, DATASET)
+    report = inversion.leakage_report(held_out, held_out, 2 * held_out + 1, DATASET)
     assert report["dcor"] == pytest.approx(1.0, abs=1e-6)
     assert report["dcor_bias_corrected"] == pytest.approx(1.0, abs=1e-6)
     assert report["psnr"] == 100.0 and report["ssim"] == pytest.approx(1.0, abs=1e-12)

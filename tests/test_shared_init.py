@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from splitrpc import privacy
+from splitrpc.privacy import image_metrics, inversion
 from splitrpc.models import model_for, split_model
 
 CFG = SimpleNamespace(seed=0, model="resnet20", num_classes=10, width=0.5, norm="batch", dtype="float32")
@@ -34,8 +34,8 @@ def normalised_batch(n: int, seed: int) -> torch.Tensor:
 
 
 def psnr(a, b) -> float:
-    to_pixels = lambda x: privacy.denormalize(x, "cifar10").clamp(0, 1)
-    return privacy.psnr(to_pixels(a), to_pixels(b), data_range=1.0)
+    to_pixels = lambda x: image_metrics.denormalize(x, "cifar10").clamp(0, 1)
+    return image_metrics.psnr(to_pixels(a), to_pixels(b), data_range=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def received():
 
 def invert(head, activations):
     """Batch-statistics inversion, rescaled to the moments of normalised data (0 and 1, as the batch has)."""
-    raw = privacy.invert_white_box(head, activations, steps=200, image_shape=SHAPE, batch_statistics=True)
-    return privacy.match_batch_moments(raw)
+    raw = inversion.invert_white_box(head, activations, steps=200, image_shape=SHAPE, batch_statistics=True)
+    return inversion.match_batch_moments(raw)
 
 
 def test_initial_weights_rebuilt_from_the_seed_invert_a_first_batch(received):
@@ -65,7 +65,7 @@ def test_initial_weights_rebuilt_from_the_seed_invert_a_first_batch(received):
 
 def test_matching_batch_moments_sets_each_channel():
     images = 3 * normalised_batch(4, seed=2) + torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1)
-    matched = privacy.match_batch_moments(images, torch.tensor([0.1, 0.2, 0.3]), 2.0)
+    matched = inversion.match_batch_moments(images, torch.tensor([0.1, 0.2, 0.3]), 2.0)
     assert torch.allclose(matched.mean(dim=(0, 2, 3)), torch.tensor([0.1, 0.2, 0.3]), atol=1e-6)
     assert torch.allclose(matched.std(dim=(0, 2, 3)), torch.full((3,), 2.0), atol=1e-5)
     assert torch.allclose(matched, (images - images.mean((0, 2, 3), keepdim=True)) * 2 / 3 * (

@@ -23,7 +23,9 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
-from splitrpc import checkpoint, codec, comm, console, data, dedup, privacy, transport
+from splitrpc import checkpoint, codec, comm, console, data, transport
+from splitrpc.dedup import hmac_tokens, identities, psi
+from splitrpc.privacy.dcor import distance_correlation
 from splitrpc.errors import PeerError
 from splitrpc.methods import Party
 from splitrpc.models import model_for, split_model, split_u
@@ -66,7 +68,7 @@ class Hospital:
         self.dropped: list[int] = []  # positions removed by deduplication, kept for checkpoints
         self.forwards = 0
         self.fault = parse_fault(cfg.fault, index)
-        self.psi: dedup.PsiHospital | None = None  # the keyless protocol's secret, while it runs
+        self.psi: psi.PsiHospital | None = None  # the keyless protocol's secret, while it runs
         self.nopeek_values: list[float] = []
         # --capture-dir: the last batches' inputs, matching what the server keeps of them.
         self.capture = deque(maxlen=-(-cfg.capture_samples // cfg.batch_size)) if cfg.capture_dir else None
@@ -120,7 +122,7 @@ class Hospital:
             if self.cfg.nopeek:
                 # NoPeek: this hospital's own loss term, lambda * dCor(inputs, what leaves), whose
                 # gradient is added to the one the server sends back (at the step).
-                dcor = privacy.distance_correlation(images, activations)
+                dcor = distance_correlation(images, activations)
                 extra = dict(zip(self.head.parameters(), torch.autograd.grad(
                     self.cfg.nopeek * dcor, list(self.head.parameters()), retain_graph=True, allow_unused=True)))
                 self.nopeek_values.append(dcor.item())
@@ -274,19 +276,19 @@ class Hospital:
     def _identities(self) -> list[bytes]:
         """A record's identity: its patient from the manifest, else the digest of its decoded pixels."""
         if self.cfg.dedup_manifest:
-            manifest = dedup.read_manifest(self.cfg.dedup_manifest)
-            return dedup.manifest_identities([str(n) for n in self.shard.names], manifest)
-        return dedup.pixel_identities(self.shard.images.numpy())
+            manifest = identities.read_manifest(self.cfg.dedup_manifest)
+            return identities.manifest_identities([str(n) for n in self.shard.names], manifest)
+        return identities.pixel_identities(self.shard.images.numpy())
 
     def dedup_message(self) -> dict:
         """Keyed tokens of this shard's records and the key check: all the server gets (no key, no identity)."""
-        message = dedup.hospital_message(dedup.load_key(key_file(self.cfg, self.index)), self._identities())
+        message = hmac_tokens.hospital_message(hmac_tokens.load_key(key_file(self.cfg, self.index)), self._identities())
         self.ledger.add(transport.SERVER, "sent", comm.pickled_bytes(message))
         return message
 
     def psi_first(self) -> list[int]:
         """Keyless variant: this shard's identities blinded by this hospital's secret exponent."""
-        self.psi = dedup.PsiHospital(self._identities())
+        self.psi = psi.PsiHospital(self._identities())
         values = self.psi.first_message()
         self.ledger.add(transport.SERVER, "sent", comm.pickled_bytes(values))
         return values

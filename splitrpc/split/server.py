@@ -24,7 +24,8 @@ import torch
 import torch.distributed.autograd as dist_autograd
 import torch.nn.functional as F
 
-from splitrpc import accounting, checkpoint, codec, comm, console, data, dedup, loop, transport
+from splitrpc import accounting, checkpoint, codec, comm, console, data, loop, transport
+from splitrpc.dedup import hmac_tokens, psi, removal
 from splitrpc.errors import PeerError, UserError
 from splitrpc.methods import Party
 from splitrpc.models import activation_shape, model_for, split_model, split_u
@@ -116,12 +117,12 @@ class Server:
             messages = {h: hospitals.wait(h, f) for h, f in futures.items()}
             for h, message in messages.items():
                 self.ledger.add(hospitals.name(h), "received", comm.pickled_bytes(message))
-            drops, stats = dedup.server_plan(messages)
+            drops, stats = hmac_tokens.server_plan(messages)
         else:
             firsts = {h: call(h, "psi_first") for h in ids}
-            tokens = dedup.psi_server_tokens(firsts, {h: (lambda values, h=h: call(h, "psi_reblind", values))
+            tokens = psi.psi_server_tokens(firsts, {h: (lambda values, h=h: call(h, "psi_reblind", values))
                                                       for h in ids})
-            drops, stats = dedup.plan_removals(tokens)
+            drops, stats = removal.plan_removals(tokens)
         self.info = [call(h, "dedup_drop", drops.get(h, [])) for h in ids]
         self.switch_phase("setup")
         per_sample = sum(self.bytes.batch(cfg.batch_size)) / cfg.batch_size  # a step's messages, per sample
