@@ -187,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             console.line(str(parse_args(rest).world_size))
             return 0
         if mode == "local":
-            from splitrpc.train import main as train_main
-
-            return train_main(rest)  # run directly, splitrpc-train starts the one-host group itself
+            # Exactly `python -m splitrpc.train <options>`, which starts the one-host group itself
+            # (exec'd rather than imported: train hands multi-process runs to this module).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, "-m", "splitrpc.train", *rest])
         if args.rdzv_endpoint:
             host, _, port = args.rdzv_endpoint.rpartition(":")
             if not host or not port.isdigit():

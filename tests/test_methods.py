@@ -83,7 +83,7 @@ def test_help_groups_the_options_by_section(capsys):
 
 def test_the_server_imports_no_hospital_code():
     # Module-level imports of the server's side; at run time it reaches a hospital's endpoints only
-    # through splitrpc.split.protocol.call_hospital, which runs on the hospital (no RRef type fetched).
+    # through splitrpc.split.endpoint.call_hospital, which runs on the hospital (no RRef type fetched).
     import subprocess
     import sys
 

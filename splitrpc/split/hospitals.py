@@ -15,7 +15,7 @@ import torch.distributed.rpc as rpc
 
 from splitrpc import transport
 from splitrpc.errors import PeerError
-from splitrpc.split.protocol import call_hospital, open_hospital
+from splitrpc.split.endpoint import call_hospital, open_hospital
 
 # Calls that serve the measurement itself, not training: left out of the round-trip counts.
 MEASUREMENT_CALLS = frozenset({"switch_phase", "comm_report"})

@@ -1,9 +1,7 @@
 """What the server and the hospitals agree on about the messages between them.
 
-Both sides import this module; neither imports the other's code for it. The server reaches a
-hospital's endpoints only through the two functions at the end, which run on the hospital:
-so the server process never loads ``splitrpc.split.hospital`` (an RRef proxy would, to learn the
-remote object's type).
+Both sides import this module; neither imports the other's code for it (the server reaches a
+hospital's endpoints through ``splitrpc.split.endpoint``).
 """
 
 from __future__ import annotations
@@ -32,18 +30,6 @@ def l1_sync_numel(head: torch.nn.Module) -> int:
 def key_file(cfg, index: int) -> str:
     """Hospital ``index``'s copy of the shared key; ``{hospital}`` in the path lets one host simulate several sites."""
     return cfg.dedup_key_file.replace("{hospital}", str(index))
-
-
-def open_hospital(cfg, index: int):
-    """Runs on hospital ``index`` (``rpc.remote``): its endpoints, the object the server's RRef names."""
-    from splitrpc.split.hospital import Hospital
-
-    return Hospital(cfg, index)
-
-
-def call_hospital(rref, method: str, *args):
-    """Runs on the hospital that owns ``rref``: one of its endpoints, by name."""
-    return getattr(rref.local_value(), method)(*args)
 
 
 def message_problem(message, batch: int, activation_shape: tuple, dtype: torch.dtype, label_dtype: torch.dtype,

@@ -1,0 +1,20 @@
+"""The two functions the server's RPCs name to reach a hospital's endpoints; they run on the hospital.
+
+The server creates a hospital's ``Hospital`` object with ``open_hospital`` and calls its methods
+with ``call_hospital``, so the server process never loads ``splitrpc.split.hospital``: an RRef
+proxy (``rref.rpc_async().method()``) would, to learn the remote object's type.
+"""
+
+from __future__ import annotations
+
+
+def open_hospital(cfg, index: int):
+    """Runs on hospital ``index`` (``rpc.remote``): its endpoints, the object the server's RRef names."""
+    from splitrpc.split.hospital import Hospital
+
+    return Hospital(cfg, index)
+
+
+def call_hospital(rref, method: str, *args):
+    """Runs on the hospital that owns ``rref``: one of its endpoints, by name."""
+    return getattr(rref.local_value(), method)(*args)
