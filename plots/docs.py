@@ -118,8 +118,9 @@ def timemodel_table(model: dict, codecs: dict[str, str], source: str) -> list[st
              "hidden s | steady: measured s / from own compute / from the unshaped run | compute vs unshaped run | "
              "wait after the backward pass or in the all-reduce, predicted / measured s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in sorted((c for c in model.get("checks", []) if c.get("model_check")), key=lambda c: (c["model"], c["hospitals"], c["method"],
-                                                            codecs.get(c["run_key"], "none"), -(c["rate_bit_s"] or 0))):
+    checked = [c for c in model.get("checks", []) if c.get("model_check")]  # a whole schedule has no step check
+    for c in sorted(checked, key=lambda c: (c["model"], c["hospitals"], c["method"], codecs.get(c["run_key"], "none"),
+                                            -(c["rate_bit_s"] or 0))):
         m = c["model_check"]
         codec = codecs.get(c["run_key"], "none")
         method = c["method"] + ("" if codec == "none" else f", {codec}")
@@ -130,9 +131,9 @@ def timemodel_table(model: dict, codecs: dict[str, str], source: str) -> list[st
             steady_text = (f"{_s(steady['measured_s'])} {steady['unit']} / {_pct(own['error'])} / "
                            f"{_pct(steady['reference']['error'])}")
             wait_text = f"{_s(own['predicted_wait_s'])} / {_s(own['measured_wait_s'])}"
-        lines.append(f"| {c['model']} | {c['hospitals']} | {method} | {_rate(c['rate_bit_s'])} | {_s(m['compute_s'])} | "
-                     f"{_s(m['measured_s'])} | {_s(m['predicted_s'])} | {_pct(m['error'])} | {_s(m['transfer_s'])} | "
-                     f"{_s(m['overlap_s'])} | {steady_text} | {ratio} | {wait_text} |")
+        lines.append(f"| {c['model']} | {c['hospitals']} | {method} | {_rate(c['rate_bit_s'])} | "
+                     f"{_s(m['compute_s'])} | {_s(m['measured_s'])} | {_s(m['predicted_s'])} | {_pct(m['error'])} | "
+                     f"{_s(m['transfer_s'])} | {_s(m['overlap_s'])} | {steady_text} | {ratio} | {wait_text} |")
     return lines + [""]
 
 
@@ -141,7 +142,8 @@ def faster_table(model: dict, codecs: dict[str, str], source: str) -> list[str]:
     steps: dict[tuple, dict[str, float]] = {}
     for c in model.get("checks", []):
         if c.get("model_check") and c["method"] in ("split", "ddp") and codecs.get(c["run_key"], "none") == "none":
-            steps.setdefault((c["model"], c["hospitals"], c["rate_bit_s"]), {})[c["method"]] = c["model_check"]["measured_s"]
+            setting = (c["model"], c["hospitals"], c["rate_bit_s"])
+            steps.setdefault(setting, {})[c["method"]] = c["model_check"]["measured_s"]
     rows = []
     for (name, n, rate), s in sorted(steps.items(), key=lambda kv: (kv[0][0], kv[0][1], -(kv[0][2] or 0))):
         if {"split", "ddp"} <= s.keys():
