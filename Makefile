@@ -31,7 +31,8 @@ test: setup
 run: setup
 	$(VENV)/bin/splitrpc-train --config bench/configs/main.toml $(DATA_ARGS) --out results/main.jsonl
 
-# Figures and plots/summary.md from the committed raw results.
+# Figures, plots/summary.md and the generated pages of docs/ (options.md, results/) from the
+# code and the committed raw results; the committed ones must come out unchanged.
 plots: setup
 	$(PY) -m plots
 

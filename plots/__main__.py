@@ -1,7 +1,7 @@
 import sys
 
-from plots import wan
+from plots import docs, wan
 from plots.figures import main
 
 code = main()
-sys.exit(code or wan.main())
+sys.exit(code or wan.main() or docs.main())
