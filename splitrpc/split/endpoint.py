@@ -7,6 +7,9 @@ proxy (``rref.rpc_async().method()``) would, to learn the remote object's type.
 
 from __future__ import annotations
 
+from splitrpc.split.protocol import reply_bytes, request_bytes
+from splitrpc.transport import SERVER
+
 
 def open_hospital(cfg, index: int):
     """Runs on hospital ``index`` (``rpc.remote``): its endpoints, the object the server's RRef names."""
@@ -16,5 +19,14 @@ def open_hospital(cfg, index: int):
 
 
 def call_hospital(rref, method: str, *args):
-    """Runs on the hospital that owns ``rref``: one of its endpoints, by name."""
-    return getattr(rref.local_value(), method)(*args)
+    """Runs on the hospital that owns ``rref``: one of its endpoints, by name, its request and
+    reply booked in the hospital's ledger as ``protocol.PAYLOAD`` says (the one place they are)."""
+    hospital = rref.local_value()
+    received = request_bytes(method, args)
+    if received:
+        hospital.ledger.add(SERVER, "received", received)
+    reply = getattr(hospital, method)(*args)
+    sent = reply_bytes(method, reply)
+    if sent:
+        hospital.ledger.add(SERVER, "sent", sent)
+    return reply

@@ -146,9 +146,7 @@ class Hospital:
                                                   flight["tail_gradients"], tail_scale)
 
         wire = codec.hospital_send(activations, self.cfg.codec, on_gradient)
-        message = (*wire, labels) if self.tail is None else tuple(wire)  # U-shaped: labels stay here
-        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(*message))
-        return message
+        return (*wire, labels) if self.tail is None else tuple(wire)  # U-shaped: labels stay here
 
     def tail_loss(self, *trunk_output: torch.Tensor) -> tuple:
         """U-shaped: this hospital's tail and loss on the trunk's output for the batch in flight.
@@ -158,7 +156,6 @@ class Hospital:
         activation gradient, so that L1 and the tail step together, or neither does.
         """
         flight = self.in_flight
-        self.ledger.add(transport.SERVER, "received", comm.tensor_bytes(*trunk_output))
         with self.lock:
             output = codec.decode(self.cfg.codec, trunk_output, self.head_dtype).detach().requires_grad_()
             self.tail.train()
@@ -166,9 +163,7 @@ class Hospital:
             parameters = list(self.tail.parameters())
             gradients = torch.autograd.grad(loss, [output, *parameters])
         flight["tail_gradients"] = dict(zip(parameters, gradients[1:]))
-        reply = (*codec.encode(self.cfg.codec, gradients[0]), loss.detach().reshape(1).cpu())
-        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(*reply))
-        return reply
+        return (*codec.encode(self.cfg.codec, gradients[0]), loss.detach().reshape(1).cpu())
 
     def _step(self, activations, gradient, lr: float, grad_scale: float, extra, tail_gradients,
               tail_scale: float) -> None:
@@ -239,25 +234,19 @@ class Hospital:
         wire = codec.encode(self.cfg.codec, activations)
         if self.tail is not None:
             self.eval_labels[batch] = labels  # for eval_tail; they stay here
-            message = tuple(wire)
-        else:
-            message = (*wire, labels)
-        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(*message))
-        return message
+            return tuple(wire)
+        return (*wire, labels)
 
     @torch.no_grad()
     def eval_tail(self, batch: int, *trunk_output: torch.Tensor) -> torch.Tensor:
         """U-shaped evaluation: how many of test batch ``batch`` the tail classifies correctly (only the count leaves)."""
-        self.ledger.add(transport.SERVER, "received", comm.tensor_bytes(*trunk_output))
         labels = self.eval_labels.pop(batch)
         with self.lock:
             self.tail.eval()
             output = codec.decode(self.cfg.codec, trunk_output, self.head_dtype)
             predictions = self.tail(output.to(self.device)).argmax(1).cpu()
             self.tail.train()
-        correct = (predictions == labels.long()).sum().reshape(1).to(torch.int64)
-        self.ledger.add(transport.SERVER, "sent", comm.tensor_bytes(correct))
-        return correct
+        return (predictions == labels.long()).sum().reshape(1).to(torch.int64)
 
     @torch.no_grad()
     def average_l1(self) -> None:
@@ -282,34 +271,24 @@ class Hospital:
 
     def dedup_message(self) -> dict:
         """Keyed tokens of this shard's records and the key check: all the server gets (no key, no identity)."""
-        message = hmac_tokens.hospital_message(hmac_tokens.load_key(key_file(self.cfg, self.index)), self._identities())
-        self.ledger.add(transport.SERVER, "sent", comm.pickled_bytes(message))
-        return message
+        return hmac_tokens.hospital_message(hmac_tokens.load_key(key_file(self.cfg, self.index)), self._identities())
 
     def psi_first(self) -> list[int]:
         """Keyless variant: this shard's identities blinded by this hospital's secret exponent."""
         self.psi = psi.PsiHospital(self._identities())
-        values = self.psi.first_message()
-        self.ledger.add(transport.SERVER, "sent", comm.pickled_bytes(values))
-        return values
+        return self.psi.first_message()
 
     def psi_reblind(self, values: list[int]) -> list[int]:
         """Keyless variant: add this hospital's blinding to another hospital's list, relayed by the server."""
-        self.ledger.add(transport.SERVER, "received", comm.pickled_bytes(values))
-        blinded = self.psi.reblind(values)
-        self.ledger.add(transport.SERVER, "sent", comm.pickled_bytes(blinded))
-        return blinded
+        return self.psi.reblind(values)
 
     def dedup_drop(self, positions: list[int]) -> dict:
         """Drop the copies the server assigned elsewhere; return the new sizes."""
-        self.ledger.add(transport.SERVER, "received", comm.pickled_bytes(positions))
         with self.lock:
             self.shard.drop(positions)
             self.dropped = list(positions)
         self.psi = None
-        sizes = self.describe()
-        self.ledger.add(transport.SERVER, "sent", comm.pickled_bytes(sizes))
-        return sizes
+        return self.describe()
 
     def switch_phase(self, phase: str) -> None:
         self.ledger.switch(phase)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from splitrpc import codec
+from splitrpc import codec, comm
 from splitrpc.models import floating_state
 
 LABEL_DTYPE = torch.uint8  # labels cross the wire as one byte when the classes fit
@@ -30,6 +30,43 @@ def l1_sync_numel(head: torch.nn.Module) -> int:
 def key_file(cfg, index: int) -> str:
     """Hospital ``index``'s copy of the shared key; ``{hospital}`` in the path lets one host simulate several sites."""
     return cfg.dedup_key_file.replace("{hospital}", str(index))
+
+
+# The endpoints whose messages are training or protocol traffic, and what their request and their
+# reply count as payload (the first of the three byte counts): "tensors", the bytes of the tensors
+# in it; "pickled", the pickled size of the Python values deduplication exchanges (a request's
+# single argument, or all of them). Any other endpoint carries control values (sizes, commands,
+# the ledger itself) that are not counted. Both sides book from this table, where a message is
+# sent or received: the server in ``hospitals.Hospitals``, a hospital in ``endpoint.call_hospital``;
+# the activation gradients that distributed autograd carries down are booked where the codec
+# hands them over (``codec.hospital_send`` / ``server_receive`` callbacks).
+PAYLOAD = {
+    "forward": (None, "tensors"),           # L1's activations (and labels) up
+    "tail_loss": ("tensors", "tensors"),    # U-shaped: the trunk's output down; its gradient and the loss up
+    "eval_forward": (None, "tensors"),
+    "eval_tail": ("tensors", "tensors"),    # U-shaped evaluation: the trunk's output down, a count up
+    "dedup_message": (None, "pickled"),
+    "psi_first": (None, "pickled"),
+    "psi_reblind": ("pickled", "pickled"),
+    "dedup_drop": ("pickled", "pickled"),
+}
+
+
+def request_bytes(method: str, args: tuple) -> int:
+    return _payload(PAYLOAD.get(method, (None, None))[0], args[0] if len(args) == 1 else args)
+
+
+def reply_bytes(method: str, reply) -> int:
+    return _payload(PAYLOAD.get(method, (None, None))[1], reply)
+
+
+def _payload(kind: str | None, value) -> int:
+    if kind is None:
+        return 0
+    if kind == "pickled":
+        return comm.pickled_bytes(value)
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return comm.tensor_bytes(*(v for v in values if isinstance(v, torch.Tensor)))
 
 
 def message_problem(message, batch: int, activation_shape: tuple, dtype: torch.dtype, label_dtype: torch.dtype,

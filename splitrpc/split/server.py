@@ -57,7 +57,7 @@ class Server:
         self.optimizer = make_optimizer(cfg, self.trunk.parameters())
         self.dtype = getattr(torch, cfg.dtype)
         self.label_dtype = label_dtype(cfg.num_classes)
-        self.hospitals = Hospitals(cfg)
+        self.hospitals = Hospitals(cfg, self.ledger)
         # Construction on a hospital loads its shard; a failure there surfaces here.
         self.info = self.hospitals.call_all("describe", timeout=cfg.setup_timeout)
         self.fingerprint = checkpoint.fingerprint(cfg)
@@ -106,17 +106,11 @@ class Server:
 
         def call(h, method, *args):
             # Bounded by --setup-timeout: tokens for a large shard take a while to compute.
-            if args:
-                self.ledger.add(hospitals.name(h), "sent", comm.pickled_bytes(args[0] if len(args) == 1 else args))
-            reply = hospitals.wait(h, hospitals.call_async(h, method, *args, timeout=cfg.setup_timeout))
-            self.ledger.add(hospitals.name(h), "received", comm.pickled_bytes(reply))
-            return reply
+            return hospitals.wait(h, hospitals.call_async(h, method, *args, timeout=cfg.setup_timeout))
 
         if cfg.dedup == "hmac":
             futures = {h: hospitals.call_async(h, "dedup_message", timeout=cfg.setup_timeout) for h in ids}
             messages = {h: hospitals.wait(h, f) for h, f in futures.items()}
-            for h, message in messages.items():
-                self.ledger.add(hospitals.name(h), "received", comm.pickled_bytes(message))
             drops, stats = hmac_tokens.server_plan(messages)
         else:
             firsts = {h: call(h, "psi_first") for h in ids}
@@ -140,13 +134,12 @@ class Server:
 
     # --- what a hospital sends ------------------------------------------------------------
     def _receive(self, hospital: int, message, batch: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Check a hospital's message before it touches the trunk, and count it; returns (wire, labels or None)."""
+        """Check a hospital's message before it touches the trunk; returns (wire, labels or None)."""
         name = self.hospitals.name(hospital)
         problem = message_problem(message, batch, self.activation_shape, self.dtype, self.label_dtype,
                                   self.cfg.num_classes, self.cfg.codec, with_labels=not self.u_shaped)
         if problem:
             raise HospitalFailure(hospital, f"{name} sent {problem}; rejected before the trunk")
-        self.ledger.add(name, "received", comm.tensor_bytes(*message))
         if self.u_shaped:
             return list(message), None
         return list(message[:-1]), message[-1]
@@ -310,7 +303,6 @@ class Server:
         futures = []
         for (h, _), piece in zip(participants, slices):
             wire = codec.encode(self.cfg.codec, piece.detach().cpu())
-            self.ledger.add(self.hospitals.name(h), "sent", comm.tensor_bytes(*wire))
             futures.append(self.hospitals.call_async(h, "tail_loss", *wire))
         losses, objective = [], 0
         for (h, _), piece, future in zip(participants, slices, futures):
@@ -318,7 +310,6 @@ class Server:
             problem = output_gradient_problem(reply, tuple(piece.shape), self.dtype, self.cfg.codec)
             if problem:
                 raise HospitalFailure(h, f"{self.hospitals.name(h)} sent {problem}; rejected before the trunk")
-            self.ledger.add(self.hospitals.name(h), "received", comm.tensor_bytes(*reply))
             *wire, loss = reply
             gradient = codec.decode(self.cfg.codec, wire, self.dtype).to(self.device)
             if self.capture is not None:
@@ -368,9 +359,7 @@ class Server:
             output = self.trunk(activations.to(self.device))
             if self.u_shaped:  # the hospital's tail scores its own labels; only the count comes back
                 output_wire = codec.encode(self.cfg.codec, output.cpu())
-                self.ledger.add(self.hospitals.name(h), "sent", comm.tensor_bytes(*output_wire))
                 count = self.hospitals.wait(h, self.hospitals.call_async(h, "eval_tail", b, *output_wire))
-                self.ledger.add(self.hospitals.name(h), "received", comm.tensor_bytes(count))
                 correct += int(count.item())
             else:
                 correct += (output.argmax(1).cpu() == labels.long()).sum().item()
