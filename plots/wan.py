@@ -19,7 +19,6 @@ a row of panels for N = 2 from bench/configs/wan_tta_n2.toml when its results ex
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -23,20 +23,21 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 
-from splitrpc import checkpoint, codec, comm, console, data, transport
-from splitrpc.dedup import hmac_tokens, identities, psi
+from splitrpc import codec, comm, console, data, transport
 from splitrpc.privacy.dcor import distance_correlation
 from splitrpc.errors import PeerError
 from splitrpc.methods import Party
 from splitrpc.models import model_for, split_model, split_u
 from splitrpc.optim import apply_gradients, make_optimizer
+from splitrpc.split.checkpoints import HospitalCheckpoints
+from splitrpc.split.dedup_session import HospitalDedup
 from splitrpc.split.faults import inject_fault, parse_fault
-from splitrpc.split.protocol import key_file, l1_sync_tensors, label_dtype
+from splitrpc.split.protocol import l1_sync_tensors, label_dtype
 
 FINISH_POLL_S = 0.2
 
 
-class Hospital:
+class Hospital(HospitalCheckpoints, HospitalDedup):
     """One hospital's data shard, its L1 (the model's first ``cut`` stages) and L1's optimizer."""
 
     def __init__(self, cfg, index: int):
@@ -68,7 +69,7 @@ class Hospital:
         self.dropped: list[int] = []  # positions removed by deduplication, kept for checkpoints
         self.forwards = 0
         self.fault = parse_fault(cfg.fault, index)
-        self.psi: psi.PsiHospital | None = None  # the keyless protocol's secret, while it runs
+        self.psi = None  # the keyless protocol's secret, while it runs (dedup_session.HospitalDedup)
         self.nopeek_values: list[float] = []
         # --capture-dir: the last batches' inputs, matching what the server keeps of them.
         self.capture = deque(maxlen=-(-cfg.capture_samples // cfg.batch_size)) if cfg.capture_dir else None
@@ -261,35 +262,6 @@ class Hospital:
             self.ledger.book_ring("hospitals", comm.tensor_bytes(*tensors), self.cfg.hospitals)
             transport.all_reduce_mean_(tensors, self.cfg.hospitals)
 
-    # --- deduplication, before training -------------------------------------------
-    def _identities(self) -> list[bytes]:
-        """A record's identity: its patient from the manifest, else the digest of its decoded pixels."""
-        if self.cfg.dedup_manifest:
-            manifest = identities.read_manifest(self.cfg.dedup_manifest)
-            return identities.manifest_identities([str(n) for n in self.shard.names], manifest)
-        return identities.pixel_identities(self.shard.images.numpy())
-
-    def dedup_message(self) -> dict:
-        """Keyed tokens of this shard's records and the key check: all the server gets (no key, no identity)."""
-        return hmac_tokens.hospital_message(hmac_tokens.load_key(key_file(self.cfg, self.index)), self._identities())
-
-    def psi_first(self) -> list[int]:
-        """Keyless variant: this shard's identities blinded by this hospital's secret exponent."""
-        self.psi = psi.PsiHospital(self._identities())
-        return self.psi.first_message()
-
-    def psi_reblind(self, values: list[int]) -> list[int]:
-        """Keyless variant: add this hospital's blinding to another hospital's list, relayed by the server."""
-        return self.psi.reblind(values)
-
-    def dedup_drop(self, positions: list[int]) -> dict:
-        """Drop the copies the server assigned elsewhere; return the new sizes."""
-        with self.lock:
-            self.shard.drop(positions)
-            self.dropped = list(positions)
-        self.psi = None
-        return self.describe()
-
     def switch_phase(self, phase: str) -> None:
         self.ledger.switch(phase)
 
@@ -302,40 +274,6 @@ class Hospital:
         if self.tail is not None:
             tail_path = Path(path).with_name(f"tail-{transport.hospital_name(self.index)}.pt")
             torch.save({k: v.cpu() for k, v in self.tail.state_dict().items()}, tail_path)
-
-    # --- checkpoints -----------------------------------------------------------------------
-    def checkpoint_steps(self) -> list[int]:
-        return checkpoint.available_steps(self.cfg.checkpoint_dir, transport.hospital_name(self.index))
-
-    def save_checkpoint(self, step: int) -> None:
-        """This hospital's state after ``step`` steps, on this hospital's disk; nothing crosses the network."""
-        name = transport.hospital_name(self.index)
-        self.settle()
-        with self.lock:
-            state = {
-                "fingerprint": checkpoint.fingerprint(self.cfg), "step": step, "party": name,
-                "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "dropped": self.dropped,
-            }
-            if self.tail is not None:
-                state.update(tail=self.tail.state_dict(), tail_optimizer=self.tail_optimizer.state_dict())
-            checkpoint.save(self.cfg.checkpoint_dir, step, name, state)
-        checkpoint.prune(self.cfg.checkpoint_dir, name, self.cfg.checkpoint_keep)
-
-    def load_checkpoint(self, step: int) -> dict:
-        """Restore L1, its optimizer and the deduplicated shard; the data order follows from the step."""
-        name = transport.hospital_name(self.index)
-        state = checkpoint.load(self.cfg.checkpoint_dir, step, name, checkpoint.fingerprint(self.cfg))
-        with self.lock:
-            self.head.load_state_dict(state["head"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.tail is not None:
-                self.tail.load_state_dict(state["tail"])
-                self.tail_optimizer.load_state_dict(state["tail_optimizer"])
-            if state["dropped"]:
-                self.shard.drop(state["dropped"])
-                self.dropped = list(state["dropped"])
-        return self.describe()
 
 
 def _store(call, *args):

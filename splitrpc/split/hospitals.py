@@ -15,9 +15,8 @@ from typing import Sequence
 import torch.distributed.rpc as rpc
 
 from splitrpc import comm, transport
-from splitrpc.errors import PeerError
 from splitrpc.split.endpoint import call_hospital, open_hospital
-from splitrpc.split.protocol import reply_bytes, request_bytes
+from splitrpc.split.protocol import HospitalFailure, reply_bytes, request_bytes
 
 # Calls that serve the measurement itself, not training: left out of the round-trip counts.
 MEASUREMENT_CALLS = frozenset({"switch_phase", "comm_report"})
@@ -33,14 +32,6 @@ class Call:
 
     def wait(self):
         return self.future.wait()
-
-
-class HospitalFailure(PeerError):
-    """Hospital ``index`` died, hung, raised, or sent something invalid."""
-
-    def __init__(self, index: int, message: str):
-        super().__init__(message)
-        self.index = index
 
 
 class Hospitals:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from splitrpc import codec, comm
+from splitrpc.errors import PeerError
 from splitrpc.models import floating_state
 
 LABEL_DTYPE = torch.uint8  # labels cross the wire as one byte when the classes fit
@@ -30,6 +31,14 @@ def l1_sync_numel(head: torch.nn.Module) -> int:
 def key_file(cfg, index: int) -> str:
     """Hospital ``index``'s copy of the shared key; ``{hospital}`` in the path lets one host simulate several sites."""
     return cfg.dedup_key_file.replace("{hospital}", str(index))
+
+
+class HospitalFailure(PeerError):
+    """Hospital ``index`` died, hung, raised, or sent something invalid."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
 
 
 # The endpoints whose messages are training or protocol traffic, and what their request and their

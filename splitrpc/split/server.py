@@ -25,19 +25,21 @@ import torch.distributed.autograd as dist_autograd
 import torch.nn.functional as F
 
 from splitrpc import accounting, checkpoint, codec, comm, console, data, loop, transport
-from splitrpc.dedup import hmac_tokens, psi, removal
 from splitrpc.errors import PeerError, UserError
 from splitrpc.methods import Party
 from splitrpc.models import activation_shape, model_for, split_model, split_u
 from splitrpc.optim import apply_gradients, make_optimizer
-from splitrpc.split.hospitals import HospitalFailure, Hospitals
-from splitrpc.split.protocol import l1_sync_numel, label_dtype, message_problem, output_gradient_problem
+from splitrpc.split.checkpoints import ServerCheckpoints, should_resume
+from splitrpc.split.dedup_session import ServerDedup
+from splitrpc.split.hospitals import Hospitals
+from splitrpc.split.protocol import (HospitalFailure, l1_sync_numel, label_dtype, message_problem,
+                                     output_gradient_problem)
 
 
 LOST_ACK_WAIT_S = 2.0  # a dropped hospital that is alive polls the store every 0.2 s; a dead one never answers
 
 
-class Server:
+class Server(ServerCheckpoints, ServerDedup):
     def __init__(self, cfg, coordinator: transport.Coordinator):
         self.cfg, self.coordinator = cfg, coordinator
         self.device = transport.compute_device(cfg)
@@ -92,45 +94,6 @@ class Server:
         self.ledger.switch(phase)
         self.call_live("switch_phase", phase)
         self.hospitals.phase = phase
-
-    def deduplicate(self) -> dict:
-        """Before training: keep exactly one copy of every record that several hospitals hold.
-
-        The server sees keyed tokens (or, keyless, doubly blinded group values)
-        and decides which copies go; it never sees an identity, a pixel or a key.
-        """
-        cfg, hospitals, ids = self.cfg, self.hospitals, self.hospitals.live
-        started = time.perf_counter()
-        self.switch_phase("dedup")
-        before = [i["train_samples"] for i in self.info]
-
-        def call(h, method, *args):
-            # Bounded by --setup-timeout: tokens for a large shard take a while to compute.
-            return hospitals.wait(h, hospitals.call_async(h, method, *args, timeout=cfg.setup_timeout))
-
-        if cfg.dedup == "hmac":
-            futures = {h: hospitals.call_async(h, "dedup_message", timeout=cfg.setup_timeout) for h in ids}
-            messages = {h: hospitals.wait(h, f) for h, f in futures.items()}
-            drops, stats = hmac_tokens.server_plan(messages)
-        else:
-            firsts = {h: call(h, "psi_first") for h in ids}
-            tokens = psi.psi_server_tokens(firsts, {h: (lambda values, h=h: call(h, "psi_reblind", values))
-                                                      for h in ids})
-            drops, stats = removal.plan_removals(tokens)
-        self.info = [call(h, "dedup_drop", drops.get(h, [])) for h in ids]
-        self.switch_phase("setup")
-        per_sample = sum(self.bytes.batch(cfg.batch_size)) / cfg.batch_size  # a step's messages, per sample
-        dropped = sum(before) - sum(i["train_samples"] for i in self.info)
-        return {
-            "mode": cfg.dedup,
-            "identity": "manifest" if cfg.dedup_manifest else "pixels",
-            "records_before": before,
-            "records_after": [i["train_samples"] for i in self.info],
-            "dropped": dropped,
-            "stats": stats,
-            "seconds": time.perf_counter() - started,
-            "training_bytes_saved_per_epoch": dropped * per_sample,
-        }
 
     # --- what a hospital sends ------------------------------------------------------------
     def _receive(self, hospital: int, message, batch: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -366,58 +329,6 @@ class Server:
             seen += len(output)
         return correct / seen
 
-    # --- checkpoints ------------------------------------------------------------------------
-    def save_checkpoint(self, steps_done: int) -> None:
-        """Every live party saves its own state for this step, on its own disk, at once.
-
-        The server writes its file last, once every hospital has confirmed its own:
-        a server checkpoint at a step therefore marks a complete set.
-        """
-        self.call_live("save_checkpoint", steps_done, timeout=self.cfg.setup_timeout)
-        state = {
-            "fingerprint": self.fingerprint, "step": steps_done, "party": transport.SERVER,
-            "trunk": self.trunk.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "loop": self.loop.state_dict(), "lost": dict(self.hospitals.lost), "dedup": self.dedup_record,
-        }
-        checkpoint.save(self.cfg.checkpoint_dir, steps_done, transport.SERVER, state)
-        checkpoint.prune(self.cfg.checkpoint_dir, transport.SERVER, self.cfg.checkpoint_keep)
-
-    def newest_checkpoint(self) -> int | None:
-        """The newest step for which the server and every hospital live at that step have a file."""
-        if not self.cfg.checkpoint_dir:
-            return None
-        cache: dict[int, list[int]] = {}
-        for step in reversed(checkpoint.available_steps(self.cfg.checkpoint_dir, transport.SERVER)):
-            state = checkpoint.load(self.cfg.checkpoint_dir, step, transport.SERVER, self.fingerprint)
-            needed = [h for h in range(1, self.cfg.hospitals + 1) if h not in state["lost"]]
-            ok = True
-            for h in needed:
-                if h not in cache:
-                    try:
-                        cache[h] = self.hospitals.wait(h, self.hospitals.call_async(h, "checkpoint_steps"))
-                    except HospitalFailure:
-                        cache[h] = []
-                ok = ok and step in cache[h]
-            if ok:
-                return step
-        return None
-
-    def restore(self, step: int) -> dict:
-        """Every party back to its state after ``step`` steps; returns the server's checkpoint (with the
-        loop's position and history, which the caller restores once the step plan is rebuilt)."""
-        state = checkpoint.load(self.cfg.checkpoint_dir, step, transport.SERVER, self.fingerprint)
-        self.trunk.load_state_dict(state["trunk"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.hospitals.lost = {int(k): v for k, v in state["lost"].items()}
-        for lost in self.hospitals.lost.values():
-            self.coordinator.mark_lost(lost["name"])
-        self.dedup_record = state["dedup"]
-        # Each hospital restores its L1 and the records deduplication dropped; its sizes plan the steps.
-        restored = iter(self.hospitals.call_all("load_checkpoint", step, timeout=self.cfg.setup_timeout))
-        self.info = [next(restored) if h not in self.hospitals.lost else old
-                     for h, old in zip(range(1, self.cfg.hospitals + 1), self.info)]
-        return state
-
     # --- the record -------------------------------------------------------------------------
     def communication(self, steps_per_epoch: int, train_seconds: float) -> dict:
         """The record's ``comm``: every party's own counts, with the analytic count of what ran."""
@@ -445,12 +356,6 @@ class Server:
                 self.hospitals.wait(h, self.hospitals.call_async(h, "save", path))
             except HospitalFailure as failure:
                 self.lose(failure, self.loop.state["steps_done"] if self.loop else 0)
-
-
-def should_resume(cfg) -> bool:
-    """--resume, or torchrun restarted the group after a failure and there are checkpoints."""
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    return cfg.resume or (restarted and bool(cfg.checkpoint_dir))
 
 
 class ServerParty(Party):

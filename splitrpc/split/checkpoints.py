@@ -1,0 +1,112 @@
+"""Checkpoints, both sides: every party saves its own state for a step on its own disk, and a run
+resumes from the newest step for which every party live at that step has a file.
+
+``ServerCheckpoints`` and ``HospitalCheckpoints`` are mixed into ``Server`` and ``Hospital``
+(whose trunk, L1s, optimizers, loop and shards they save); nothing of a hospital's crosses the
+network, the server only says which step.
+"""
+
+from __future__ import annotations
+
+import os
+
+from splitrpc import checkpoint, transport
+from splitrpc.split.protocol import HospitalFailure
+
+
+def should_resume(cfg) -> bool:
+    """--resume, or torchrun restarted the group after a failure and there are checkpoints."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    return cfg.resume or (restarted and bool(cfg.checkpoint_dir))
+
+
+class ServerCheckpoints:
+    """The server's side: it triggers every save, writes its own file last, and finds the step to resume."""
+
+    def save_checkpoint(self, steps_done: int) -> None:
+        """Every live party saves its own state for this step, on its own disk, at once.
+
+        The server writes its file last, once every hospital has confirmed its own:
+        a server checkpoint at a step therefore marks a complete set.
+        """
+        self.call_live("save_checkpoint", steps_done, timeout=self.cfg.setup_timeout)
+        state = {
+            "fingerprint": self.fingerprint, "step": steps_done, "party": transport.SERVER,
+            "trunk": self.trunk.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "loop": self.loop.state_dict(), "lost": dict(self.hospitals.lost), "dedup": self.dedup_record,
+        }
+        checkpoint.save(self.cfg.checkpoint_dir, steps_done, transport.SERVER, state)
+        checkpoint.prune(self.cfg.checkpoint_dir, transport.SERVER, self.cfg.checkpoint_keep)
+
+    def newest_checkpoint(self) -> int | None:
+        """The newest step for which the server and every hospital live at that step have a file."""
+        if not self.cfg.checkpoint_dir:
+            return None
+        cache: dict[int, list[int]] = {}
+        for step in reversed(checkpoint.available_steps(self.cfg.checkpoint_dir, transport.SERVER)):
+            state = checkpoint.load(self.cfg.checkpoint_dir, step, transport.SERVER, self.fingerprint)
+            needed = [h for h in range(1, self.cfg.hospitals + 1) if h not in state["lost"]]
+            ok = True
+            for h in needed:
+                if h not in cache:
+                    try:
+                        cache[h] = self.hospitals.wait(h, self.hospitals.call_async(h, "checkpoint_steps"))
+                    except HospitalFailure:
+                        cache[h] = []
+                ok = ok and step in cache[h]
+            if ok:
+                return step
+        return None
+
+    def restore(self, step: int) -> dict:
+        """Every party back to its state after ``step`` steps; returns the server's checkpoint (with the
+        loop's position and history, which the caller restores once the step plan is rebuilt)."""
+        state = checkpoint.load(self.cfg.checkpoint_dir, step, transport.SERVER, self.fingerprint)
+        self.trunk.load_state_dict(state["trunk"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.hospitals.lost = {int(k): v for k, v in state["lost"].items()}
+        for lost in self.hospitals.lost.values():
+            self.coordinator.mark_lost(lost["name"])
+        self.dedup_record = state["dedup"]
+        # Each hospital restores its L1 and the records deduplication dropped; its sizes plan the steps.
+        restored = iter(self.hospitals.call_all("load_checkpoint", step, timeout=self.cfg.setup_timeout))
+        self.info = [next(restored) if h not in self.hospitals.lost else old
+                     for h, old in zip(range(1, self.cfg.hospitals + 1), self.info)]
+        return state
+
+
+class HospitalCheckpoints:
+    """A hospital's side: L1 (and U-shaped, the tail), their optimizers, and what deduplication dropped."""
+
+    def checkpoint_steps(self) -> list[int]:
+        return checkpoint.available_steps(self.cfg.checkpoint_dir, transport.hospital_name(self.index))
+
+    def save_checkpoint(self, step: int) -> None:
+        """This hospital's state after ``step`` steps, on this hospital's disk; nothing crosses the network."""
+        name = transport.hospital_name(self.index)
+        self.settle()
+        with self.lock:
+            state = {
+                "fingerprint": checkpoint.fingerprint(self.cfg), "step": step, "party": name,
+                "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "dropped": self.dropped,
+            }
+            if self.tail is not None:
+                state.update(tail=self.tail.state_dict(), tail_optimizer=self.tail_optimizer.state_dict())
+            checkpoint.save(self.cfg.checkpoint_dir, step, name, state)
+        checkpoint.prune(self.cfg.checkpoint_dir, name, self.cfg.checkpoint_keep)
+
+    def load_checkpoint(self, step: int) -> dict:
+        """Restore L1, its optimizer and the deduplicated shard; the data order follows from the step."""
+        name = transport.hospital_name(self.index)
+        state = checkpoint.load(self.cfg.checkpoint_dir, step, name, checkpoint.fingerprint(self.cfg))
+        with self.lock:
+            self.head.load_state_dict(state["head"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.tail is not None:
+                self.tail.load_state_dict(state["tail"])
+                self.tail_optimizer.load_state_dict(state["tail_optimizer"])
+            if state["dropped"]:
+                self.shard.drop(state["dropped"])
+                self.dropped = list(state["dropped"])
+        return self.describe()
