@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
-import torch.nn.functional as F
 
 from splitrpc import codec, comm, console, data, transport
 from splitrpc.privacy.dcor import distance_correlation
@@ -33,11 +32,12 @@ from splitrpc.split.checkpoints import HospitalCheckpoints
 from splitrpc.split.dedup_session import HospitalDedup
 from splitrpc.split.faults import inject_fault, parse_fault
 from splitrpc.split.protocol import l1_sync_tensors, label_dtype
+from splitrpc.split.ushape import HospitalTail
 
 FINISH_POLL_S = 0.2
 
 
-class Hospital(HospitalCheckpoints, HospitalDedup):
+class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
     """One hospital's data shard, its L1 (the model's first ``cut`` stages) and L1's optimizer."""
 
     def __init__(self, cfg, index: int):
@@ -149,23 +149,6 @@ class Hospital(HospitalCheckpoints, HospitalDedup):
         wire = codec.hospital_send(activations, self.cfg.codec, on_gradient)
         return (*wire, labels) if self.tail is None else tuple(wire)  # U-shaped: labels stay here
 
-    def tail_loss(self, *trunk_output: torch.Tensor) -> tuple:
-        """U-shaped: this hospital's tail and loss on the trunk's output for the batch in flight.
-
-        Returns the gradient of the batch's mean loss with respect to that output (encoded
-        like activations) and the loss itself. The tail's own gradients wait here for the
-        activation gradient, so that L1 and the tail step together, or neither does.
-        """
-        flight = self.in_flight
-        with self.lock:
-            output = codec.decode(self.cfg.codec, trunk_output, self.head_dtype).detach().requires_grad_()
-            self.tail.train()
-            loss = F.cross_entropy(self.tail(output.to(self.device)), flight["labels"].long().to(self.device))
-            parameters = list(self.tail.parameters())
-            gradients = torch.autograd.grad(loss, [output, *parameters])
-        flight["tail_gradients"] = dict(zip(parameters, gradients[1:]))
-        return (*codec.encode(self.cfg.codec, gradients[0]), loss.detach().reshape(1).cpu())
-
     def _step(self, activations, gradient, lr: float, grad_scale: float, extra, tail_gradients,
               tail_scale: float) -> None:
         with self.lock:
@@ -237,17 +220,6 @@ class Hospital(HospitalCheckpoints, HospitalDedup):
             self.eval_labels[batch] = labels  # for eval_tail; they stay here
             return tuple(wire)
         return (*wire, labels)
-
-    @torch.no_grad()
-    def eval_tail(self, batch: int, *trunk_output: torch.Tensor) -> torch.Tensor:
-        """U-shaped evaluation: how many of test batch ``batch`` the tail classifies correctly (only the count leaves)."""
-        labels = self.eval_labels.pop(batch)
-        with self.lock:
-            self.tail.eval()
-            output = codec.decode(self.cfg.codec, trunk_output, self.head_dtype)
-            predictions = self.tail(output.to(self.device)).argmax(1).cpu()
-            self.tail.train()
-        return (predictions == labels.long()).sum().reshape(1).to(torch.int64)
 
     @torch.no_grad()
     def average_l1(self) -> None:

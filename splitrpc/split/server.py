@@ -32,14 +32,14 @@ from splitrpc.optim import apply_gradients, make_optimizer
 from splitrpc.split.checkpoints import ServerCheckpoints, should_resume
 from splitrpc.split.dedup_session import ServerDedup
 from splitrpc.split.hospitals import Hospitals
-from splitrpc.split.protocol import (HospitalFailure, l1_sync_numel, label_dtype, message_problem,
-                                     output_gradient_problem)
+from splitrpc.split.protocol import HospitalFailure, l1_sync_numel, label_dtype, message_problem
+from splitrpc.split.ushape import ServerTail
 
 
 LOST_ACK_WAIT_S = 2.0  # a dropped hospital that is alive polls the store every 0.2 s; a dead one never answers
 
 
-class Server(ServerCheckpoints, ServerDedup):
+class Server(ServerCheckpoints, ServerDedup, ServerTail):
     def __init__(self, cfg, coordinator: transport.Coordinator):
         self.cfg, self.coordinator = cfg, coordinator
         self.device = transport.compute_device(cfg)
@@ -254,33 +254,6 @@ class Server(ServerCheckpoints, ServerDedup):
         self.log.steps.append(list(participants))
         return loss.item(), self.cfg.batch_size * len(participants)
 
-    def _hospital_losses(self, participants: Sequence[tuple[int, int]], output: torch.Tensor):
-        """U-shaped: each participant's slice of the trunk's output goes to its hospital, whose tail computes
-        the loss with labels the server never sees, and returns the loss and its gradient for that slice.
-
-        Returns (the step's loss, the objective whose backward pass carries those gradients
-        through the trunk): sum over hospitals of <slice, gradient> / participants, the
-        gradient of the mean loss over every participant's samples, as the vanilla step's.
-        """
-        slices = output.split(self.cfg.batch_size)
-        futures = []
-        for (h, _), piece in zip(participants, slices):
-            wire = codec.encode(self.cfg.codec, piece.detach().cpu())
-            futures.append(self.hospitals.call_async(h, "tail_loss", *wire))
-        losses, objective = [], 0
-        for (h, _), piece, future in zip(participants, slices, futures):
-            reply = self.hospitals.wait(h, future)
-            problem = output_gradient_problem(reply, tuple(piece.shape), self.dtype, self.cfg.codec)
-            if problem:
-                raise HospitalFailure(h, f"{self.hospitals.name(h)} sent {problem}; rejected before the trunk")
-            *wire, loss = reply
-            gradient = codec.decode(self.cfg.codec, wire, self.dtype).to(self.device)
-            if self.capture is not None:
-                self.capture[h][-1]["output_gradient"] = gradient.detach().cpu().clone()
-            losses.append(loss)
-            objective = objective + (piece * gradient).sum()
-        return torch.cat(losses).mean(), objective / len(participants)
-
     def after_step(self, steps_done: int) -> None:
         if self.cfg.l1 == "average" and steps_done % self.cfg.l1_sync_every == 0:
             self.hospitals.call_all("average_l1")
@@ -321,9 +294,7 @@ class Server(ServerCheckpoints, ServerDedup):
             activations = codec.decode(self.cfg.codec, wire, self.dtype)
             output = self.trunk(activations.to(self.device))
             if self.u_shaped:  # the hospital's tail scores its own labels; only the count comes back
-                output_wire = codec.encode(self.cfg.codec, output.cpu())
-                count = self.hospitals.wait(h, self.hospitals.call_async(h, "eval_tail", b, *output_wire))
-                correct += int(count.item())
+                correct += self._tail_correct(h, b, output)
             else:
                 correct += (output.argmax(1).cpu() == labels.long()).sum().item()
             seen += len(output)
