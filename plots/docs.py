@@ -45,27 +45,34 @@ def _cell(text: str) -> str:
 
 
 def options_page() -> str:
-    """docs/options.md: one row per option, from splitrpc.config's field metadata."""
-    from splitrpc.config import FIELDS
+    """docs/options.md: one table per config section, one row per option, from splitrpc.config's field
+    metadata and, for the options only some methods read, the method registry."""
+    import dataclasses as dc
 
-    sections: dict[str, list[dataclasses.Field]] = {}
-    for f in FIELDS.values():
-        sections.setdefault(f.metadata.get("section") or "", []).append(f)
+    from splitrpc import methods
+    from splitrpc.config import SECTIONS
+
+    readers: dict[str, list[str]] = {}
+    for m in methods.all_methods():
+        for option in m.options:
+            readers.setdefault(option, []).append(m.name)
     lines = ["# Options of `splitrpc-train`", "",
-             f"{GENERATED} the fields of `splitrpc/config.py` (their help, choices and defaults); do not edit "
-             "by hand. `splitrpc-train --help` prints the same. Every option can also come from a TOML file "
-             "(`--config run.toml`, each key an option without its leading dashes), overridden by flags.", ""]
-    for section, fields in sections.items():
-        if len(sections) > 1:  # one table while no field names a section
-            lines += [f"## {section or 'Other options'}", ""]
-        lines += ["| option | default | choices | meaning |", "|---|---|---|---|"]
-        for f in fields:
+             f"{GENERATED} the fields of `splitrpc/config.py` (their section, help, choices and defaults) and "
+             "the method registry (`splitrpc/methods.py`: which methods read an option); do not edit by hand. "
+             "`splitrpc-train --help` prints the same. Every option can also come from a TOML file "
+             "(`--config run.toml`, each key an option without its leading dashes), overridden by flags. An "
+             "option that only other methods read is refused with one line.", ""]
+    for section, cls in SECTIONS.items():
+        lines += [f"## {section}", "", cls.__doc__.strip(), "",
+                  "| option | default | choices | read by | meaning |", "|---|---|---|---|---|"]
+        for f in dc.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             if type(f.default) is bool:
                 flag += f" / --no-{f.name.replace('_', '-')}"
-            choices = f.metadata.get("choices")
+            choices = f.metadata.get("choices") or (list(methods.REGISTRY) if f.name == "method" else None)
+            read_by = ", ".join(readers.get(f.name, [])) or "all"
             lines.append(f"| `{flag}` | {_default(f)} | {', '.join(f'`{c}`' for c in choices) if choices else ''} | "
-                         f"{_cell(f.metadata['help'])} |")
+                         f"{read_by} | {_cell(f.metadata['help'])} |")
         lines.append("")
     return "\n".join(lines)
 

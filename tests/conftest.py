@@ -17,6 +17,18 @@ CIFAR_JPEG = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CACHE_DIR = Path(os.environ.get("SPLITRPC_TEST_CACHE", REPO / ".cache" / "test-data"))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: small tensors on a shared 2-core machine run faster without
+    threads that spin against other processes (50 s instead of 1 s), and timings stay steady."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cache_dir() -> str:
     CACHE_DIR.mkdir(parents=True, exist_ok=True)

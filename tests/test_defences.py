@@ -44,12 +44,6 @@ def train_l1(cfg, monkeypatch, steps: int):
     return sent, initial, h.head.state_dict(), h.nopeek_values
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_zero_strength_defences_are_bit_identical(cache_dir, monkeypatch, one_thread):

@@ -13,14 +13,9 @@ from splitrpc.errors import UserError
 CLASSES = 10
 N = 2000
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: on a shared machine, intra-op threads only contend (50 s instead of 1 s here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 def softmax_gradients(n: int, classes: int, seed: int, logit_scale: float = 2.0, bias: torch.Tensor | None = None):

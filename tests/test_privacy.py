@@ -18,6 +18,8 @@ DATASET = "synthetic"  # normalisation of the synthetic set: mean 0.5, std 0.25 
 SIZE = 16  # image side for the attack tests; 32 only where a real CIFAR head is inverted
 CLASSES = 3
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 def smooth_images(n: int, seed: int, size: int = SIZE, low: int = 4) -> torch.Tensor:
     """Normalised images whose pixels are bilinear upsamplings of random low x low colour grids."""
@@ -45,14 +47,6 @@ def pixel_ssim(reconstructed, original) -> float:
     return image_metrics.ssim(pixels(reconstructed), pixels(original), data_range=1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The machine's cores are shared: one intra-op thread is faster here than two that
-    # spin against other processes, and keeps timings steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,9 @@ from splitrpc.models import model_for, split_model
 CFG = SimpleNamespace(seed=0, model="resnet20", num_classes=10, width=0.5, norm="batch", dtype="float32")
 SHAPE = (3, 16, 16)  # a convolution runs at any size; 16x16 keeps the inversions under a second
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: on a shared machine, intra-op threads only contend (50 s instead of 1 s here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 def normalised_batch(n: int, seed: int) -> torch.Tensor:
