@@ -376,6 +376,8 @@ class Shard:
 
 
 class TestSet:
+    """The test split every party evaluates on, in fixed batches (no augmentation)."""
+
     def __init__(self, cfg, arrays: Arrays):
         self.images = torch.from_numpy(arrays.images.take(np.arange(len(arrays.images)))).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(arrays.labels)

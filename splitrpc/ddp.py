@@ -191,6 +191,8 @@ class DdpTrainer(RankTrainer):
 
 
 class DdpParty(RankParty):
+    """One DDP rank: its replica, the peak rate (scaled with --lr-scaling), and the bytes of its all-reduces."""
+
     def make_trainer(self) -> DdpTrainer:
         return DdpTrainer(self.cfg, self.rank)
 
@@ -208,6 +210,8 @@ class DdpParty(RankParty):
 
 
 class Ddp(Method):
+    """The DDP baseline's declaration: N ranks, one per hospital, all-reducing gradients every step."""
+
     name = "ddp"
     summary = "the baseline: synchronous data-parallel SGD (DistributedDataParallel), one rank per hospital"
     exchange = "all-reduce"

@@ -147,6 +147,8 @@ class FedAvgTrainer(RankTrainer):
 
 
 class FedAvgParty(RankParty):
+    """One FedAvg rank: its replica, the round boundaries, and the bytes of its averages."""
+
     def make_trainer(self) -> FedAvgTrainer:
         return FedAvgTrainer(self.cfg, self.rank)
 
@@ -167,6 +169,8 @@ class FedAvgParty(RankParty):
 
 
 class FedAvg(Method):
+    """FedAvg's declaration: N ranks, one per hospital, averaging their replicas every round."""
+
     name = "fedavg"
     summary = "federated averaging: local steps on every hospital's replica, averaged every round"
     exchange = "all-reduce"

@@ -20,6 +20,8 @@ from splitrpc.optim import apply_gradients, make_optimizer
 
 
 class LocalTrainer:
+    """The whole model trained on the hospitals' concatenated batches in one process."""
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.device = transport.compute_device(cfg)
@@ -92,6 +94,8 @@ class LocalParty(Party):
 
 
 class Local(Method):
+    """Centralized training's declaration: one process, no network."""
+
     name = "local"
     summary = "centralized training in one process: the ceiling, and the reference for equivalence"
     one_process = True

@@ -39,6 +39,8 @@ def l1_gradient_scale(cfg, participants: int) -> float:
 
 
 class SplitReference:
+    """N L1 copies and one trunk, stepped exactly as split learning steps them, in one process."""
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.device = transport.compute_device(cfg)
@@ -123,6 +125,8 @@ class SplitLocalParty(LocalParty):
 
 
 class SplitLocal(Method):
+    """split-local's declaration: one process, the options of split learning's arithmetic."""
+
     name = "split-local"
     summary = ("split learning's arithmetic in one process (N L1 copies + one trunk), the exact reference for "
                "--method split")

@@ -22,6 +22,8 @@ from splitrpc.methods import Method, Party
 
 
 class Split(Method):
+    """Split learning's declaration: 1 server + N hospitals, the options only it reads, its checks."""
+
     name = "split"
     summary = "split learning: each hospital keeps its data and L1, the server the trunk (1 + N processes)"
     exchange = "activations"

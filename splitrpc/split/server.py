@@ -40,6 +40,9 @@ LOST_ACK_WAIT_S = 2.0  # a dropped hospital that is alive polls the store every 
 
 
 class Server(ServerCheckpoints, ServerDedup, ServerTail):
+    """Rank 0's trunk and the steps and evaluations it drives through the hospitals proxy (checkpoints,
+    deduplication and the U-shaped tail are its mixins)."""
+
     def __init__(self, cfg, coordinator: transport.Coordinator):
         self.cfg, self.coordinator = cfg, coordinator
         self.device = transport.compute_device(cfg)
