@@ -17,6 +17,24 @@ CIFAR_JPEG = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CACHE_DIR = Path(os.environ.get("SPLITRPC_TEST_CACHE", REPO / ".cache" / "test-data"))
 
 
+def options_for(method: str, args) -> list:
+    """``args`` without the options that ``method`` does not read (they are an error there): one
+    list of options serves a method and its reference, e.g. split and local training."""
+    from splitrpc import methods
+    from splitrpc.config import FIELDS
+
+    others = {o for m in methods.all_methods() for o in m.options} - set(methods.get(method).options)
+    kept, args, i = [], list(args), 0
+    while i < len(args):
+        name = str(args[i]).removeprefix("--").removeprefix("no-").replace("-", "_")
+        if str(args[i]).startswith("--") and name in others:
+            i += 1 if type(FIELDS[name].default) is bool else 2
+            continue
+        kept.append(args[i])
+        i += 1
+    return kept
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test: small tensors on a shared 2-core machine run faster without

@@ -11,6 +11,8 @@ import json
 import pytest
 import torch
 
+from conftest import options_for
+
 from test_split import SMALL, assert_state_close, relative_error
 
 pytestmark = pytest.mark.distributed
@@ -77,7 +79,8 @@ def test_ablations_unscaled_l1_gradient_and_periodic_average_equal_reference(cli
 
 def _local_and_reference(cli, tmp_path, common):
     for method in ("local", "split-local"):
-        result = cli("--method", method, *common, "--save-dir", tmp_path / method, "--out", tmp_path / f"{method}.jsonl")
+        result = cli("--method", method, *options_for(method, common), "--save-dir", tmp_path / method, "--out",
+                     tmp_path / f"{method}.jsonl")
         assert result.returncode == 0, result
     return [json.loads((tmp_path / f"{method}.jsonl").read_text()) for method in ("local", "split-local")]
 

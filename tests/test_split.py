@@ -5,6 +5,8 @@ import re
 import pytest
 import torch
 
+from conftest import options_for
+
 
 pytestmark = pytest.mark.distributed
 
@@ -46,7 +48,7 @@ def test_one_hospital_sequential_equals_local(cli, tmp_path):
     # order on one intra-op thread each: equal bit for bit (rtol 0).
     common = [*SMALL, "--hospitals", 1, "--schedule", "sequential", "--batch-size", 32, "--max-steps", 24,
               "--optimizer", "sgd", "--momentum", 0.9, "--lr", 0.05, "--synthetic-train", 1024]
-    local = cli("--method", "local", *common, "--save-dir", tmp_path / "local", "--out", tmp_path / "local.jsonl")
+    local = cli("--method", "local", *options_for("local", common), "--save-dir", tmp_path / "local", "--out", tmp_path / "local.jsonl")
     split = cli("--method", "split", *common, "--save-dir", tmp_path / "split", "--out", tmp_path / "split.jsonl")
     local.out, split.out = tmp_path / "local.jsonl", tmp_path / "split.jsonl"
     assert_equivalent(local, split, tmp_path, 1, rtol=0.0)
@@ -61,7 +63,7 @@ def test_three_hospitals_parallel_average_equals_local_concatenated(cli, tmp_pat
     common = [*SMALL, "--hospitals", 3, "--schedule", "parallel", "--l1", "average", "--l1-sync-every", 1,
               "--norm", "group", "--dtype", "float64", "--batch-size", 16, "--max-steps", 20,
               "--momentum", 0.9, "--nesterov", "--lr", 0.05, "--synthetic-train", 1024]
-    local = cli("--method", "local", *common, "--save-dir", tmp_path / "local", "--out", tmp_path / "local.jsonl")
+    local = cli("--method", "local", *options_for("local", common), "--save-dir", tmp_path / "local", "--out", tmp_path / "local.jsonl")
     split = cli("--method", "split", *common, "--save-dir", tmp_path / "split", "--out", tmp_path / "split.jsonl")
     local.out, split.out = tmp_path / "local.jsonl", tmp_path / "split.jsonl"
     assert_equivalent(local, split, tmp_path, 3, rtol=1e-5)
