@@ -16,8 +16,6 @@ N = 2000
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-
-
 def softmax_gradients(n: int, classes: int, seed: int, logit_scale: float = 2.0, bias: torch.Tensor | None = None):
     """(g, labels): gradients of softmax cross-entropy wrt random logits, g = softmax(z) - onehot(y).
 
@@ -197,14 +195,3 @@ def test_bench_emulates_u_shaped_gradients_and_records_every_setting(tmp_path, c
                                "--set", "dataset=synthetic", "--set", f"cache_dir={cache_dir}"])
     assert code == 2
     assert "leaves the server no stage" in capsys.readouterr().err
-
-
-def test_docs_table_regenerates_from_the_committed_results():
-    # The table lives on the generated results page of the privacy benchmarks (docs/privacy.md links to it).
-    from pathlib import Path
-
-    from bench import label_leakage
-
-    repo = Path(__file__).resolve().parents[1]
-    page = (repo / "docs" / "results" / "privacy.md").read_text()
-    assert label_leakage.table(str(repo / "results" / "label_leakage.jsonl")) in page

@@ -17,8 +17,6 @@ SHAPE = (3, 16, 16)  # a convolution runs at any size; 16x16 keeps the inversion
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-
-
 def normalised_batch(n: int, seed: int) -> torch.Tensor:
     """Smooth images with the statistics of normalised data: mean 0, std 1 per channel over the batch."""
     generator = torch.Generator().manual_seed(seed)
@@ -83,14 +81,3 @@ def test_bench_bad_input_is_one_line(tmp_path, capsys):
     assert "--steps expects comma-separated integers" in capsys.readouterr().err
     assert shared_init.main(["--table", "--out", str(tmp_path / "none.jsonl")]) == 2
     assert "no results yet" in capsys.readouterr().err
-
-
-def test_docs_table_regenerates_from_the_committed_results():
-    # The table lives on the generated results page of the privacy benchmarks (docs/privacy.md links to it).
-    from pathlib import Path
-
-    from bench import shared_init
-
-    repo = Path(__file__).resolve().parents[1]
-    page = (repo / "docs" / "results" / "privacy.md").read_text()
-    assert shared_init.table(str(repo / "results" / "shared_init.jsonl")) in page
