@@ -7,6 +7,7 @@ and accuracy of float32 / bf16 / fp8 at the cut.
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,29 +23,59 @@ def _model(cfg: dict) -> str:
     return f"{cfg['model']}{width}"
 
 
-def _local_samples_per_s(records: list[dict]) -> dict:
-    return {(_model(r["config"]), r["config"].get("schedule", "sequential")): r["samples_per_s"]
-            for r in records if r["config"]["method"] == "local"}
+REPEAT_PREFIX = "repeat "  # bench/configs/throughput.toml tags every run of pass k "repeat k"
+
+
+def _repeat(r: dict) -> str | None:
+    tag = r["config"].get("tag") or ""
+    return tag if tag.startswith(REPEAT_PREFIX) else None
+
+
+def _spread(values: list[float], digits: int) -> str:
+    """median (min-max, n) of ``values``."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f} (n = 1)"
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f}, n = {len(values)})"
 
 
 def throughput_table(records: list[dict]) -> list[str]:
-    local = _local_samples_per_s(records)
-    lines = ["## throughput (samples/s on the same 2 cores; split against local with the same schedule)", "",
+    """Medians and spreads over the repeated passes (every run of a pass alternates with the other methods,
+    and a split run's "vs local" is taken against the local run of the same schedule in the same pass);
+    then the earlier single runs, listed as they were, so that no run is left out."""
+    ok = [r for r in records if r.get("status", "ok") == "ok"]
+    repeated = [r for r in ok if _repeat(r)]
+    local = {(_model(r["config"]), r["config"].get("schedule", "sequential"), _repeat(r)): r["samples_per_s"]
+             for r in repeated if r["config"]["method"] == "local"}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in repeated:
+        groups[(_model(r["config"]), variant(r["config"], "engine"))].append(r)
+    lines = ["## throughput (samples/s on the same 2 cores, median (min-max, n) over the repeated passes; a split "
+             "run against local training with the same schedule in the same pass)", "",
              "| model | run | threads (server / hospitals, or per process) | samples/s | vs local | "
              "requests per hospital per step | server waiting for activations (s) |",
              "|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (_model(r["config"]), variant(r["config"], "engine"))):
-        cfg, comm = r["config"], r.get("comm") or {}
-        reference = local.get((_model(cfg), cfg.get("schedule", "sequential"))) if cfg["method"] == "split" else None
-        threads = r.get("threads")
+    for (model, name), runs in sorted(groups.items()):
+        cfg = runs[0]["config"]
+        threads = runs[0].get("threads")
         threads_text = (f"{threads['server']} / {', '.join(map(str, threads['hospitals']))}" if threads
-                        else str(r.get("threads_per_process", "")))
-        trips = comm.get("round_trips_per_step")
-        waiting = (comm.get("server_time_s") or {}).get("waiting_for_activations")
+                        else str(runs[0].get("threads_per_process", "")))
+        ratios = [relative_speed(r["samples_per_s"], local[(model, cfg.get("schedule", "sequential"), _repeat(r))])
+                  for r in runs if cfg["method"] == "split"
+                  and (model, cfg.get("schedule", "sequential"), _repeat(r)) in local]
+        trips = [(r.get("comm") or {}).get("round_trips_per_step") for r in runs]
+        waiting = [((r.get("comm") or {}).get("server_time_s") or {}).get("waiting_for_activations") for r in runs]
         lines.append(
-            f"| {_model(cfg)} | {variant(cfg, 'engine')} | {threads_text} | {r['samples_per_s']:.0f} | "
-            f"{'' if not reference else format(relative_speed(r['samples_per_s'], reference), '.2f')} | "
-            f"{'' if trips is None else format(trips, '.2f')} | {'' if waiting is None else format(waiting, '.1f')} |")
+            f"| {model} | {name} | {threads_text} | {_spread([r['samples_per_s'] for r in runs], 0)} | "
+            f"{_spread(ratios, 2) if ratios else ''} | "
+            f"{'' if None in trips else format(statistics.median(trips), '.2f')} | "
+            f"{'' if None in waiting else format(statistics.median(waiting), '.1f')} |")
+    earlier = [r for r in ok if not _repeat(r)]
+    if earlier:
+        lines += ["", "## throughput, earlier single runs (one pass, older code: see each record's git commit)", "",
+                  "| model | run | samples/s | commit |", "|---|---|---|---|"]
+        for r in sorted(earlier, key=lambda r: (_model(r["config"]), variant(r["config"], "engine"))):
+            lines.append(f"| {_model(r['config'])} | {variant(r['config'], 'engine')} | {r['samples_per_s']:.0f} | "
+                         f"{(r.get('git_commit') or '')[:8]} |")
     return lines + [""]
 
 
@@ -73,16 +104,25 @@ def codec_table(records: list[dict]) -> list[str]:
 
 
 def fig_throughput(records: list[dict], out_dir: Path, name: str, save) -> list[Path]:
-    models = sorted({_model(r["config"]) for r in records})
+    """Median samples/s of every variant over the repeated passes, the whiskers their min and max (the
+    earlier single runs when there are no repeated ones)."""
+    ok = [r for r in records if r.get("status", "ok") == "ok"]
+    shown = [r for r in ok if _repeat(r)] or ok
+    models = sorted({_model(r["config"]) for r in shown})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
-        rows = sorted((variant(r["config"], "engine"), r["samples_per_s"]) for r in records
-                      if _model(r["config"]) == model)
+        groups: dict[str, list[float]] = defaultdict(list)
+        for r in shown:
+            if _model(r["config"]) == model:
+                groups[variant(r["config"], "engine")].append(r["samples_per_s"])
+        names = sorted(groups)
+        medians = [statistics.median(groups[n]) for n in names]
+        errors = [[m - min(groups[n]) for n, m in zip(names, medians)], [max(groups[n]) - m for n, m in zip(names, medians)]]
         colors = ["tab:gray" if v.startswith("local") else "tab:blue" if v.startswith("split") else "tab:orange"
-                  for v, _ in rows]
-        ax.barh([v for v, _ in rows], [s for _, s in rows], color=colors)
+                  for v in names]
+        ax.barh(names, medians, xerr=errors, color=colors, capsize=3)
         ax.set_title(model)
-        ax.set_xlabel("samples/s (2 cores, synthetic data, TCP)")
+        ax.set_xlabel("samples/s (2 cores, synthetic data, TCP; median, min-max)")
         ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     return save(fig, name, out_dir)

@@ -408,6 +408,11 @@ def load_shard(cfg, hospital: int) -> Shard:
     return Shard(cfg, hospital, train.images.take(mine), train.labels[mine], train.names[mine])
 
 
+def load_all(cfg) -> tuple[list, "TestSet"]:
+    """Every hospital's shard and the test set, for the one-process methods that hold them all."""
+    return [load_shard(cfg, h) for h in range(1, cfg.hospitals + 1)], load_test(cfg)
+
+
 def load_test(cfg) -> TestSet:
     return TestSet(cfg, load_split(cfg, "test"))
 

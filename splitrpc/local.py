@@ -25,8 +25,7 @@ class LocalTrainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.device = transport.compute_device(cfg)
-        self.shards = [data.load_shard(cfg, h) for h in range(1, cfg.hospitals + 1)]
-        self.test = data.load_test(cfg)
+        self.shards, self.test = data.load_all(cfg)
         self.model = model_for(cfg).to(self.device)
         split_model(self.model, cfg.cut)  # the same --cut check as split learning
         self.optimizer = make_optimizer(cfg, self.model.parameters())

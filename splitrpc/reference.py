@@ -44,8 +44,7 @@ class SplitReference:
     def __init__(self, cfg):
         self.cfg = cfg
         self.device = transport.compute_device(cfg)
-        self.shards = [data.load_shard(cfg, h) for h in range(1, cfg.hospitals + 1)]
-        self.test = data.load_test(cfg)
+        self.shards, self.test = data.load_all(cfg)
         # Every party of a split run builds the full model from --seed and keeps its part.
         _, self.trunk = split_model(model_for(cfg), cfg.cut)
         self.trunk.to(self.device)
