@@ -328,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"--save: runs of the benchmarks the tolerances come from (default {SAVE_REPEATS}, at least 3)")
     parser.add_argument("--baseline", type=Path, default=BASELINE, help="the baseline file (default %(default)s)")
     args = parser.parse_args(argv)
-    if args.save and args.repeats < 3:
-        parser.error("--repeats must be at least 3 (a tolerance comes from the spread of the repeats)")
     try:
+        if args.save and args.repeats < 3:
+            raise CheckError(f"--repeats must be at least 3, got {args.repeats} (a tolerance comes from the spread "
+                             "of the repeats)")
         if args.save:
             return save(args.baseline, args.repeats)
         return check(args.baseline)

@@ -48,12 +48,14 @@ import sys
 from pathlib import Path
 
 from bench import timemodel
+from splitrpc import methods
 from splitrpc.errors import UserError, report
 from splitrpc.record import RunRecord, variant
 
 REPO = Path(__file__).resolve().parents[1]
 
-METHODS = ("split", "ddp", "fedavg")  # methods that run across hospitals (local pools the data: no links)
+# The registry's methods that run across hospitals (a one-process method pools the data: no links).
+METHODS = tuple(m.name for m in methods.all_methods() if not m.one_process)
 RATES_BIT_S = (None, 1e9, 100e6, 50e6, 20e6, 10e6)  # None: the links of the unshaped runs (veth speed)
 TARGETS = (0.70, 0.75, 0.80)
 # Keys that may differ between a convergence run and the shaped run of its first epoch.

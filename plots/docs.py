@@ -52,10 +52,7 @@ def options_page() -> str:
     from splitrpc import methods
     from splitrpc.config import SECTIONS
 
-    readers: dict[str, list[str]] = {}
-    for m in methods.all_methods():
-        for option in m.options:
-            readers.setdefault(option, []).append(m.name)
+    readers = methods.readers()
     lines = ["# Options of `splitrpc-train`", "",
              f"{GENERATED} the fields of `splitrpc/config.py` (their section, help, choices and defaults) and "
              "the method registry (`splitrpc/methods.py`: which methods read an option); do not edit by hand. "

@@ -124,15 +124,21 @@ def all_methods() -> list[Method]:
     return [get(name) for name in REGISTRY]
 
 
+def readers() -> dict[str, list[str]]:
+    """{option: the methods that read it} for every method-specific option (``Method.options``)."""
+    found: dict[str, list[str]] = {}
+    for m in all_methods():
+        for option in m.options:
+            found.setdefault(option, []).append(m.name)
+    return found
+
+
 def check_options(cfg, fields: dict, given: set[str] | None = None):
     """An option that only other methods read, given to this one, is one clear error; then the
     method's own checks. ``given``: the options set by flags or TOML (None: unknown, judge by
     value). Returns ``cfg`` with the method's fixed options set."""
     method = get(cfg.method)
-    readers: dict[str, list[str]] = {}
-    for m in all_methods():
-        for option in m.options:
-            readers.setdefault(option, []).append(m.name)
+    read_by = readers()
     for option, value in method.fixed.items():
         current = getattr(cfg, option)
         explicit = option in given if given is not None else current != fields[option].default
@@ -141,13 +147,13 @@ def check_options(cfg, fields: dict, given: set[str] | None = None):
                             f"with {_as_flag(option, value)})")
     if method.fixed:
         cfg = dataclasses.replace(cfg, **method.fixed)
-    for option in sorted(readers):
+    for option in sorted(read_by):
         if option in method.options or option in method.fixed:
             continue
         value = getattr(cfg, option)
         if value != fields[option].default:
             raise UserError(f"{_as_flag(option, value)} does not apply to --method {cfg.method} (it is read by "
-                            f"--method {', '.join(readers[option])})")
+                            f"--method {', '.join(read_by[option])})")
     method.validate(cfg)
     return cfg
 

@@ -23,7 +23,7 @@ def options_for(method: str, args) -> list:
     from splitrpc import methods
     from splitrpc.config import FIELDS
 
-    others = {o for m in methods.all_methods() for o in m.options} - set(methods.get(method).options)
+    others = set(methods.readers()) - set(methods.get(method).options)
     kept, args, i = [], list(args), 0
     while i < len(args):
         name = str(args[i]).removeprefix("--").removeprefix("no-").replace("-", "_")

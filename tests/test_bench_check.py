@@ -163,3 +163,10 @@ def test_the_committed_baseline_covers_every_quantity():
     for q in check.QUANTITIES:
         r = data["ratios"][q.name]
         assert len(r["repeats"]) >= 5 and r["tolerance"] == check.tolerance(r["repeats"])
+
+
+def test_too_few_repeats_to_save_is_one_line_and_exit_2(tmp_path, capsys):
+    assert check.main(["--save", "--repeats", "2", "--baseline", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--repeats must be at least 3, got 2" in err
+    assert not (tmp_path / "b.json").exists()
