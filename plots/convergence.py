@@ -56,11 +56,19 @@ def fig_convergence(records: list[dict], out_dir: Path, name: str, save) -> list
     names = sorted({variant(r["config"]) for r in records}, key=_order)
     for col, key in enumerate(keys):
         by_epoch, by_bytes = axes[0][col], axes[1][col]
-        for r in sorted(panels[key], key=lambda r: _order(variant(r["config"]))):
+        drawn = set()
+        for r in sorted(panels[key], key=lambda r: (_order(variant(r["config"])), r["config"].get("seed", 0))):
             label = variant(r["config"])
             color = cmap(names.index(label) % 10)
             epochs, accs = RunRecord.of(r).curve("test_acc_mean")
-            by_epoch.plot(epochs, accs, marker="o", markersize=3, color=color, label=label)
+            repeat = label in drawn  # another seed of a variant drawn already: the same colour, one legend entry
+            drawn.add(label)
+            by_epoch.plot(epochs, accs, marker="o", markersize=3, color=color, label="_" + label if repeat else label)
+            if repeat:
+                traffic = _cumulative_mb(r)
+                if traffic is not None:
+                    by_bytes.plot(traffic, accs, marker="o", markersize=3, color=color)
+                continue
             if r["config"]["method"] == "split" and r["config"].get("l1") != "average":
                 # Independent L1s: every hospital has its own model; the worst of them.
                 by_epoch.plot(*RunRecord.of(r).curve("test_acc_min"), linestyle="--", color=color, alpha=0.5,
@@ -83,20 +91,124 @@ def fig_convergence(records: list[dict], out_dir: Path, name: str, save) -> list
     return save(fig, name, out_dir)
 
 
+def _setting(cfg: dict) -> tuple[str, str, int]:
+    return _model(cfg), partition(cfg), cfg.get("epochs", 0)
+
+
+def by_variant(records: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
+    """{(model, partition, epochs): {variant: its runs (every seed)}} of the whole-schedule runs."""
+    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if RunRecord.of(r).whole_schedule:
+            groups[_setting(r["config"])][variant(r["config"])].append(r)
+    return groups
+
+
+def _summary(runs: list[dict]) -> dict:
+    accs = [r["final_test_acc"] for r in runs]
+    traffic = [RunRecord.of(r).bytes_per_epoch_per_hospital("tcp") for r in runs]
+    return {"n": len(runs), "mean": sum(accs) / len(accs), "min": min(accs), "max": max(accs),
+            "seeds": sorted(r["config"].get("seed", 0) for r in runs),
+            "bytes": None if traffic[0] is None else sum(traffic) / len(traffic)}
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The (bytes, accuracy, name) points that no other point beats in both (fewer bytes, higher accuracy)."""
+    front, best = [], float("-inf")
+    for b, acc, name in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((b, acc, name))
+            best = acc
+    return front
+
+
+def fig_pareto(records: list[dict], out_dir: Path, name: str, save) -> list[Path]:
+    """Final accuracy (mean over seeds, bar: min to max) against training bytes per hospital per epoch, with
+    the Pareto front; methods that move no bytes (local) as a horizontal line. A panel per setting."""
+    groups = {k: v for k, v in by_variant(records).items() if k[2] >= 15}
+    if not groups:
+        return []
+    keys = sorted(groups)
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 5.2), squeeze=False, constrained_layout=True)
+    for ax, key in zip(axes[0], keys):
+        points = []
+        for label, runs in sorted(groups[key].items(), key=lambda kv: _order(kv[0])):
+            s = _summary(runs)
+            if s["bytes"] is None:
+                ax.axhline(s["mean"], color="grey", lw=0.8, ls=":")
+                ax.annotate(f"{label} (no network)", (0.01, s["mean"]), xycoords=("axes fraction", "data"),
+                            fontsize=7, va="bottom", color="grey")
+                continue
+            points.append((s["bytes"] / MB, s["mean"], label))
+            ax.errorbar([s["bytes"] / MB], [s["mean"]], yerr=[[s["mean"] - s["min"]], [s["max"] - s["mean"]]],
+                        fmt="o", ms=4, capsize=2)
+            ax.annotate(f"{label}" + (f" (n={s['n']})" if s["n"] > 1 else ""), (s["bytes"] / MB, s["mean"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+        front = pareto(points)
+        if front:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="C3", lw=1,
+                    label="Pareto front (fewer bytes, higher accuracy)")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_xscale("log")
+        ax.set_xlabel("training traffic per hospital per epoch (MB, kernel TCP counters)")
+        ax.set_ylabel(f"final test accuracy after {key[2]} epochs (mean over seeds)")
+        ax.set_title(f"{key[0]}, {key[1]}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    return save(fig, name, out_dir)
+
+
+def variants_table(records: list[dict]) -> list[str]:
+    """One row per variant over its seeds: final accuracy mean (min-max, n), bytes per hospital per epoch and
+    how many times fewer than float32 split learning with the same L1 handling, and whether it is on the
+    Pareto front."""
+    lines = ["## by variant, over seeds (whole schedules only)", "",
+             "| model | partition | epochs | variant | final acc mean (min-max, n) | seeds | MB per hospital per epoch "
+             "(tcp) | x fewer bytes than float32 split | Pareto front |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, variants in sorted(by_variant(records).items()):
+        summaries = {label: _summary(runs) for label, runs in variants.items()}
+        front = {p[2] for p in pareto([(s["bytes"], s["mean"], label) for label, s in summaries.items()
+                                       if s["bytes"] is not None])}
+        for label, s in sorted(summaries.items(), key=lambda kv: _order(kv[0])):
+            plain = summaries.get(_float32_split(label))
+            fewer = "" if s["bytes"] is None or plain is None or plain["bytes"] is None \
+                else f"{plain['bytes'] / s['bytes']:.1f}"
+            mb = "" if s["bytes"] is None else f"{s['bytes'] / MB:.0f}"
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {label} | {s['mean']:.4f} ({s['min']:.4f}-{s['max']:.4f}, "
+                         f"{s['n']}) | {', '.join(map(str, s['seeds']))} | {mb} | {fewer} | "
+                         f"{'yes' if label in front else ''} |")
+    return lines + [""]
+
+
+def _float32_split(label: str) -> str | None:
+    """The float32 split variant with the same L1 handling and cut as ``label`` (a codec dropped), or None."""
+    if not label.startswith("split ("):
+        return None
+    parts = [p for p in label[len("split ("):-1].split(", ")
+             if not (p.startswith("top-k") or p in ("fp8", "bf16", "fp16") or p.startswith("random ")
+                     or p == "feedback")]
+    return f"split ({', '.join(parts)})"
+
+
 def convergence_table(records: list[dict]) -> list[str]:
-    lines = ["## convergence (bench/configs/convergence.toml; settings in each record's config)", "",
-             "| model | partition | variant | epochs | final acc (mean / min) | vs local (points) | best acc (epoch) "
+    return variants_table(records) + runs_table(records)
+
+
+def runs_table(records: list[dict]) -> list[str]:
+    lines = ["## every run (bench/configs/convergence.toml; settings in each record's config)", "",
+             "| model | partition | variant | seed | epochs | final acc (mean / min) | vs local (points) | best acc (epoch) "
              "| final train loss | train MB per hospital per epoch (tcp) | wall time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     local = {(_model(r["config"]), partition(r["config"])): r["final_test_acc"]
-             for r in records if r["config"]["method"] == "local"}
+             for r in records if r["config"]["method"] == "local" and r["config"].get("seed", 0) == 0}
     for r in sorted(records, key=lambda r: (_model(r["config"]), partition(r["config"]), _order(variant(r["config"])))):
         cfg = r["config"]
         key = (_model(cfg), partition(cfg))
         gap = "" if key not in local else f"{100 * (r['final_test_acc'] - local[key]):+.2f}"
         best, best_epoch = _best(r)
         traffic = RunRecord.of(r).bytes_per_epoch_per_hospital("tcp")
-        lines.append(f"| {key[0]} | {key[1]} | {variant(cfg)} | {len(r['epochs'])} | {r['final_test_acc']:.4f} / "
+        lines.append(f"| {key[0]} | {key[1]} | {variant(cfg)} | {cfg.get('seed', 0)} | {len(r['epochs'])} | "
+                     f"{r['final_test_acc']:.4f} / "
                      f"{r['final_test_acc_min']:.4f} | {gap} | {best:.4f} ({best_epoch}) | "
                      f"{r['epochs'][-1]['train_loss']:.4f} | {'' if traffic is None else f'{traffic / MB:.0f}'} | "
                      f"{r['wall_time_s']:.0f} |")

@@ -253,7 +253,8 @@ PAGES = [
     ("convergence", "Accuracy at convergence", ("convergence",),
      "15 epochs, N=4, IID and Dirichlet 0.3 (`bench/configs/convergence.toml`). Analysis: "
      "[methods](../methods.md).",
-     ("python -m bench run bench/configs/convergence.toml",), ("plots/figures/convergence.png",)),
+     ("python -m bench run bench/configs/convergence.toml",),
+     ("plots/figures/convergence.png", "plots/figures/accuracy_bytes_pareto.png")),
     ("codec", "Cut-layer codecs", ("codec",),
      "float32, bf16 and fp8 at the cut, same seed and steps (`bench/configs/codec.toml`). Analysis: "
      "[methods](../methods.md).",

@@ -438,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         written += engine.fig_codec(experiments["codec"], out, "codec_accuracy_vs_bytes", save)
     if "convergence" in experiments:
         written += convergence.fig_convergence(experiments["convergence"], out, "convergence", save)
+        written += convergence.fig_pareto(experiments["convergence"], out, "accuracy_bytes_pareto", save)
     if "privacy_attacks" in experiments:
         attacks = experiments["privacy_attacks"]
         written += fig_privacy(attacks, out, "privacy_utility_communication")

@@ -36,6 +36,7 @@ class SplitBytes:
     def __init__(self, cfg, activation_shape: tuple, output_shape: tuple | None, l1_numel: int):
         self.cfg, self.activation_shape, self.output_shape, self.l1_numel = cfg, activation_shape, output_shape, l1_numel
         self.dtype = getattr(torch, cfg.dtype)
+        self.codec = codec.for_config(cfg)
         self.element_size = torch.empty((), dtype=self.dtype).element_size()
         from splitrpc.split.protocol import label_dtype
 
@@ -49,9 +50,10 @@ class SplitBytes:
         output and the activation gradient down; in evaluation the hospital returns
         how many it classified correctly.
         """
-        activations = codec.wire_bytes(self.cfg.codec, (batch, *self.activation_shape), self.dtype)
+        shape = (batch, *self.activation_shape)
+        activations = codec.wire_bytes(self.codec, shape, self.dtype)
         if self.output_shape is None:
-            return activations + batch * self.label_size, activations if training else 0
+            return activations + batch * self.label_size, codec.gradient_bytes(self.codec, shape, self.dtype) if training else 0
         output = codec.wire_bytes(self.cfg.codec, (batch, *self.output_shape), self.dtype)
         if training:
             return activations + output + self.element_size, activations + output

@@ -34,7 +34,8 @@ TRANSPORTS = ("tcp", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 LABEL_MODES = ("server", "hospital")
-CODECS = ("none", "bf16", "fp16", "fp8")  # splitrpc.codec.CODECS; kept here so that config imports no torch
+TOPK_VALUES = ("bf16", "fp8")
+CODECS = ("none", "bf16", "fp16", "fp8", "topk")  # splitrpc.codec.CODECS; kept here so that config imports no torch
 
 
 def _opt(section: str, default, help, choices=None, **kw):
@@ -104,7 +105,16 @@ class SplitOptions:
                        "leave it", LABEL_MODES)
     tail: int = _opt("split", 1, "--labels hospital: model stages each hospital keeps at the end (1 = the classifier)")
     codec: str = _opt("split", "none", "how activations travel up and their gradients down: as they are, as bfloat16 or "
-                      "float16, or as float8 e4m3 with a float32 scale per channel (about 4x fewer bytes)", CODECS)
+                      "float16, as float8 e4m3 with a float32 scale per channel (about 4x fewer bytes), or top-k: "
+                      "per sample the largest 1/--topk-ratio of the values and their positions, the gradient "
+                      "at those positions only", CODECS)
+    topk_ratio: int = _opt("split", 16, "--codec topk: keep 1 value in this many per sample (k = values // ratio)")
+    topk_values: str = _opt("split", "bf16", "--codec topk: the kept values (and the gradient's) as bfloat16, or as float8 "
+                            "e4m3 with a float32 scale per sample", TOPK_VALUES)
+    topk_random: float = _opt("split", 0.0, "--codec topk: randomized top-k (Zheng et al. 2023): the share of the draw "
+                              "that goes to positions outside the top k in training (0 = plain top-k)")
+    topk_feedback: bool = _opt("split", False, "--codec topk: error feedback: the hospital adds what the last batch's "
+                               "top-k left out to the next batch's activations")
     prefetch: bool = _opt("split", True, "sequential schedule: the next step's hospital computes and sends its activations "
                           "while the server runs this step (only where that leaves the result unchanged)")
 
@@ -352,6 +362,17 @@ def validate(cfg: Config, given: set[str] | None = None) -> Config:
     if cfg.codec != "none" and cfg.dtype != "float32":
         raise UserError(f"--codec {cfg.codec} compresses float32 activations; it cannot be combined with "
                         f"--dtype {cfg.dtype}")
+    topk_given = [name for name in ("topk_ratio", "topk_values", "topk_random", "topk_feedback")
+                  if getattr(cfg, name) != FIELDS[name].default]
+    if topk_given and cfg.codec != "topk":
+        raise UserError(f"--{topk_given[0].replace('_', '-')} sets the top-k codec: it needs --codec topk")
+    if cfg.topk_ratio < 2:
+        raise UserError(f"--topk-ratio must be at least 2, got {cfg.topk_ratio}")
+    if not 0 <= cfg.topk_random < 1:
+        raise UserError(f"--topk-random must be in [0, 1), got {cfg.topk_random}")
+    if cfg.codec == "topk" and cfg.labels == "hospital":
+        raise UserError("--codec topk cannot be combined with --labels hospital: the U-shaped trunk output and its "
+                        "gradient travel dense (use --codec bf16 or fp8 there)")
     if cfg.capture_samples < 1:
         raise UserError(f"--capture-samples must be at least 1, got {cfg.capture_samples}")
     if cfg.dedup_manifest and cfg.dataset != "imagefolder":

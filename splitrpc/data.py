@@ -303,7 +303,7 @@ def derived_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-ORDER, AUGMENT, NOISE, EVAL_NOISE = 1, 2, 3, 4  # seed domains
+ORDER, AUGMENT, NOISE, EVAL_NOISE, CODEC = 1, 2, 3, 4, 5  # seed domains
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -162,8 +162,8 @@ def variant(cfg: Mapping, detail: str = "training") -> str:
 
     * ``"training"``: what changes the accuracy curve (plots.convergence, bench.time_to_accuracy):
       ``fedavg (10 local steps)``, ``fedavg (1 round per epoch)``, ``split (independent L1, cut 2)``,
-      ``split (L1 averaged every 10 steps)``, ``split (independent L1, L1 gradient unscaled)``; other
-      methods by name.
+      ``split (L1 averaged every 10 steps)``, ``split (independent L1, L1 gradient unscaled)``,
+      ``split (independent L1, top-k 1/16)``; other methods by name.
     * ``"codec"``: what changes the bytes on a link (bench.timemodel, plots.wan, the keys of
       results/wan_model.json): the method, with the cut-layer codec when one is used (``split+fp8``).
     * ``"engine"``: what changes the speed of the engine (plots.engine's throughput table): the schedule
@@ -173,7 +173,7 @@ def variant(cfg: Mapping, detail: str = "training") -> str:
     method = cfg["method"]
     if detail == "codec":
         codec = cfg.get("codec", "none")
-        return method if codec in (None, "none") else f"{method}+{codec}"
+        return method if codec in (None, "none") else f"{method}+{codec_name(cfg)}"
     if detail == "engine":
         if method == "local":
             return f"local ({cfg.get('schedule', 'sequential')})"
@@ -183,7 +183,7 @@ def variant(cfg: Mapping, detail: str = "training") -> str:
         if not cfg.get("prefetch", True) and cfg.get("schedule") == "sequential":
             parts.append("no prefetch")
         if cfg.get("codec", "none") != "none":
-            parts.append(cfg["codec"])
+            parts.append(codec_name(cfg))
         return f"split ({', '.join(parts)})"
     if detail != "training":
         raise ValueError(f"unknown variant detail {detail!r}: choose from {', '.join(VARIANT_DETAILS)}")
@@ -202,7 +202,22 @@ def variant(cfg: Mapping, detail: str = "training") -> str:
         parts.append("L1 gradient unscaled")
     if cfg.get("cut", 1) != 1:
         parts.append(f"cut {cfg['cut']}")
+    if cfg.get("codec", "none") != "none":
+        parts.append(codec_name(cfg))
     return f"split ({', '.join(parts)})"
+
+
+def codec_name(cfg: Mapping) -> str:
+    """The cut's codec as tables name it: ``fp8``, ``top-k 1/16``, ``top-k 1/16 fp8, random 0.1, feedback``."""
+    codec = cfg.get("codec", "none")
+    if codec != "topk":
+        return codec
+    name = f"top-k 1/{cfg.get('topk_ratio', 16)}"
+    if cfg.get("topk_values", "bf16") != "bf16":
+        name += f" {cfg['topk_values']}"
+    extras = ([f"random {cfg['topk_random']:g}"] if cfg.get("topk_random", 0) else []) + \
+        (["feedback"] if cfg.get("topk_feedback") else [])
+    return ", ".join([name, *extras])
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,12 @@ def test_record_round_trip():
     (["--method", "split-local", "--codec", "fp8"], "--codec fp8 does not apply to --method split-local"),
     (["--method", "fedavg", "--lr-scaling"], "--lr-scaling does not apply to --method fedavg (it is read by --method ddp)"),
     (["--tail", "2"], "--tail 2 sets the U-shaped tail: it needs --labels hospital"),
+    (["--topk-ratio", "8"], "--topk-ratio sets the top-k codec: it needs --codec topk"),
+    (["--codec", "topk", "--topk-ratio", "1"], "--topk-ratio must be at least 2"),
+    (["--codec", "topk", "--topk-random", "1"], "--topk-random must be in [0, 1)"),
+    (["--codec", "topk", "--topk-values", "fp16"], "--topk-values: unknown value 'fp16'"),
+    (["--codec", "topk", "--labels", "hospital"], "--codec topk cannot be combined with --labels hospital"),
+    (["--method", "ddp", "--codec", "topk"], "--codec topk does not apply to --method ddp"),
     (["--method", "fedavg", "--on-hospital-failure", "continue"], "--method fedavg supports --on-hospital-failure "
                                                                    "abort only"),
     (["--method", "fedavg", "--checkpoint-dir", "ck"], "--checkpoint-dir ck does not apply to --method fedavg"),

@@ -42,6 +42,11 @@ def test_every_successful_run_has_a_row(tmp_path):
             samples = [line.split("|")[4] for line in table.splitlines()[4:] if line.startswith("| ")]
             assert sum(int(re.search(r"n = (\d+)\)", cell).group(1)) for cell in samples) == len(repeated)
             continue
+        if path.stem == "convergence":
+            # Also one row per variant over its seeds (the whole schedules).
+            from plots.convergence import by_variant
+
+            runs += sum(len(variants) for variants in by_variant(records).values())
         runs += len(ok) * (2 if path.stem == "dedup" else 1)  # dedup runs also get a row in the dedup table
     header_rows = sum(1 for line in summary.read_text().splitlines() if line.startswith("| ") and "---" not in line
                       and line.startswith(("| method", "| overlap", "| defence", "| model |")))
@@ -52,3 +57,19 @@ def test_no_results_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["--results-dir", str(tmp_path), "--out-dir", str(tmp_path / "f"), "--summary",
                  str(tmp_path / "s.md")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both_bytes_and_accuracy():
+    from plots.convergence import pareto
+
+    points = [(100.0, 0.80, "a"), (10.0, 0.78, "b"), (50.0, 0.77, "c"), (5.0, 0.70, "d"), (200.0, 0.79, "e")]
+    assert [p[2] for p in pareto(points)] == ["d", "b", "a"]
+
+
+def test_a_codec_variant_is_compared_with_float32_split_of_the_same_l1_handling():
+    from plots.convergence import _float32_split
+
+    assert _float32_split("split (L1 averaged every step, top-k 1/16 fp8, random 0.1, feedback)") == \
+        "split (L1 averaged every step)"
+    assert _float32_split("split (independent L1, cut 2, fp8)") == "split (independent L1, cut 2)"
+    assert _float32_split("ddp") is None

@@ -30,6 +30,7 @@ class Split(Method):
     has_server = True
     options = frozenset({
         "schedule", "prefetch", "l1", "l1_sync_every", "l1_grad_scale", "l1_init", "labels", "tail", "codec",
+        "topk_ratio", "topk_values", "topk_random", "topk_feedback",
         "noise", "nopeek", "capture_dir", "capture_samples", "dedup", "dedup_key_file", "dedup_manifest",
         "server_threads", "hospital_threads", "checkpoint_dir", "checkpoint_every", "resume",
         "on_hospital_failure", "fault",

@@ -89,7 +89,7 @@ class HospitalCheckpoints:
             state = {
                 "fingerprint": checkpoint.fingerprint(self.cfg), "step": step, "party": name,
                 "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "dropped": self.dropped,
+                "dropped": self.dropped, "codec": self.codec.state_dict(),
             }
             if self.tail is not None:
                 state.update(tail=self.tail.state_dict(), tail_optimizer=self.tail_optimizer.state_dict())
@@ -103,6 +103,7 @@ class HospitalCheckpoints:
         with self.lock:
             self.head.load_state_dict(state["head"])
             self.optimizer.load_state_dict(state["optimizer"])
+            self.codec.load_state_dict(state["codec"])
             if self.tail is not None:
                 self.tail.load_state_dict(state["tail"])
                 self.tail_optimizer.load_state_dict(state["tail_optimizer"])

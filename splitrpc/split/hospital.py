@@ -65,6 +65,7 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
         self.eval_labels: dict[int, torch.Tensor] = {}
         self.label_dtype = label_dtype(cfg.num_classes)
         self.head_dtype = getattr(torch, cfg.dtype)
+        self.codec = codec.for_config(cfg)  # top-k's error feedback keeps its residual here, the sender
         self.ledger = comm.Ledger(transport.hospital_name(index))
         self.dropped: list[int] = []  # positions removed by deduplication, kept for checkpoints
         self.forwards = 0
@@ -146,7 +147,10 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
                 self.pending = self.worker.submit(self._step, activations, gradient, lr, grad_scale, extra,
                                                   flight["tail_gradients"], tail_scale)
 
-        wire = codec.hospital_send(activations, self.cfg.codec, on_gradient)
+        # Randomized top-k's draws: seeded by the batch, so a retried or resumed step draws the same.
+        draws = (torch.Generator().manual_seed(data.derived_seed(self.cfg.seed, data.CODEC, self.index, epoch, batch))
+                 if self.cfg.topk_random else None)
+        wire = codec.hospital_send(activations, self.codec, on_gradient, draws)
         return (*wire, labels) if self.tail is None else tuple(wire)  # U-shaped: labels stay here
 
     def _step(self, activations, gradient, lr: float, grad_scale: float, extra, tail_gradients,
@@ -172,7 +176,8 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
 
     def _snapshot(self) -> dict:
         """What one step changes here: L1 (with BatchNorm's statistics), the tail, their optimizers."""
-        state = {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "codec": self.codec.state_dict()}
         if self.tail is not None:
             state.update(tail=self.tail.state_dict(), tail_optimizer=self.tail_optimizer.state_dict())
         return copy.deepcopy(state)
@@ -180,6 +185,7 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
     def _restore(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.codec.load_state_dict(state["codec"])
         if self.tail is not None:
             self.tail.load_state_dict(state["tail"])
             self.tail_optimizer.load_state_dict(state["tail_optimizer"])
@@ -215,7 +221,7 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
                                        data.derived_seed(self.cfg.seed, data.EVAL_NOISE, self.index, batch))
             self.head.train()
         labels = labels.to(self.label_dtype)
-        wire = codec.encode(self.cfg.codec, activations)
+        wire = self.codec.encode(activations, training=False)
         if self.tail is not None:
             self.eval_labels[batch] = labels  # for eval_tail; they stay here
             return tuple(wire)

@@ -79,9 +79,11 @@ def _payload(kind: str | None, value) -> int:
 
 
 def message_problem(message, batch: int, activation_shape: tuple, dtype: torch.dtype, label_dtype: torch.dtype,
-                    num_classes: int, codec_name: str = "none", with_labels: bool = True) -> str | None:
-    """What is wrong with a hospital's message ``(*wire activations, labels)`` (U-shaped: no labels), or None."""
-    spec = codec.wire_spec(codec_name, (batch, *activation_shape), dtype)
+                    num_classes: int, codec_name="none", with_labels: bool = True) -> str | None:
+    """What is wrong with a hospital's message ``(*wire activations, labels)`` (U-shaped: no labels), or None.
+    ``codec_name``: a codec, or a dense codec's name."""
+    shape = (batch, *activation_shape)
+    spec = codec.wire_spec(codec_name, shape, dtype)
     if (not isinstance(message, (tuple, list)) or len(message) != len(spec) + with_labels
             or not all(isinstance(t, torch.Tensor) for t in message)):
         return f"something other than {len(spec)} activation tensor(s)" + (" and labels" if with_labels else "")
@@ -94,11 +96,11 @@ def message_problem(message, batch: int, activation_shape: tuple, dtype: torch.d
     for tensor, (expected, _) in zip(wire, spec):
         if tuple(tensor.shape) != expected or len(labels) != batch:
             return f"activations of shape {tuple(tensor.shape)} with {len(labels)} labels, expected {expected}"
-    problem = codec.wire_problem(codec_name, wire)
+    problem = codec.wire_problem(codec_name, wire, shape)
     if problem:
         return problem
     # Decoded, as the trunk would see them: a finite but huge scale can still overflow.
-    bad = (~torch.isfinite(codec.decode(codec_name, [t.detach() for t in wire], dtype))).sum().item()
+    bad = (~torch.isfinite(codec.decode(codec_name, [t.detach() for t in wire], dtype, shape))).sum().item()
     if bad:
         return f"{bad} non-finite activation values"
     low, high = labels.min().item(), labels.max().item()

@@ -62,6 +62,7 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
         self.optimizer = make_optimizer(cfg, self.trunk.parameters())
         self.dtype = getattr(torch, cfg.dtype)
         self.label_dtype = label_dtype(cfg.num_classes)
+        self.codec = codec.for_config(cfg)
         self.hospitals = Hospitals(cfg, self.ledger)
         # Construction on a hospital loads its shard; a failure there surfaces here.
         self.info = self.hospitals.call_all("describe", timeout=cfg.setup_timeout)
@@ -103,7 +104,7 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
         """Check a hospital's message before it touches the trunk; returns (wire, labels or None)."""
         name = self.hospitals.name(hospital)
         problem = message_problem(message, batch, self.activation_shape, self.dtype, self.label_dtype,
-                                  self.cfg.num_classes, self.cfg.codec, with_labels=not self.u_shaped)
+                                  self.cfg.num_classes, self.codec, with_labels=not self.u_shaped)
         if problem:
             raise HospitalFailure(hospital, f"{name} sent {problem}; rejected before the trunk")
         if self.u_shaped:
@@ -118,7 +119,7 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
             self.ledger.add(name, "sent", comm.tensor_bytes(*wire_gradient))
             self.log.gradient_pushes[hospital] += 1
 
-        return codec.server_receive(wire, self.cfg.codec, self.dtype, on_gradient)
+        return codec.server_receive(wire, self.codec, self.dtype, on_gradient, (len(wire[0]), *self.activation_shape))
 
     def lose(self, failure: HospitalFailure, step: int) -> None:
         """--on-hospital-failure: stop the run, or leave the hospital out from now on."""
@@ -294,7 +295,7 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
             wire, labels = self._receive(h, message, min(size, info["test_samples"] - b * size))
             if b + 1 < batches:  # the next batch travels while this one is scored
                 pending = self.hospitals.call_async(h, "eval_forward", b + 1)
-            activations = codec.decode(self.cfg.codec, wire, self.dtype)
+            activations = codec.decode(self.codec, wire, self.dtype, (len(wire[0]), *self.activation_shape))
             output = self.trunk(activations.to(self.device))
             if self.u_shaped:  # the hospital's tail scores its own labels; only the count comes back
                 correct += self._tail_correct(h, b, output)
