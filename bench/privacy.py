@@ -36,7 +36,7 @@ from splitrpc.privacy import image_metrics, inversion
 from splitrpc.privacy.label_leakage import label_leakage_report
 from splitrpc.config import from_dict
 from splitrpc.errors import UserError, report
-from splitrpc.models import build_model, model_for, split_model, split_u
+from splitrpc.models import build_for, model_for, split_model, split_u
 from splitrpc.record import append_jsonl
 
 AUX_SAMPLES = 5000  # public auxiliary data: the first images of the CIFAR-10 test split
@@ -115,7 +115,7 @@ def attack_run(record: dict, grids_dir: Path) -> dict:
         _, middle, _ = split_u(model_for(cfg), cfg.cut, cfg.tail)
         middle.load_state_dict(torch.load(model_dir / "trunk.pt"))
         torch.manual_seed(ATTACKER_SEED)
-        _, _, attacker_tail = split_u(build_model(cfg.model, cfg.num_classes, cfg.width, cfg.norm), cfg.cut, cfg.tail)
+        _, _, attacker_tail = split_u(build_for(cfg), cfg.cut, cfg.tail)
         trunk = torch.nn.Sequential(middle, attacker_tail)
         also_train = list(attacker_tail.parameters())
     else:
@@ -124,7 +124,7 @@ def attack_run(record: dict, grids_dir: Path) -> dict:
     true_head, _ = split_model(model_for(cfg), cfg.cut)
     true_head.load_state_dict(torch.load(model_dir / "head-hospital1.pt"))
     torch.manual_seed(ATTACKER_SEED)
-    template, _ = split_model(build_model(cfg.model, cfg.num_classes, cfg.width, cfg.norm), cfg.cut)
+    template, _ = split_model(build_for(cfg), cfg.cut)
 
     aux_images, aux_labels = auxiliary_images(cfg)
     count = len(aux_labels)

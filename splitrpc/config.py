@@ -66,6 +66,9 @@ class ModelOptions:
     width: float = _opt("model", 1.0, "channel-width multiplier (narrow models for CPU runs)")
     norm: str = _opt("model", "batch", "normalisation layers; 'group' or 'none' make a step independent of how the batch is grouped", NORMS)
     cut: int = _opt("model", 1, "number of model stages kept at the hospital (1 = the first conv+norm+ReLU)")
+    bottleneck: int = _opt("model", 1, "a learned bottleneck at the cut: an encoder ends the hospital's stages and a "
+                           "decoder starts the server's, trained with the rest, so that R times fewer values cross "
+                           "(1 = none; every method builds the same network, so baselines compare like with like)")
 
 
 @dataclass(frozen=True)
@@ -327,7 +330,7 @@ def validate(cfg: Config, given: set[str] | None = None) -> Config:
         value = getattr(cfg, name)
         if choices and value not in choices:
             raise UserError(f"--{name.replace('_', '-')}: unknown value {value!r} (choose from {', '.join(choices)})")
-    positive = ("hospitals", "batch_size", "eval_batch_size", "epochs", "l1_sync_every", "rpc_threads",
+    positive = ("hospitals", "bottleneck", "batch_size", "eval_batch_size", "epochs", "l1_sync_every", "rpc_threads",
                 "eval_every", "local_steps", "log_every", "synthetic_train", "synthetic_test")
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -346,9 +349,10 @@ def validate(cfg: Config, given: set[str] | None = None) -> Config:
         cfg = dataclasses.replace(cfg, num_classes=100 if cfg.dataset == "cifar100" else 10)
     if cfg.cut < 1:
         raise UserError(f"--cut must be at least 1, got {cfg.cut}")
-    from splitrpc.models import check_cut, stage_count  # models imports torch; config stays light until here
+    from splitrpc.models import check_bottleneck, check_cut, stage_count  # models imports torch; config stays light until here
 
     check_cut(stage_count(cfg.model), cfg.cut, cfg.model)
+    check_bottleneck(cfg.model, cfg.width, cfg.norm, cfg.cut, cfg.bottleneck)
     if any(not 0 < m < 1 for m in cfg.milestones) or list(cfg.milestones) != sorted(cfg.milestones):
         raise UserError(f"--milestones must be increasing fractions in (0, 1), got {list(cfg.milestones)}")
     if cfg.rpc_threads < 4:

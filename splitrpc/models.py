@@ -5,11 +5,18 @@ with its normalisation and ReLU: the paper's "first hidden layer" (L1).
 ``split_model(model, cut)`` keeps the first ``cut`` stages at the hospital
 (the head) and the rest at the server (the trunk); ``trunk(head(x))`` runs
 exactly the operations of ``model(x)`` in the same order.
+
+``--bottleneck R`` (``add_bottleneck``) adds a learned encoder to the end of
+stage ``cut - 1`` and its decoder to the start of stage ``cut``: the stages
+keep their number, so every split of the model (split learning, U-shaped,
+the one-process references, the baselines) places the encoder at the
+hospital and the decoder at the server without knowing about it.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -104,7 +111,7 @@ def _resnet(blocks: list[int], widths: list[int], num_classes: int, width: float
 
 def _init(model: nn.Module) -> None:
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
@@ -133,12 +140,89 @@ def stage_count(name: str) -> int:
     raise UserError(f"unknown model {name!r}")
 
 
+def build_for(cfg) -> nn.Sequential:
+    """The network ``cfg`` describes, with its bottleneck at the cut if it asks for one; unseeded."""
+    model = build_model(cfg.model, cfg.num_classes, cfg.width, cfg.norm)
+    return add_bottleneck(model, cfg.cut, cfg.bottleneck, cfg.norm)
+
+
 def model_for(cfg, seed: int | None = None) -> nn.Sequential:
     """The full model every party builds from the same seed (--seed unless given), so all copies start
     equal. The process-wide RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed if seed is None else seed)
-        return build_model(cfg.model, cfg.num_classes, cfg.width, cfg.norm).to(getattr(torch, cfg.dtype))
+        return build_for(cfg).to(getattr(torch, cfg.dtype))
+
+
+# --- the learned bottleneck at the cut (--bottleneck) ------------------------------------------
+def bottleneck_layout(shape: tuple[int, int, int], ratio: int) -> tuple[int, int] | None:
+    """(stride, channels) of the encoder that makes a CxHxW activation exactly ``ratio`` times smaller,
+    or None if none does.
+
+    From 4x on, a 2x2 convolution of stride 2 halves both sides (4x fewer positions, where
+    neighbouring values are most alike) and the channels make up the rest: C' = 4C / R. Below
+    4x, or when a side is odd, only the channels shrink: C' = C / R. C' must be a whole number.
+    """
+    channels, height, width = shape
+    stride = 2 if ratio >= 4 and height % 2 == 0 and width % 2 == 0 else 1
+    kept = channels * stride * stride
+    if ratio < 1 or kept % ratio:
+        return None
+    return stride, kept // ratio
+
+
+def bottleneck_ratios(shape: tuple[int, int, int]) -> list[int]:
+    """Every ratio ``bottleneck_layout`` meets exactly for this activation shape (1 = no bottleneck)."""
+    channels = shape[0]
+    return [r for r in range(1, 4 * channels + 1) if bottleneck_layout(shape, r) is not None]
+
+
+def add_bottleneck(model: nn.Sequential, cut: int, ratio: int, norm: str) -> nn.Sequential:
+    """``model`` with an encoder closing stage ``cut - 1`` and a decoder opening stage ``cut`` (in place).
+
+    Encoder: a strided (or 1x1) convolution down to C' channels and a normalisation, no ReLU:
+    a ReLU would zero about half of the few values that cross, which carry what the trunk
+    needs (the linear bottleneck of MobileNetV2). Decoder: its mirror, a transposed (or 1x1)
+    convolution back to C channels, normalisation and ReLU, so the trunk's first stage sees
+    an input of the shape and kind it expects (every stage ends in a ReLU).
+    """
+    if ratio == 1:
+        return model
+    check_cut(len(model), cut)
+    shape = activation_shape(model, cut)
+    layout = bottleneck_layout(shape, ratio)
+    if layout is None:
+        raise UserError(bottleneck_problem(shape, ratio, "the model", cut))
+    stride, narrow = layout
+    channels, bias = shape[0], norm == "none"
+    if stride == 1:
+        down, up = nn.Conv2d(channels, narrow, 1, bias=bias), nn.Conv2d(narrow, channels, 1, bias=bias)
+    else:
+        down = nn.Conv2d(channels, narrow, stride, stride=stride, bias=bias)
+        up = nn.ConvTranspose2d(narrow, channels, stride, stride=stride, bias=bias)
+    encoder = nn.Sequential(OrderedDict(conv=down, norm=_norm(norm, narrow)))
+    decoder = nn.Sequential(OrderedDict(conv=up, norm=_norm(norm, channels), relu=nn.ReLU(inplace=True)))
+    _init(encoder)
+    _init(decoder)
+    model[cut - 1] = nn.Sequential(OrderedDict(stage=model[cut - 1], encoder=encoder))
+    model[cut] = nn.Sequential(OrderedDict(decoder=decoder, stage=model[cut]))
+    return model
+
+
+def bottleneck_problem(shape: tuple, ratio: int, name: str, cut: int) -> str:
+    return (f"--bottleneck {ratio} cannot shrink the {'x'.join(map(str, shape))} activations of {name} at --cut "
+            f"{cut} exactly: choose one of {', '.join(map(str, bottleneck_ratios(shape)))}")
+
+
+def check_bottleneck(name: str, width: float, norm: str, cut: int, ratio: int) -> None:
+    """A ratio that no encoder meets exactly is one clear error, found from shapes alone (a model on
+    the meta device: no weights are allocated)."""
+    if ratio == 1:
+        return
+    with torch.device("meta"):
+        shape = activation_shape(build_model(name, 10, width, norm), cut)
+    if bottleneck_layout(shape, ratio) is None:
+        raise UserError(bottleneck_problem(shape, ratio, name, cut))
 
 
 def check_cut(stages: int, cut: int, name: str = "the model") -> None:
