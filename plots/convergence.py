@@ -185,8 +185,7 @@ def _float32_split(label: str) -> str | None:
     if not label.startswith("split ("):
         return None
     parts = [p for p in label[len("split ("):-1].split(", ")
-             if not (p.startswith("top-k") or p in ("fp8", "bf16", "fp16") or p.startswith("random ")
-                     or p == "feedback")]
+             if not (p.startswith(("top-k", "random ", "bottleneck")) or p in ("fp8", "bf16", "fp16", "feedback"))]
     return f"split ({', '.join(parts)})"
 
 

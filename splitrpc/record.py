@@ -171,9 +171,11 @@ def variant(cfg: Mapping, detail: str = "training") -> str:
       ``split (sequential, no prefetch)``, ``split (parallel, fp8)``; other methods by name.
     """
     method = cfg["method"]
+    bottleneck = f"bottleneck 1/{cfg['bottleneck']}" if cfg.get("bottleneck", 1) != 1 else None
     if detail == "codec":
         codec = cfg.get("codec", "none")
-        return method if codec in (None, "none") else f"{method}+{codec_name(cfg)}"
+        cut = [codec_name(cfg)] if codec not in (None, "none") else []
+        return "+".join([method, *([bottleneck] if bottleneck else []), *cut])
     if detail == "engine":
         if method == "local":
             return f"local ({cfg.get('schedule', 'sequential')})"
@@ -189,9 +191,10 @@ def variant(cfg: Mapping, detail: str = "training") -> str:
         raise ValueError(f"unknown variant detail {detail!r}: choose from {', '.join(VARIANT_DETAILS)}")
     if method == "fedavg":
         steps = cfg.get("local_steps", 1)
-        return "fedavg (1 round per epoch)" if steps >= 10000 else f"fedavg ({steps} local steps)"
+        rounds = "1 round per epoch" if steps >= 10000 else f"{steps} local steps"
+        return f"fedavg ({rounds}{', ' + bottleneck if bottleneck else ''})"
     if method != "split":
-        return method
+        return f"{method} ({bottleneck})" if bottleneck else method
     parts = []
     if cfg.get("l1") == "average":
         every = cfg.get("l1_sync_every", 1)
@@ -202,6 +205,8 @@ def variant(cfg: Mapping, detail: str = "training") -> str:
         parts.append("L1 gradient unscaled")
     if cfg.get("cut", 1) != 1:
         parts.append(f"cut {cfg['cut']}")
+    if bottleneck:
+        parts.append(bottleneck)
     if cfg.get("codec", "none") != "none":
         parts.append(codec_name(cfg))
     return f"split ({', '.join(parts)})"
