@@ -161,7 +161,7 @@ def variants_table(records: list[dict]) -> list[str]:
     """One row per variant over its seeds: final accuracy mean (min-max, n), bytes per hospital per epoch and
     how many times fewer than float32 split learning with the same L1 handling, and whether it is on the
     Pareto front."""
-    lines = ["## by variant, over seeds (whole schedules only)", "",
+    lines = ["## accuracy at convergence by variant, over seeds (whole schedules only)", "",
              "| model | partition | epochs | variant | final acc mean (min-max, n) | seeds | MB per hospital per epoch "
              "(tcp) | x fewer bytes than float32 split | Pareto front |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -194,7 +194,7 @@ def convergence_table(records: list[dict]) -> list[str]:
 
 
 def runs_table(records: list[dict]) -> list[str]:
-    lines = ["## every run (bench/configs/convergence.toml; settings in each record's config)", "",
+    lines = ["## convergence (bench/configs/convergence.toml; every run, settings in each record's config)", "",
              "| model | partition | variant | seed | epochs | final acc (mean / min) | vs local (points) | best acc (epoch) "
              "| final train loss | train MB per hospital per epoch (tcp) | wall time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
