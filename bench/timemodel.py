@@ -40,7 +40,10 @@ round trips x RTT::
   (no ``netem``), so every measured run has RTT ~ 0 and this term is only
   ever extrapolated. Split learning makes ``comm["round_trips_per_step"]``
   RPC round trips per hospital per step when the record says so, else 2
-  (forward, then step; issue 10 reduces this to 1). A DDP step is a ring
+  (forward, then step; issue 10 reduces this to 1); local-loss split
+  learning with ``--run-ahead k`` sends each request k steps early, so
+  at most one round trip in k+1 is exposed (its bytes need no rule: the
+  TCP counts already show no gradient down). A DDP step is a ring
   all-reduce per gradient bucket, each 2(N-1) one-way hops, i.e. N-1 RTTs;
   a FedAvg round is one all-reduce of the flattened model, N-1 RTTs per round.
 """
@@ -162,6 +165,11 @@ def round_trips(record: dict) -> tuple[float, str]:
         per_hospital, source = SPLIT_ROUND_TRIPS_FALLBACK, "not in the record: 2 assumed (forward, step)"
     # Parallel: the hospitals' round trips overlap; sequential: they queue.
     factor = 1 if cfg.get("schedule", "parallel") == "parallel" else cfg["hospitals"]
+    ahead = cfg.get("run_ahead", 0)
+    if ahead:
+        # split-localloss --run-ahead k: no gradient to wait for, so a hospital's request goes out k of its
+        # steps early and its round trip overlaps them; at most one in k+1 is exposed.
+        return per_hospital * factor / (ahead + 1), f"{source}, / {ahead + 1} (--run-ahead {ahead})"
     return per_hospital * factor, source
 
 

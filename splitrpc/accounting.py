@@ -33,8 +33,10 @@ class StepLog:
 class SplitBytes:
     """Bytes of a split run's messages, from shapes and the codec alone."""
 
-    def __init__(self, cfg, activation_shape: tuple, output_shape: tuple | None, l1_numel: int):
+    def __init__(self, cfg, activation_shape: tuple, output_shape: tuple | None, l1_numel: int,
+                 gradients: bool = True):
         self.cfg, self.activation_shape, self.output_shape, self.l1_numel = cfg, activation_shape, output_shape, l1_numel
+        self.gradients = gradients  # False: local-loss split learning sends no activation gradient down
         self.dtype = getattr(torch, cfg.dtype)
         self.codec = codec.for_config(cfg)
         self.element_size = torch.empty((), dtype=self.dtype).element_size()
@@ -45,7 +47,8 @@ class SplitBytes:
     def batch(self, batch: int, training: bool = True) -> tuple[int, int]:
         """(up, down) bytes of one hospital batch of a training step (or of an evaluation).
 
-        Vanilla: activations and labels up, the activation gradient down. U-shaped:
+        Vanilla: activations and labels up, the activation gradient down (local loss: nothing
+        down, the hospital steps L1 from its own loss). U-shaped:
         activations, the gradient of the trunk's output and the loss up; the trunk's
         output and the activation gradient down; in evaluation the hospital returns
         how many it classified correctly.
@@ -53,7 +56,8 @@ class SplitBytes:
         shape = (batch, *self.activation_shape)
         activations = codec.wire_bytes(self.codec, shape, self.dtype)
         if self.output_shape is None:
-            return activations + batch * self.label_size, codec.gradient_bytes(self.codec, shape, self.dtype) if training else 0
+            down = codec.gradient_bytes(self.codec, shape, self.dtype) if training and self.gradients else 0
+            return activations + batch * self.label_size, down
         output = codec.wire_bytes(self.cfg.codec, (batch, *self.output_shape), self.dtype)
         if training:
             return activations + output + self.element_size, activations + output
@@ -125,7 +129,7 @@ def split_record(cfg, reports: list[dict], analytic: dict, log: StepLog, steps_p
 
     participations = sum(len(p) for p in log.steps)
     return {
-        "method": "split",
+        "method": cfg.method,
         "transport": cfg.transport,
         "phases": phases,
         "measured_steps": steps,

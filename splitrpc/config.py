@@ -120,6 +120,9 @@ class SplitOptions:
                                "top-k left out to the next batch's activations")
     prefetch: bool = _opt("split", True, "sequential schedule: the next step's hospital computes and sends its activations "
                           "while the server runs this step (only where that leaves the result unchanged)")
+    run_ahead: int = _opt("split", 0, "split-localloss: how many of its own steps a hospital may run ahead of the server "
+                          "(the server keeps up to k+1 forward requests in flight per hospital; 0: one at a time); "
+                          "the weights do not depend on it")
 
 
 @dataclass(frozen=True)
@@ -335,7 +338,7 @@ def validate(cfg: Config, given: set[str] | None = None) -> Config:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    non_negative = ("max_steps", "limit_train", "limit_test", "threads", "server_threads", "hospital_threads", "warmup_epochs", "weight_decay", "momentum")
+    non_negative = ("run_ahead", "max_steps", "limit_train", "limit_test", "threads", "server_threads", "hospital_threads", "warmup_epochs", "weight_decay", "momentum")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")

@@ -30,6 +30,7 @@ REGISTRY = {
     "ddp": "splitrpc.ddp",
     "fedavg": "splitrpc.fedavg",
     "split-local": "splitrpc.reference",
+    "split-localloss": "splitrpc.split.localloss",
 }
 
 

@@ -52,12 +52,18 @@ def threads_for(cfg, rank: int | None, cores: int, local_processes: int) -> int:
     """
     if cfg.threads:
         return cfg.threads
-    if cfg.method == "split" and rank is not None:
+    if rank is not None and _has_server(cfg.method):
         if rank == 0:
             return cfg.server_threads or cores
         server_here = local_processes > cfg.hospitals  # one host runs every party
         return cfg.hospital_threads or (1 if server_here else max(1, cores // local_processes))
     return max(1, cores // local_processes)
+
+
+def _has_server(method: str) -> bool:
+    from splitrpc import methods
+
+    return methods.get(method).has_server
 
 
 def set_threads(cfg, rank: int | None = None) -> int:

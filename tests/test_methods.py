@@ -12,7 +12,8 @@ from splitrpc.errors import UserError
 def test_every_registered_method_declares_its_processes_and_roles():
     cfg = {name: parse_args(["--method", name, "--hospitals", "3"]) for name in methods.REGISTRY}
     sizes = {name: methods.get(name).world_size(c) for name, c in cfg.items()}
-    assert sizes == {"split": 4, "local": 1, "ddp": 3, "fedavg": 3, "split-local": 1}
+    assert sizes == {"split": 4, "local": 1, "ddp": 3, "fedavg": 3, "split-local": 1,
+                     "split-localloss": 4}
     assert methods.get("split").roles(cfg["split"]) == "1 server + 3 hospitals"
     assert all(cfg[name].world_size == sizes[name] for name in cfg)
     assert {m.name for m in methods.all_methods() if m.exchange == "all-reduce"} == {"ddp", "fedavg"}
@@ -44,7 +45,7 @@ def test_a_new_method_is_one_module_and_one_registry_entry(toy, tmp_path, capsys
 
 
 def test_a_new_method_refuses_the_options_it_does_not_read(toy):
-    with pytest.raises(UserError, match=r"^--codec fp8 does not apply to --method toy \(it is read by --method split\)$"):
+    with pytest.raises(UserError, match=r"^--codec fp8 does not apply to --method toy \(it is read by --method split, split-localloss\)$"):
         parse_args(["--method", "toy", "--codec", "fp8"])
 
 

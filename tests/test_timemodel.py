@@ -99,6 +99,14 @@ def test_round_trips_fall_back_to_two_and_say_so():
     assert timemodel.round_trips(record(hospitals=3, schedule="sequential"))[0] == 6
 
 
+def test_running_ahead_hides_all_but_one_round_trip_in_k_plus_one():
+    r = record("split-localloss", comm_extra={"round_trips_per_step": 1})
+    assert timemodel.round_trips(r)[0] == 1  # --run-ahead 0 (absent): lockstep, one round trip a step
+    r["config"]["run_ahead"] = 3
+    trips, source = timemodel.round_trips(r)
+    assert trips == 0.25 and "--run-ahead 3" in source
+
+
 def test_ddp_round_trips_are_buckets_times_ring_hops():
     # 58,913,064 gradient bytes: a 1 MiB first bucket and 3 buckets of up to 25 MiB; a 4-rank ring: 3 RTTs each.
     trips, _ = timemodel.round_trips(record("ddp", 4, comm_extra={"gradient_bytes_per_step": 58913064}))

@@ -61,6 +61,12 @@ class Split(Method):
             raise UserError("--on-hospital-failure continue cannot be combined with --l1 average "
                             "(the hospitals' all-reduce group cannot lose a member)")
 
+    def hospital(self, cfg, index: int):
+        """The endpoints object hospital ``index`` serves (built there by ``endpoint.open_hospital``)."""
+        from splitrpc.split.hospital import Hospital
+
+        return Hospital(cfg, index)
+
     def party(self, cfg, rank, coordinator) -> Party:
         if rank == 0:
             from splitrpc.split.server import ServerParty

@@ -78,6 +78,13 @@ class ServerCheckpoints:
 class HospitalCheckpoints:
     """A hospital's side: L1 (and U-shaped, the tail), their optimizers, and what deduplication dropped."""
 
+    def extra_state(self) -> dict:
+        """What a variant's hospital adds to its checkpoint (local loss: the auxiliary head and its optimizer)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what ``extra_state`` saved (called under the hospital's lock)."""
+
     def checkpoint_steps(self) -> list[int]:
         return checkpoint.available_steps(self.cfg.checkpoint_dir, transport.hospital_name(self.index))
 
@@ -93,6 +100,7 @@ class HospitalCheckpoints:
             }
             if self.tail is not None:
                 state.update(tail=self.tail.state_dict(), tail_optimizer=self.tail_optimizer.state_dict())
+            state.update(self.extra_state())
             checkpoint.save(self.cfg.checkpoint_dir, step, name, state)
         checkpoint.prune(self.cfg.checkpoint_dir, name, self.cfg.checkpoint_keep)
 
@@ -107,6 +115,7 @@ class HospitalCheckpoints:
             if self.tail is not None:
                 self.tail.load_state_dict(state["tail"])
                 self.tail_optimizer.load_state_dict(state["tail_optimizer"])
+            self.load_extra_state(state)
             if state["dropped"]:
                 self.shard.drop(state["dropped"])
                 self.dropped = list(state["dropped"])

@@ -12,10 +12,11 @@ from splitrpc.transport import SERVER
 
 
 def open_hospital(cfg, index: int):
-    """Runs on hospital ``index`` (``rpc.remote``): its endpoints, the object the server's RRef names."""
-    from splitrpc.split.hospital import Hospital
+    """Runs on hospital ``index`` (``rpc.remote``): its endpoints, the object the server's RRef names
+    (the method's declaration says which class: split learning's, or a variant's)."""
+    from splitrpc import methods
 
-    return Hospital(cfg, index)
+    return methods.get(cfg.method).hospital(cfg, index)
 
 
 def call_hospital(rref, method: str, *args):

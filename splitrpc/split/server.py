@@ -43,6 +43,8 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
     """Rank 0's trunk and the steps and evaluations it drives through the hospitals proxy (checkpoints,
     deduplication and the U-shaped tail are its mixins)."""
 
+    sends_gradients = True  # the activation gradient goes down every step (False: a variant that sends none)
+
     def __init__(self, cfg, coordinator: transport.Coordinator):
         self.cfg, self.coordinator = cfg, coordinator
         self.device = transport.compute_device(cfg)
@@ -74,7 +76,7 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
         # step that ran in this process (for the analytic bytes).
         self.log = accounting.StepLog()
         self.bytes = accounting.SplitBytes(cfg, self.activation_shape, self.output_shape if self.u_shaped else None,
-                                           self.l1_numel)
+                                           self.l1_numel, gradients=self.sends_gradients)
         # The next step's forward requests, sent while this step runs (see _upcoming): ((epoch, participants, lr), StepContext).
         self.prefetched: tuple[tuple, transport.StepContext] | None = None
         # --capture-dir: the last activations received from each hospital, for leakage audits.
@@ -338,6 +340,7 @@ class ServerParty(Party):
     tells the hospitals when the run is over."""
 
     who = transport.SERVER
+    server_class = Server  # a variant of split learning names its own Server subclass
 
     def __init__(self, cfg, coordinator: transport.Coordinator):
         self.cfg, self.coordinator = cfg, coordinator
@@ -353,7 +356,7 @@ class ServerParty(Party):
 
     def setup(self, run_record: dict) -> None:
         cfg = self.cfg
-        self.server = server = Server(cfg, self.coordinator)
+        self.server = server = self.server_class(cfg, self.coordinator)
         resume_step = server.newest_checkpoint() if should_resume(cfg) else None
         if cfg.resume and resume_step is None:
             raise UserError(f"--resume: no step in {cfg.checkpoint_dir} has a checkpoint from every party")
