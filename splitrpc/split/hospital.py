@@ -147,11 +147,14 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
                 self.pending = self.worker.submit(self._step, activations, gradient, lr, grad_scale, extra,
                                                   flight["tail_gradients"], tail_scale)
 
-        # Randomized top-k's draws: seeded by the batch, so a retried or resumed step draws the same.
-        draws = (torch.Generator().manual_seed(data.derived_seed(self.cfg.seed, data.CODEC, self.index, epoch, batch))
-                 if self.cfg.topk_random else None)
-        wire = codec.hospital_send(activations, self.codec, on_gradient, draws)
+        wire = codec.hospital_send(activations, self.codec, on_gradient, self.codec_draws(epoch, batch))
         return (*wire, labels) if self.tail is None else tuple(wire)  # U-shaped: labels stay here
+
+    def codec_draws(self, epoch: int, batch: int) -> torch.Generator | None:
+        """Randomized top-k's draws: seeded by the batch, so a retried or resumed step draws the same."""
+        if not self.cfg.topk_random:
+            return None
+        return torch.Generator().manual_seed(data.derived_seed(self.cfg.seed, data.CODEC, self.index, epoch, batch))
 
     def _step(self, activations, gradient, lr: float, grad_scale: float, extra, tail_gradients,
               tail_scale: float) -> None:

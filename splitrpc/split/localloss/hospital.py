@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitrpc import codec, data, transport
+from splitrpc import data, transport
 from splitrpc.errors import PeerError
 from splitrpc.optim import apply_gradients, make_optimizer
 from splitrpc.split.faults import inject_fault
@@ -93,10 +93,12 @@ class LocalLossHospital(Hospital):
             labels = labels.to(self.label_dtype)
             if self.fault and self.forwards >= self.fault[1]:
                 activations, labels = inject_fault(self.fault[0], activations, labels, self.cfg.num_classes)
+            # Encoded here, in order: top-k's error feedback carries its residual from this request to the next.
+            wire = self.codec.encode(activations, True, self.codec_draws(epoch, batch))
         with self.order:
             self.done_step = step
             self.order.notify_all()
-        return (*codec.encode(self.cfg.codec, activations), labels)
+        return (*wire, labels)
 
     def local_loss_report(self) -> dict:
         """The auxiliary head's size, its cost here and its loss (for the run record)."""

@@ -97,7 +97,7 @@ class LocalLossServer(Server):
                 self.lose(failure, step)
                 continue
             taken.append((h, b))
-            inputs.append(codec.decode(cfg.codec, wire, self.dtype))
+            inputs.append(codec.decode(self.codec, wire, self.dtype, (len(wire[0]), *self.activation_shape)))
             labels.append(y)
             if self.capture is not None:
                 self.capture[h].append({"epoch": epoch, "batch": b, "activations": inputs[-1].clone(),
