@@ -34,6 +34,7 @@ TRANSPORTS = ("tcp", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 LABEL_MODES = ("server", "hospital")
+SPLITFED_VERSIONS = ("1", "2")
 CODECS = ("none", "bf16", "fp16", "fp8")  # splitrpc.codec.CODECS; kept here so that config imports no torch
 
 
@@ -107,6 +108,13 @@ class SplitOptions:
                       "float16, or as float8 e4m3 with a float32 scale per channel (about 4x fewer bytes)", CODECS)
     prefetch: bool = _opt("split", True, "sequential schedule: the next step's hospital computes and sends its activations "
                           "while the server runs this step (only where that leaves the result unchanged)")
+    splitfed_version: str = _opt("split", "1", "SplitFed (Thapa et al., 2022): 1: the server keeps one trunk replica per "
+                                 "hospital, trained in parallel and averaged with the L1s (weighted by shard size); 2: "
+                                 "one trunk, trained on each hospital's whole epoch in turn, L1s averaged",
+                                 SPLITFED_VERSIONS)
+    splitfed_sync_every: int = _opt("split", 0, "SplitFed: steps between averages of the trunk replicas (version 1) and "
+                                    "of the L1s (0 = at the end of every epoch, as Thapa et al.); an epoch and the run "
+                                    "always end with one")
 
 
 @dataclass(frozen=True)
@@ -322,7 +330,7 @@ def validate(cfg: Config, given: set[str] | None = None) -> Config:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    non_negative = ("max_steps", "limit_train", "limit_test", "threads", "server_threads", "hospital_threads", "warmup_epochs", "weight_decay", "momentum")
+    non_negative = ("splitfed_sync_every", "max_steps", "limit_train", "limit_test", "threads", "server_threads", "hospital_threads", "warmup_epochs", "weight_decay", "momentum")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
