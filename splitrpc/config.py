@@ -49,7 +49,8 @@ class RunOptions:
     method: str = _opt("run", "split", "the training method (each is declared in splitrpc.methods.REGISTRY): split "
                        "learning; local: centralized training in one process; ddp: the data-parallel baseline; "
                        "fedavg: federated averaging; split-local: split learning's arithmetic in one process (N "
-                       "L1 copies + one trunk), the exact reference for --method split",
+                       "L1 copies + one trunk), the exact reference for --method split; splitfed: SplitFed "
+                       "(Thapa et al., 2022), split learning with FedAvg-averaged L1s (and trunk replicas, version 1)",
                        metavar="{" + ",".join(REGISTRY) + "}")
     hospitals: int = _opt("run", 2, "number of hospitals (ranks 1..N under split; ranks 0..N-1 under ddp)")
     out: str = _opt("run", "", "append the run record (one JSON line) to this file")

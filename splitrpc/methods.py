@@ -26,11 +26,11 @@ from splitrpc.errors import UserError
 
 REGISTRY = {
     "split": "splitrpc.split",
-    "splitfed": "splitrpc.split.splitfed",
     "local": "splitrpc.local",
     "ddp": "splitrpc.ddp",
     "fedavg": "splitrpc.fedavg",
     "split-local": "splitrpc.reference",
+    "splitfed": "splitrpc.split.splitfed",
 }
 
 
