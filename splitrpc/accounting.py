@@ -129,7 +129,7 @@ def split_record(cfg, reports: list[dict], analytic: dict, log: StepLog, steps_p
 
     participations = sum(len(p) for p in log.steps)
     return {
-        "method": cfg.method,
+        "method": cfg.method,  # split, or a variant of it (splitfed)
         "transport": cfg.transport,
         "phases": phases,
         "measured_steps": steps,

@@ -35,6 +35,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 LABEL_MODES = ("server", "hospital")
 TOPK_VALUES = ("bf16", "fp8")
+SPLITFED_VERSIONS = ("1", "2")
 CODECS = ("none", "bf16", "fp16", "fp8", "topk")  # splitrpc.codec.CODECS; kept here so that config imports no torch
 
 
@@ -49,7 +50,8 @@ class RunOptions:
     method: str = _opt("run", "split", "the training method (each is declared in splitrpc.methods.REGISTRY): split "
                        "learning; local: centralized training in one process; ddp: the data-parallel baseline; "
                        "fedavg: federated averaging; split-local: split learning's arithmetic in one process (N "
-                       "L1 copies + one trunk), the exact reference for --method split",
+                       "L1 copies + one trunk), the exact reference for --method split; splitfed: SplitFed "
+                       "(Thapa et al., 2022), split learning with FedAvg-averaged L1s (and trunk replicas, version 1)",
                        metavar="{" + ",".join(REGISTRY) + "}")
     hospitals: int = _opt("run", 2, "number of hospitals (ranks 1..N under split; ranks 0..N-1 under ddp)")
     out: str = _opt("run", "", "append the run record (one JSON line) to this file")
@@ -123,6 +125,13 @@ class SplitOptions:
     run_ahead: int = _opt("split", 0, "split-localloss: how many of its own steps a hospital may run ahead of the server "
                           "(the server keeps up to k+1 forward requests in flight per hospital; 0: one at a time); "
                           "the weights do not depend on it")
+    splitfed_version: str = _opt("split", "1", "SplitFed (Thapa et al., 2022): 1: the server keeps one trunk replica per "
+                                 "hospital, trained in parallel and averaged with the L1s (weighted by shard size); 2: "
+                                 "one trunk, trained on each hospital's whole epoch in turn, L1s averaged",
+                                 SPLITFED_VERSIONS)
+    splitfed_sync_every: int = _opt("split", 0, "SplitFed: steps between averages of the trunk replicas (version 1) and "
+                                    "of the L1s (0 = at the end of every epoch, as Thapa et al.); an epoch and the run "
+                                    "always end with one")
 
 
 @dataclass(frozen=True)
@@ -338,7 +347,7 @@ def validate(cfg: Config, given: set[str] | None = None) -> Config:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    non_negative = ("run_ahead", "max_steps", "limit_train", "limit_test", "threads", "server_threads", "hospital_threads", "warmup_epochs", "weight_decay", "momentum")
+    non_negative = ("run_ahead", "splitfed_sync_every", "max_steps", "limit_train", "limit_test", "threads", "server_threads", "hospital_threads", "warmup_epochs", "weight_decay", "momentum")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")

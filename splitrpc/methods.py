@@ -31,6 +31,7 @@ REGISTRY = {
     "fedavg": "splitrpc.fedavg",
     "split-local": "splitrpc.reference",
     "split-localloss": "splitrpc.split.localloss",
+    "splitfed": "splitrpc.split.splitfed",
 }
 
 
@@ -89,6 +90,11 @@ class Method:
     # record says what ran.
     fixed: dict = {}
 
+    def fixed_options(self, cfg) -> dict:
+        """``fixed`` for this configuration: a method whose pinned options depend on another of its
+        options (SplitFed's version) overrides it."""
+        return self.fixed
+
     def world_size(self, cfg) -> int:
         return 1 if self.one_process else cfg.hospitals
 
@@ -140,16 +146,17 @@ def check_options(cfg, fields: dict, given: set[str] | None = None):
     value). Returns ``cfg`` with the method's fixed options set."""
     method = get(cfg.method)
     read_by = readers()
-    for option, value in method.fixed.items():
+    fixed = method.fixed_options(cfg)
+    for option, value in fixed.items():
         current = getattr(cfg, option)
         explicit = option in given if given is not None else current != fields[option].default
         if current != value and explicit:
             raise UserError(f"{_as_flag(option, current)} does not apply to --method {cfg.method} (it always runs "
                             f"with {_as_flag(option, value)})")
-    if method.fixed:
-        cfg = dataclasses.replace(cfg, **method.fixed)
+    if fixed:
+        cfg = dataclasses.replace(cfg, **fixed)
     for option in sorted(read_by):
-        if option in method.options or option in method.fixed:
+        if option in method.options or option in fixed:
             continue
         value = getattr(cfg, option)
         if value != fields[option].default:

@@ -52,18 +52,14 @@ def threads_for(cfg, rank: int | None, cores: int, local_processes: int) -> int:
     """
     if cfg.threads:
         return cfg.threads
-    if rank is not None and _has_server(cfg.method):
+    from splitrpc import methods
+
+    if rank is not None and methods.get(cfg.method).has_server:  # split learning and its variants
         if rank == 0:
             return cfg.server_threads or cores
         server_here = local_processes > cfg.hospitals  # one host runs every party
         return cfg.hospital_threads or (1 if server_here else max(1, cores // local_processes))
     return max(1, cores // local_processes)
-
-
-def _has_server(method: str) -> bool:
-    from splitrpc import methods
-
-    return methods.get(method).has_server
 
 
 def set_threads(cfg, rank: int | None = None) -> int:
@@ -274,6 +270,19 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group_size: int) -> torch.Tens
     flat = torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
     dist.all_reduce(flat)
     flat /= group_size
+    offset = 0
+    for t in tensors:
+        with torch.no_grad():
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return flat
+
+
+def all_reduce_weighted_(tensors: list[torch.Tensor], weight: float) -> torch.Tensor:
+    """Replace ``tensors`` in place by the sum over the default process group of each rank's
+    ``weight * tensors`` (a weighted mean when the weights sum to 1), as one flat CPU buffer."""
+    flat = torch.cat([t.detach().reshape(-1).cpu() for t in tensors]) * weight
+    dist.all_reduce(flat)
     offset = 0
     for t in tensors:
         with torch.no_grad():

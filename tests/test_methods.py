@@ -12,8 +12,8 @@ from splitrpc.errors import UserError
 def test_every_registered_method_declares_its_processes_and_roles():
     cfg = {name: parse_args(["--method", name, "--hospitals", "3"]) for name in methods.REGISTRY}
     sizes = {name: methods.get(name).world_size(c) for name, c in cfg.items()}
-    assert sizes == {"split": 4, "local": 1, "ddp": 3, "fedavg": 3, "split-local": 1,
-                     "split-localloss": 4}
+    assert sizes == {"split": 4, "local": 1, "ddp": 3, "fedavg": 3, "split-local": 1, "split-localloss": 4,
+                     "splitfed": 4}
     assert methods.get("split").roles(cfg["split"]) == "1 server + 3 hospitals"
     assert all(cfg[name].world_size == sizes[name] for name in cfg)
     assert {m.name for m in methods.all_methods() if m.exchange == "all-reduce"} == {"ddp", "fedavg"}
@@ -45,7 +45,7 @@ def test_a_new_method_is_one_module_and_one_registry_entry(toy, tmp_path, capsys
 
 
 def test_a_new_method_refuses_the_options_it_does_not_read(toy):
-    with pytest.raises(UserError, match=r"^--codec fp8 does not apply to --method toy \(it is read by --method split, split-localloss\)$"):
+    with pytest.raises(UserError, match=r"^--codec fp8 does not apply to --method toy \(it is read by --method split, split-localloss, splitfed\)$"):
         parse_args(["--method", "toy", "--codec", "fp8"])
 
 
@@ -90,7 +90,7 @@ def test_the_server_imports_no_hospital_code():
 
     from conftest import REPO
 
-    code = ("import sys, splitrpc.split.server, splitrpc.split; "
+    code = ("import sys, splitrpc.split.server, splitrpc.split, splitrpc.split.splitfed.server; "
             "print(sorted(m for m in sys.modules if m == 'splitrpc.split.hospital'))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr[-2000:]

@@ -32,11 +32,19 @@ class ServerCheckpoints:
         self.call_live("save_checkpoint", steps_done, timeout=self.cfg.setup_timeout)
         state = {
             "fingerprint": self.fingerprint, "step": steps_done, "party": transport.SERVER,
-            "trunk": self.trunk.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **self.trunk_state(),
             "loop": self.loop.state_dict(), "lost": dict(self.hospitals.lost), "dedup": self.dedup_record,
         }
         checkpoint.save(self.cfg.checkpoint_dir, steps_done, transport.SERVER, state)
         checkpoint.prune(self.cfg.checkpoint_dir, transport.SERVER, self.cfg.checkpoint_keep)
+
+    def trunk_state(self) -> dict:
+        """What the server's checkpoint holds of its models (SplitFed's adds every trunk replica)."""
+        return {"trunk": self.trunk.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_trunk_state(self, state: dict) -> None:
+        self.trunk.load_state_dict(state["trunk"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def newest_checkpoint(self) -> int | None:
         """The newest step for which the server and every hospital live at that step have a file."""
@@ -62,8 +70,7 @@ class ServerCheckpoints:
         """Every party back to its state after ``step`` steps; returns the server's checkpoint (with the
         loop's position and history, which the caller restores once the step plan is rebuilt)."""
         state = checkpoint.load(self.cfg.checkpoint_dir, step, transport.SERVER, self.fingerprint)
-        self.trunk.load_state_dict(state["trunk"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_trunk_state(state)
         self.hospitals.lost = {int(k): v for k, v in state["lost"].items()}
         for lost in self.hospitals.lost.values():
             self.coordinator.mark_lost(lost["name"])

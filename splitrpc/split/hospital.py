@@ -231,17 +231,22 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
         return (*wire, labels)
 
     @torch.no_grad()
-    def average_l1(self) -> None:
+    def average_l1(self, weight: float | None = None) -> None:
         """Average L1 weights and BatchNorm statistics with the other hospitals.
 
         An all-reduce among the hospitals' own process group: the server,
-        which triggers it, never sees L1 weights.
+        which triggers it, never sees L1 weights. ``weight``: this hospital's
+        share of the weighted mean (SplitFed: its shard's share of the
+        hospitals' samples, as FedAvg weighs); None, the plain mean.
         """
         self.settle()
         with self.lock:
             tensors = l1_sync_tensors(self.head)
             self.ledger.book_ring("hospitals", comm.tensor_bytes(*tensors), self.cfg.hospitals)
-            transport.all_reduce_mean_(tensors, self.cfg.hospitals)
+            if weight is None:
+                transport.all_reduce_mean_(tensors, self.cfg.hospitals)
+            else:
+                transport.all_reduce_weighted_(tensors, weight)
 
     def switch_phase(self, phase: str) -> None:
         self.ledger.switch(phase)

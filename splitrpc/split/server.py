@@ -140,6 +140,10 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
             raise PeerError("every hospital has been lost") from None
 
     # --- training ---------------------------------------------------------------------------
+    def epoch_plan(self, batches_per_hospital: list[int]) -> list[list[tuple[int, int]]]:
+        """The steps of one epoch, each a list of (hospital, batch), as --schedule orders them."""
+        return data.epoch_plan(batches_per_hospital, self.cfg.schedule)
+
     def train_step(self, epoch: int, index: int, participants: Sequence[tuple[int, int]], lr: float):
         """One optimizer step over the batches of ``participants`` [(hospital, batch), ...]."""
         step = self.loop.state["steps_done"] if self.loop else 0
@@ -173,11 +177,15 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
         that of the hospital's own mean already, and is scaled by ``scale / participants``
         to match (1 by default).
         """
-        scale = float(len(participants)) if self.cfg.l1_grad_scale == "participants" else 1.0
+        scale = self._l1_grad_scale(participants)
         tail_scale = scale / len(participants)
         return transport.StepContext(lambda: [self.hospitals.call_async(h, "forward", epoch, b, lr, scale, step,
                                                                         tail_scale)
                                               for h, b in participants])
+
+    def _l1_grad_scale(self, participants: Sequence[tuple[int, int]]) -> float:
+        """What each participant multiplies its L1 gradient by (see _open_step)."""
+        return float(len(participants)) if self.cfg.l1_grad_scale == "participants" else 1.0
 
     def _upcoming(self, participants: Sequence[tuple[int, int]]) -> tuple | None:
         """(epoch, participants, lr, step) of the next step if its hospitals may compute it now, while this step runs.
@@ -228,12 +236,11 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
                 if self.capture is not None:
                     self.capture[h].append({"epoch": epoch, "batch": b, "activations": inputs[-1].detach().clone(),
                                             "labels": None if y is None else y.clone()})
-            activations = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
-            output = self.trunk(activations.to(self.device))
             if self.u_shaped:  # a second round trip: the trunk's output down, the loss's gradient up
+                output = self.trunk((torch.cat(inputs) if len(inputs) > 1 else inputs[0]).to(self.device))
                 loss, objective = self._hospital_losses(participants, output)
             else:
-                loss = objective = F.cross_entropy(output, torch.cat(labels).long().to(self.device))
+                loss, objective = self._server_loss(participants, inputs, labels)
             t2 = time.perf_counter()
             upcoming = self._upcoming(participants)
             if upcoming is not None:  # the next step's hospitals compute and send while the trunk works
@@ -249,7 +256,7 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
                                           f"{transport.remote_error_summary(exc)}") from None
                 raise PeerError(f"backward pass to {names} failed: {transport.remote_error_summary(exc)}") from None
             t3 = time.perf_counter()
-            apply_gradients(self.optimizer, dist_autograd.get_gradients(context.id), lr)
+            self._step_trunk(participants, dist_autograd.get_gradients(context.id), lr)
             t4 = time.perf_counter()
         finally:
             context.close()
@@ -260,13 +267,28 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
         self.log.steps.append(list(participants))
         return loss.item(), self.cfg.batch_size * len(participants)
 
+    def _server_loss(self, participants: Sequence[tuple[int, int]], inputs: list[torch.Tensor],
+                     labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the step's loss, the objective whose backward pass reaches every hospital): one trunk pass over
+        the participants' concatenated activations, the mean loss over all their samples."""
+        activations = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
+        loss = F.cross_entropy(self.trunk(activations.to(self.device)), torch.cat(labels).long().to(self.device))
+        return loss, loss
+
+    def _step_trunk(self, participants: Sequence[tuple[int, int]], gradients: dict, lr: float) -> None:
+        apply_gradients(self.optimizer, gradients, lr)
+
     def after_step(self, steps_done: int) -> None:
-        if self.cfg.l1 == "average" and steps_done % self.cfg.l1_sync_every == 0:
-            self.hospitals.call_all("average_l1")
-            self.log.l1_syncs += 1
+        self.average(steps_done)
         final = steps_done == self.loop.total_steps  # also the final state, so a longer run can continue from it
         if self.cfg.checkpoint_dir and (final or self.checkpoint_every and steps_done % self.checkpoint_every == 0):
             self.save_checkpoint(steps_done)
+
+    def average(self, steps_done: int) -> None:
+        """--l1 average: the hospitals average their L1s among themselves every --l1-sync-every steps."""
+        if self.cfg.l1 == "average" and steps_done % self.cfg.l1_sync_every == 0:
+            self.hospitals.call_all("average_l1")
+            self.log.l1_syncs += 1
 
     @torch.no_grad()
     def evaluate(self) -> list[float | None]:
@@ -340,7 +362,7 @@ class ServerParty(Party):
     tells the hospitals when the run is over."""
 
     who = transport.SERVER
-    server_class = Server  # a variant of split learning names its own Server subclass
+    server_class = Server  # a variant of split learning (local loss, SplitFed) builds its own Server subclass
 
     def __init__(self, cfg, coordinator: transport.Coordinator):
         self.cfg, self.coordinator = cfg, coordinator
@@ -366,7 +388,7 @@ class ServerParty(Party):
         if resumed is None and cfg.l1 == "average" and cfg.l1_init == "private":
             server.call_live("average_l1")  # privately initialised L1s start equal, at a point nobody chose
         # Planned from the hospitals' sizes after deduplication (restored with a checkpoint).
-        self.plan = data.epoch_plan([i["train_batches"] for i in server.info], cfg.schedule)
+        self.plan = server.epoch_plan([i["train_batches"] for i in server.info])
         server.loop = loop.Loop(cfg, self.plan, server.train_step, server.evaluate, who="server",
                                 on_step_end=server.after_step, switch_phase=server.switch_phase)
         server.checkpoint_every = checkpoint.parse_every(cfg.checkpoint_every, len(self.plan))
