@@ -181,11 +181,16 @@ def variants_table(records: list[dict]) -> list[str]:
 
 
 def _float32_split(label: str) -> str | None:
-    """The float32 split variant with the same L1 handling and cut as ``label`` (a codec dropped), or None."""
-    if not label.startswith("split ("):
+    """The float32 split variant with the same L1 handling and cut as ``label`` (a codec or bottleneck dropped;
+    local loss and SplitFed: split learning with independent L1s at the same cut), or None."""
+    method, _, rest = label.partition(" (")
+    if method not in ("split", "split-localloss", "splitfed"):
         return None
-    parts = [p for p in label[len("split ("):-1].split(", ")
-             if not (p.startswith(("top-k", "random ", "bottleneck")) or p in ("fp8", "bf16", "fp16", "feedback"))]
+    parts = [p for p in rest.rstrip(")").split(", ") if p
+             and not (p.startswith(("top-k", "random ", "bottleneck", "V", "averaged every"))
+                      or p in ("fp8", "bf16", "fp16", "feedback"))]
+    if method != "split":
+        parts = ["independent L1", *parts]
     return f"split ({', '.join(parts)})"
 
 

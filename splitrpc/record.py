@@ -193,6 +193,19 @@ def variant(cfg: Mapping, detail: str = "training") -> str:
         steps = cfg.get("local_steps", 1)
         rounds = "1 round per epoch" if steps >= 10000 else f"{steps} local steps"
         return f"fedavg ({rounds}{', ' + bottleneck if bottleneck else ''})"
+    if method in ("split-localloss", "splitfed"):  # split learning's variants: what sets them apart, then the cut
+        parts = []
+        if method == "splitfed":
+            parts.append(f"V{cfg.get('splitfed_version', '1')}")
+            every = cfg.get("splitfed_sync_every", 0)
+            parts.append("averaged every epoch" if not every else f"averaged every {every} steps")
+        if cfg.get("cut", 1) != 1:
+            parts.append(f"cut {cfg['cut']}")
+        if bottleneck:
+            parts.append(bottleneck)
+        if cfg.get("codec", "none") != "none":
+            parts.append(codec_name(cfg))
+        return f"{method} ({', '.join(parts)})" if parts else method
     if method != "split":
         return f"{method} ({bottleneck})" if bottleneck else method
     parts = []

@@ -73,3 +73,6 @@ def test_a_codec_variant_is_compared_with_float32_split_of_the_same_l1_handling(
         "split (L1 averaged every step)"
     assert _float32_split("split (independent L1, cut 2, fp8)") == "split (independent L1, cut 2)"
     assert _float32_split("ddp") is None
+    assert _float32_split("split-localloss (top-k 1/16)") == _float32_split("split-localloss") == \
+        "split (independent L1)"
+    assert _float32_split("splitfed (V1, averaged every epoch, cut 2)") == "split (independent L1, cut 2)"
