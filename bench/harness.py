@@ -40,6 +40,7 @@ to start that run over.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import itertools
@@ -109,7 +110,8 @@ def expand(spec: dict) -> list[dict]:
     for options in runs:
         key = run_key(options)
         if key not in seen:
-            from_dict(training_options(options))  # a bad option stops the matrix before anything runs
+            # A bad option stops the matrix before anything runs (checked as the run will be: with its checkpoints).
+            from_dict(training_options(with_checkpoints(options, spec.get("name", ""), key, CHECKPOINT_ROOT)[0]))
             for rate in link_options(options).values():
                 parse_rate(str(rate))
             seen.add(key)
@@ -232,15 +234,14 @@ def with_checkpoints(options: dict, name: str, key: str, root: Path) -> tuple[di
     to delete once the run is recorded (None: none, or the config's own), the step it resumes from
     or None). The run key is the caller's, computed before: these options never enter it."""
     options = for_run(options, key)
-    cfg = from_dict(training_options(options))
-    method = methods.get(cfg.method)
+    method = methods.get(options.get("method", from_dict({}).method))
     if not methods.CHECKPOINT_OPTIONS <= method.options:
         return options, None, None
-    own = not cfg.checkpoint_dir
-    directory = root / name / key if own else REPO / Path(cfg.checkpoint_dir).expanduser()
+    own = not options.get("checkpoint_dir")
+    directory = root / name / key if own else REPO / Path(options["checkpoint_dir"]).expanduser()
     options = {**options, "checkpoint_dir": str(directory)}
-    if not cfg.checkpoint_every:
-        options["checkpoint_every"] = CHECKPOINT_EVERY
+    options.setdefault("checkpoint_every", CHECKPOINT_EVERY)
+    cfg = from_dict(training_options(options))
     complete = checkpoint.complete_steps(directory, method.checkpoint_parties(cfg))
     if complete:
         options["resume"] = True
@@ -315,6 +316,8 @@ def run_matrix(config_path: str, results_dir: str = "results", dry_run: bool = F
             print(f"[bench]   done in {seconds:.0f}s", flush=True)
             if checkpoints is not None:  # the record is written: the checkpoints are only disk now
                 shutil.rmtree(checkpoints, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    checkpoints.parent.rmdir()  # the config's directory, once its last run is done
             continue
         failures += 1
         print(f"[bench]   FAILED after {seconds:.0f}s: {error}", flush=True)
