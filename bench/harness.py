@@ -21,16 +21,32 @@ own torchrun group) with ``--run-key``: a hash of its options. Runs already
 in the results file with status "ok" are skipped, so an interrupted matrix
 resumes where it stopped. A failed or timed-out run is recorded with its
 error and the matrix goes on.
+
+A run also resumes within itself: every run of a method that checkpoints
+(``Method.options`` has the checkpoint options) saves a checkpoint every epoch
+(unless the config sets ``checkpoint-every``) under
+``.cache/bench-checkpoints/<name>/<run_key>/`` (or the config's own
+``checkpoint-dir``). If the harness was killed or the machine rebooted, the
+next ``python -m bench run`` finds a step there at which every party has its
+file, passes ``--resume``, and the record says ``resumed_from_step``. These
+options are added to the command only, never to the run key, so results
+recorded before keep matching. A finished run's checkpoints are deleted once
+its record is written (a directory the config named is left alone). A
+checkpoint made by a run with other options (e.g. the code's defaults
+changed) cannot be resumed and the run fails saying so: delete the directory
+to start that run over.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,12 +56,15 @@ from collections import deque
 from pathlib import Path
 
 from bench.wan import parse_rate
+from splitrpc import checkpoint, methods
 from splitrpc.config import from_dict
 from splitrpc.errors import UserError, report
 from splitrpc.record import append_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TIMEOUT_S = 3600
+CHECKPOINT_ROOT = REPO / ".cache" / "bench-checkpoints"  # ignored by git (/.cache/)
+CHECKPOINT_EVERY = "1e"
 STOP_GRACE_S = 20
 ERROR_TAIL_LINES = 5
 
@@ -91,7 +110,8 @@ def expand(spec: dict) -> list[dict]:
     for options in runs:
         key = run_key(options)
         if key not in seen:
-            from_dict(training_options(options))  # a bad option stops the matrix before anything runs
+            # A bad option stops the matrix before anything runs (checked as the run will be: with its checkpoints).
+            from_dict(training_options(with_checkpoints(options, spec.get("name", ""), key, CHECKPOINT_ROOT)[0]))
             for rate in link_options(options).values():
                 parse_rate(str(rate))
             seen.add(key)
@@ -204,12 +224,33 @@ def stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> str:
     return err or ""
 
 
-def execute(options: dict, key: str, results: Path, log: Path, timeout: float) -> tuple[bool, str]:
-    """One run in its own process group; True if it wrote its record.
+def for_run(options: dict, key: str) -> dict:
+    """``{run_key}`` in an option's value is replaced by the run's key (a directory per run)."""
+    return {k: v.replace("{run_key}", key) if isinstance(v, str) else v for k, v in options.items()}
 
-    ``{run_key}`` in an option's value is replaced by the run's key (a directory per run).
-    """
-    options = {k: v.replace("{run_key}", key) if isinstance(v, str) else v for k, v in options.items()}
+
+def with_checkpoints(options: dict, name: str, key: str, root: Path) -> tuple[dict, Path | None, int | None]:
+    """The run's options with its checkpoints, for a method that takes them: (options, the directory
+    to delete once the run is recorded (None: none, or the config's own), the step it resumes from
+    or None). The run key is the caller's, computed before: these options never enter it."""
+    options = for_run(options, key)
+    method = methods.get(options.get("method", from_dict({}).method))
+    if not methods.CHECKPOINT_OPTIONS <= method.options:
+        return options, None, None
+    own = not options.get("checkpoint_dir")
+    directory = root / name / key if own else REPO / Path(options["checkpoint_dir"]).expanduser()
+    options = {**options, "checkpoint_dir": str(directory)}
+    options.setdefault("checkpoint_every", CHECKPOINT_EVERY)
+    cfg = from_dict(training_options(options))
+    complete = checkpoint.complete_steps(directory, method.checkpoint_parties(cfg))
+    if complete:
+        options["resume"] = True
+    return options, directory if own else None, complete[-1] if complete else None
+
+
+def execute(options: dict, key: str, results: Path, log: Path, timeout: float) -> tuple[bool, str]:
+    """One run in its own process group; True if it wrote its record."""
+    options = for_run(options, key)
     cmd = command(options, key, results, timeout)
     log.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=ERROR_TAIL_LINES)
@@ -237,7 +278,8 @@ def execute(options: dict, key: str, results: Path, log: Path, timeout: float) -
     return False, errors[-1] if errors else f"exit code {proc.returncode}"
 
 
-def run_matrix(config_path: str, results_dir: str = "results", dry_run: bool = False) -> int:
+def run_matrix(config_path: str, results_dir: str = "results", dry_run: bool = False,
+               checkpoint_root: Path = CHECKPOINT_ROOT) -> int:
     spec = load(config_path)
     runs = expand(spec)
     # Absolute: the runs execute in the repository root, wherever this was started from.
@@ -250,7 +292,8 @@ def run_matrix(config_path: str, results_dir: str = "results", dry_run: bool = F
           f"{len(todo)} to run", flush=True)
     if dry_run:
         for key, options in todo:
-            print(f"[bench]   {key} {describe(options, base)}")
+            resumes = with_checkpoints(options, spec["name"], key, checkpoint_root)[2]
+            print(f"[bench]   {key} {describe(options, base)}" + (f" (resumes from step {resumes})" if resumes else ""))
         return 0
     failures, durations = 0, []
     for i, (key, options) in enumerate(todo, start=1):
@@ -260,12 +303,21 @@ def run_matrix(config_path: str, results_dir: str = "results", dry_run: bool = F
             eta = f", eta {datetime.timedelta(seconds=int(left))}"
         print(f"[bench] run {i}/{len(todo)} ({len(todo) - i} left after this{eta}): {describe(options, base)}",
               flush=True)
+        command_options, checkpoints, resumes = with_checkpoints(options, spec["name"], key, checkpoint_root)
+        if resumes is not None:
+            print(f"[bench]   resuming from the checkpoint of step {resumes} in {command_options['checkpoint_dir']} "
+                  "(delete it to start the run over)", flush=True)
         started = time.perf_counter()
-        ok, error = execute(options, key, results, results.parent / "logs" / spec["name"] / f"{key}.log", timeout)
+        ok, error = execute(command_options, key, results, results.parent / "logs" / spec["name"] / f"{key}.log",
+                            timeout)
         seconds = time.perf_counter() - started
         durations.append(seconds)
         if ok:
             print(f"[bench]   done in {seconds:.0f}s", flush=True)
+            if checkpoints is not None:  # the record is written: the checkpoints are only disk now
+                shutil.rmtree(checkpoints, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    checkpoints.parent.rmdir()  # the config's directory, once its last run is done
             continue
         failures += 1
         print(f"[bench]   FAILED after {seconds:.0f}s: {error}", flush=True)
@@ -284,9 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["run", "list"])
     parser.add_argument("config", help="bench/configs/<name>.toml")
     parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--checkpoint-root", type=Path, default=CHECKPOINT_ROOT,
+                        help="where runs keep their checkpoints, under <name>/<run_key>/ (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        return run_matrix(args.config, args.results_dir, dry_run=args.command == "list")
+        return run_matrix(args.config, args.results_dir, dry_run=args.command == "list",
+                          checkpoint_root=args.checkpoint_root.resolve())
     except UserError as exc:
         return report(exc)
     except KeyboardInterrupt:

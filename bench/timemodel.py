@@ -69,7 +69,10 @@ DDP_FIRST_BUCKET_B = 1024 * 1024  # torch DDP: the first bucket is 1 MiB, the ot
 DDP_BUCKET_B = 25 * 1024 * 1024
 TARGET_ERROR = 0.15
 PROJECTED_RTTS_S = (0.0, 0.010, 0.030, 0.100)
-IGNORED_KEYS = {"run_key", "out", "tag", "config"}  # not part of a setting
+# Not part of a setting; the checkpoint options differ per run (the harness keys a run's directory by
+# its run key) and between a run and its resumption.
+IGNORED_KEYS = {"run_key", "out", "tag", "config", "checkpoint_dir", "checkpoint_every", "checkpoint_keep", "resume",
+                "max_restarts"}
 
 
 def _all_reduce_methods() -> tuple[str, ...]:

@@ -17,6 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -36,6 +37,18 @@ def fingerprint(cfg) -> str:
     """Digest of the options that determine the computation; a checkpoint only resumes a run with the same."""
     relevant = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_OPTIONS}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def should_resume(cfg) -> bool:
+    """--resume, or torchrun restarted the group after a failure and there are checkpoints."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    return cfg.resume or (restarted and bool(cfg.checkpoint_dir))
+
+
+def due(every: int, steps_done: int, total_steps: int) -> bool:
+    """A checkpoint after this step: every ``every`` steps (0: never), and after the run's last step
+    (the final state, so that a longer run can continue from it)."""
+    return steps_done == total_steps or bool(every) and steps_done % every == 0
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -79,6 +92,19 @@ def available_steps(root: str | Path, party: str) -> list[int]:
         if m and (entry / f"{party}.pt").is_file():
             steps.append(int(m.group(1)))
     return sorted(steps)
+
+
+def newest_common(steps_by_party: Iterable[Iterable[int]]) -> int | None:
+    """The newest step that every party has (each party's list from ``available_steps``), or None."""
+    sets = [set(steps) for steps in steps_by_party]
+    common = set.intersection(*sets) if sets else set()
+    return max(common) if common else None
+
+
+def complete_steps(root: str | Path, parties: Iterable[str]) -> list[int]:
+    """Steps at which every one of ``parties`` has its file, oldest first: the steps a run can resume from."""
+    sets = [set(available_steps(root, party)) for party in parties]
+    return sorted(set.intersection(*sets)) if sets else []
 
 
 def prune(root: str | Path, party: str, keep: int) -> None:

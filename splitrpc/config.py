@@ -202,8 +202,8 @@ class RuntimeOptions:
 class CheckpointOptions:
     """Per-party checkpoints, resuming, and restarts after a failure."""
 
-    checkpoint_dir: str = _opt("checkpoint", "", "each party saves its own state under step-<n>/ here (server: trunk, optimizer, "
-                               "loop; hospital: L1, optimizer, dropped duplicates)")
+    checkpoint_dir: str = _opt("checkpoint", "", "each process saves its own state under step-<n>/ here (weights, optimizer, the "
+                               "loop; what each method saves: docs/faults.md)")
     checkpoint_every: str = _opt("checkpoint", "", "checkpoint every N steps ('500') or N epochs ('2e'); empty: only at the end")
     checkpoint_keep: int = _opt("checkpoint", 2, "checkpoints each party keeps (older ones are deleted)")
     resume: bool = _opt("checkpoint", False, "continue from the newest step for which every party has a checkpoint")

@@ -23,7 +23,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from splitrpc import comm, transport
-from splitrpc.methods import Method, Party
+from splitrpc.methods import CHECKPOINT_OPTIONS, Method, Party
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import LRSchedule, apply_gradients, make_optimizer
 from splitrpc.ranks import RING, RankParty, RankTrainer
@@ -151,6 +151,16 @@ class DdpTrainer(RankTrainer):
             self.timed["wait_s"] += wait
         return loss.item(), len(participants) * self.cfg.batch_size
 
+    def state_dict(self) -> dict:
+        """This rank's replica (its BatchNorm statistics are its own until the next evaluation) and optimizer."""
+        return {**super().state_dict(), "model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        # After DDP's constructor, which broadcast rank 0's parameters and buffers: each rank's own come back.
+        super().load_state_dict(state)
+        self.model.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
     @torch.no_grad()
     def evaluate(self) -> list[float]:
         """The replica's test accuracy, after averaging the BatchNorm statistics DDP does not broadcast."""
@@ -215,7 +225,7 @@ class Ddp(Method):
     name = "ddp"
     summary = "the baseline: synchronous data-parallel SGD (DistributedDataParallel), one rank per hospital"
     exchange = "all-reduce"
-    options = frozenset({"lr_scaling"})
+    options = frozenset({"lr_scaling", *CHECKPOINT_OPTIONS})
     fixed = {"schedule": "parallel"}  # every hospital takes part in every step
 
     def party(self, cfg, rank, coordinator) -> Party:

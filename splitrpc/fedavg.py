@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from splitrpc import comm, loop
+from splitrpc import comm, data, loop
 from splitrpc.ddp import slowest_step
 from splitrpc.errors import UserError
-from splitrpc.methods import Method, Party
+from splitrpc.methods import CHECKPOINT_OPTIONS, Method, Party
 from splitrpc.models import floating_state, model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
 from splitrpc.ranks import RING, RankParty, RankTrainer
@@ -49,10 +49,14 @@ class FedAvgTrainer(RankTrainer):
         self.averaged = floating_state(self.model)
         self.model_bytes = comm.tensor_bytes(*self.averaged)
         self.batches = self._all_gather(self.shard.num_batches)
-        self.rounds = 0
+        self.rounds = 0  # rounds this process ran (its bytes); with those before a resumption:
+        self.earlier_rounds = 0
         # Samples this hospital and all hospitals trained on since the last average.
         self.round_mine, self.round_all = 0, 0
-        self.steps_per_epoch = self.total_steps = 0  # set once the plan is known
+        # The round boundaries, from the plan every rank builds (RankParty.setup): a round also ends with
+        # every epoch and with the run.
+        self.steps_per_epoch = len(data.epoch_plan(self.batches, "parallel"))
+        self.total_steps = loop.Loop.total_steps_of(cfg, self.steps_per_epoch)
         # Seconds of the rounds after the first (whose all-reduce also opens gloo's connections): this
         # hospital's local steps, and its wait in the round's all-reduce.
         self.timed = {"rounds": 0, "compute_s": 0.0, "wait_s": 0.0}
@@ -103,6 +107,19 @@ class FedAvgTrainer(RankTrainer):
         self.rounds += 1
         self.round_mine, self.round_all = 0, 0
 
+    def state_dict(self) -> dict:
+        """This replica, its optimizer (momentum stays with each hospital) and the round in progress: a
+        checkpoint may fall between two averages."""
+        return {**super().state_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "round_mine": self.round_mine, "round_all": self.round_all,
+                "rounds": self.earlier_rounds + self.rounds}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.round_mine, self.round_all, self.earlier_rounds = state["round_mine"], state["round_all"], state["rounds"]
+
     def evaluate(self) -> list[float]:
         """The averaged model's test accuracy (every replica holds it)."""
         return self.accuracy(self.model)
@@ -152,11 +169,6 @@ class FedAvgParty(RankParty):
     def make_trainer(self) -> FedAvgTrainer:
         return FedAvgTrainer(self.cfg, self.rank)
 
-    def setup(self, run_record: dict) -> None:
-        super().setup(run_record)
-        self.trainer.steps_per_epoch = len(self.plan)
-        self.trainer.total_steps = loop.Loop.total_steps_of(self.cfg, len(self.plan))
-
     def joined_line(self) -> str:
         return f"{self.cfg.hospitals} ranks, {self.cfg.local_steps} local step(s) per round"
 
@@ -164,7 +176,7 @@ class FedAvgParty(RankParty):
         return {"on_step_end": self.trainer.after_step}
 
     def finish(self, run_record: dict) -> None:
-        run_record["rounds"] = self.trainer.rounds
+        run_record["rounds"] = self.trainer.earlier_rounds + self.trainer.rounds
         run_record["comm"] = self.trainer.communication(len(self.plan))
 
 
@@ -174,7 +186,7 @@ class FedAvg(Method):
     name = "fedavg"
     summary = "federated averaging: local steps on every hospital's replica, averaged every round"
     exchange = "all-reduce"
-    options = frozenset({"local_steps", "on_hospital_failure"})  # the latter only to refuse "continue" below
+    options = frozenset({"local_steps", "on_hospital_failure", *CHECKPOINT_OPTIONS})  # the latter only to refuse "continue" below
     fixed = {"schedule": "parallel"}  # every hospital takes part in every step
 
     def validate(self, cfg) -> None:

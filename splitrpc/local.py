@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from splitrpc import data, loop, transport
-from splitrpc.methods import Method, Party
+from splitrpc import data, transport
+from splitrpc.methods import CHECKPOINT_OPTIONS, Method, Party
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
+from splitrpc.resumable import Resumable
 
 
 class LocalTrainer:
@@ -49,6 +50,13 @@ class LocalTrainer:
         self.model.train()
         return [correct / len(self.test.labels)]
 
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
     def save(self, directory: str) -> None:
         """The same files as a split run: the head as hospital1's, the trunk as the server's."""
         head, trunk = split_model(self.model, self.cfg.cut)
@@ -57,9 +65,9 @@ class LocalTrainer:
         torch.save({k: v.cpu() for k, v in head.state_dict().items()}, Path(directory) / "head-local.pt")
 
 
-class LocalParty(Party):
-    """The only process of a one-process run: trains, evaluates and saves in place. ``split-local``
-    subclasses it with its own trainer."""
+class LocalParty(Resumable, Party):
+    """The only process of a one-process run: trains, evaluates, checkpoints and saves in place.
+    ``split-local`` subclasses it with its own trainer."""
 
     who = "local"
 
@@ -83,10 +91,13 @@ class LocalParty(Party):
         run_record["hospitals"] = [{"name": self.shard_name(i), "train_samples": len(s), "train_batches": s.num_batches}
                                    for i, s in enumerate(self.trainer.shards, start=1)]
         self.plan = data.epoch_plan([s.num_batches for s in self.trainer.shards], self.cfg.schedule)
+        self.start_loop(run_record, **self.loop_options())
+
+    def checkpoint_party(self) -> str:
+        return self.who
 
     def train(self) -> dict:
-        return loop.run(self.cfg, self.plan, self.trainer.train_step, self.trainer.evaluate, who=self.who,
-                        **self.loop_options())
+        return self.loop.run()
 
     def save(self, directory: str) -> None:
         self.trainer.save(directory)
@@ -98,7 +109,7 @@ class Local(Method):
     name = "local"
     summary = "centralized training in one process: the ceiling, and the reference for equivalence"
     one_process = True
-    options = frozenset({"schedule"})
+    options = frozenset({"schedule", *CHECKPOINT_OPTIONS})
 
     def party(self, cfg, rank, coordinator) -> Party:
         return LocalParty(cfg)

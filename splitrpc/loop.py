@@ -6,6 +6,7 @@ record are decided here, once.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Sequence
 
@@ -30,7 +31,8 @@ class Loop:
     communication accounting changes phase; ``reduce_losses`` turns each
     step's local loss into the global one after an epoch (DDP ranks see only
     their own batch). ``state_dict``/``load_state_dict`` let a run resume at
-    any step with the same history.
+    any step with the same history; work done ``off_the_clock()`` (writing a
+    checkpoint) is not training time.
     """
 
     def __init__(self, cfg, plan: list, train_step: TrainStep, evaluate: Evaluate, who: str,
@@ -47,6 +49,17 @@ class Loop:
             # the epoch in progress
             "losses": [], "counts": [], "epoch_samples": 0, "epoch_seconds": 0.0,
         }
+        self._untimed = 0.0  # seconds of the current step spent off the clock
+
+    @contextlib.contextmanager
+    def off_the_clock(self):
+        """Time spent inside is not training time: a run with checkpoints measures the same
+        samples/s as one without (its wall time still includes them)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._untimed += time.perf_counter() - started
 
     def state_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self.state.items()}
@@ -97,8 +110,8 @@ class Loop:
                     state["epoch_samples"] += n
                     self.progress.step(step, epoch, loss, n, lr)
                 self.on_step_end(state["steps_done"])
-                state["epoch_seconds"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
+                state["epoch_seconds"] += time.perf_counter() - t0 - self._untimed
+                t0, self._untimed = time.perf_counter(), 0.0
                 if state["steps_done"] >= self.total_steps:
                     break
             self._end_epoch(epoch, lr)

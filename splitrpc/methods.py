@@ -33,6 +33,8 @@ REGISTRY = {
     "split-localloss": "splitrpc.split.localloss",
     "splitfed": "splitrpc.split.splitfed",
 }
+# Read by every method that checkpoints and resumes (its parties save and restore their whole state).
+CHECKPOINT_OPTIONS = frozenset({"checkpoint_dir", "checkpoint_every", "resume"})
 
 
 class Party:
@@ -110,6 +112,15 @@ class Method:
 
     def party(self, cfg, rank: int | None, coordinator) -> Party:
         raise NotImplementedError
+
+    def checkpoint_parties(self, cfg) -> list[str]:
+        """The files whose presence at a step makes it one a run can resume from (``CHECKPOINT_OPTIONS``):
+        by default the one process's, or every rank's (named for its hospital)."""
+        if self.one_process:
+            return [self.name]
+        from splitrpc.transport import hospital_name
+
+        return [hospital_name(r) for r in range(1, self.world_size(cfg) + 1)]
 
     def node_processes(self, cfg, nnodes: int, node_rank: int, per_node: int) -> int:
         """Processes node ``node_rank`` of a multi-node run starts: by default ``per_node`` ranks each."""

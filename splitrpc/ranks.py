@@ -3,8 +3,9 @@ r+1, holds its own shard and a full replica, and talks to the others over one gl
 
 ``RankTrainer`` has the group's collectives (booked in the ledger, as the method's own traffic
 is), the step losses and test accuracy reduced over ranks, the bytes table of every phase and
-the final save; ``RankParty`` runs one rank through ``splitrpc.lifecycle``. A method adds only
-what it does differently: its step, and what it exchanges.
+the final save; ``RankParty`` runs one rank through ``splitrpc.lifecycle``, checkpointing and
+resuming it (``splitrpc.resumable``). A method adds only what it does differently: its step, what
+it exchanges, and what its checkpoint holds (``state_dict``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from splitrpc import comm, console, data, transport
 from splitrpc.methods import Party
 from splitrpc.models import split_model
+from splitrpc.resumable import Resumable
 
 RING = "ring"  # the peer name under which all-reduce traffic is booked
 
@@ -35,7 +37,15 @@ class RankTrainer:
         self.shard = data.load_shard(cfg, self.hospital)
         self.test = data.load_test(cfg)
         self.local_losses: list[tuple[float, int]] = []
-        self.steps = 0
+        self.steps = 0  # steps this process ran (a resumed run's bytes are counted from its resumption)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint holds; a method adds its model and optimizer. The step losses are kept for
+        the current epoch's loss, which is reduced over ranks at its end."""
+        return {"local_losses": list(self.local_losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.local_losses = list(state["local_losses"])
 
     def _all_gather(self, value):
         gathered = [None] * self.ranks
@@ -109,8 +119,8 @@ class RankTrainer:
         torch.save({k: v.cpu() for k, v in head.state_dict().items()}, Path(directory) / self.head_file)
 
 
-class RankParty(Party):
-    """One rank of a DDP or FedAvg run. Rank 0 prints, records and saves; every rank trains."""
+class RankParty(Resumable, Party):
+    """One rank of a DDP or FedAvg run. Rank 0 prints, records and saves; every rank trains and checkpoints."""
 
     def __init__(self, cfg, rank: int, coordinator):
         self.cfg, self.rank, self.coordinator = cfg, rank, coordinator
@@ -143,13 +153,17 @@ class RankParty(Party):
             console.line(f"[rank0] pid {os.getpid()} joined; {self.joined_line()}")
         run_record["hospitals"] = [{"name": transport.hospital_name(r + 1), "train_batches": n}
                                    for r, n in enumerate(self.trainer.batches)]
+        self.start_loop(run_record, switch_phase=self.trainer.ledger.switch, reduce_losses=self.trainer.reduce_losses,
+                        quiet=self.rank != 0, **self.loop_options())
+
+    def checkpoint_party(self) -> str:
+        return transport.hospital_name(self.rank + 1)
+
+    def gather(self, value) -> list:
+        return self.trainer._all_gather(value)
 
     def train(self) -> dict:
-        from splitrpc import loop
-
-        result = loop.run(self.cfg, self.plan, self.trainer.train_step, self.trainer.evaluate, who=self.who,
-                          switch_phase=self.trainer.ledger.switch, reduce_losses=self.trainer.reduce_losses,
-                          quiet=self.rank != 0, **self.loop_options())
+        result = self.loop.run()
         self.trainer.ledger.switch("done")
         return result
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from splitrpc import data, transport
 from splitrpc.errors import UserError
 from splitrpc.local import LocalParty
-from splitrpc.methods import Method, Party
+from splitrpc.methods import CHECKPOINT_OPTIONS, Method, Party
 from splitrpc.models import model_for, split_model
 from splitrpc.optim import apply_gradients, make_optimizer
 from splitrpc.split.protocol import l1_sync_tensors
@@ -79,6 +79,20 @@ class SplitReference:
                     t.copy_(mean)
             self.l1_syncs += 1
 
+    def state_dict(self) -> dict:
+        return {"trunk": self.trunk.state_dict(), "trunk_optimizer": self.trunk_optimizer.state_dict(),
+                "heads": [head.state_dict() for head in self.heads],
+                "head_optimizers": [o.state_dict() for o in self.head_optimizers], "l1_syncs": self.l1_syncs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trunk.load_state_dict(state["trunk"])
+        self.trunk_optimizer.load_state_dict(state["trunk_optimizer"])
+        for head, optimizer, head_state, optimizer_state in zip(self.heads, self.head_optimizers, state["heads"],
+                                                                state["head_optimizers"]):
+            head.load_state_dict(head_state)
+            optimizer.load_state_dict(optimizer_state)
+        self.l1_syncs = state["l1_syncs"]
+
     @torch.no_grad()
     def evaluate(self) -> list[float]:
         """Each hospital's model (its L1 + the trunk) on the test set, as the server evaluates them."""
@@ -130,7 +144,7 @@ class SplitLocal(Method):
     summary = ("split learning's arithmetic in one process (N L1 copies + one trunk), the exact reference for "
                "--method split")
     one_process = True
-    options = frozenset({"schedule", "l1", "l1_sync_every", "l1_grad_scale", "l1_init"})
+    options = frozenset({"schedule", "l1", "l1_sync_every", "l1_grad_scale", "l1_init", *CHECKPOINT_OPTIONS})
 
     def validate(self, cfg) -> None:
         if cfg.l1_init == "private":

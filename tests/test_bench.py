@@ -1,21 +1,26 @@
 """The benchmark harness: matrices, resumption, failures recorded, per-run timeouts."""
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from bench import harness
 from conftest import REPO
+from splitrpc import checkpoint
 from splitrpc.errors import UserError
 
 pytestmark = pytest.mark.distributed
 
 
 def run_bench(config, results_dir, timeout=300):
-    return subprocess.run([sys.executable, "-m", "bench", "run", str(config), "--results-dir", str(results_dir)],
+    return subprocess.run([sys.executable, "-m", "bench", "run", str(config), "--results-dir", str(results_dir),
+                           "--checkpoint-root", str(results_dir / "checkpoints")],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -32,6 +37,7 @@ def test_smoke_matrix_runs_and_resumes(tmp_path, cache_dir):
     second = run_bench(config, tmp_path)
     assert "3 already in" in second.stdout and "0 to run" in second.stdout
     assert len((tmp_path / "smoke.jsonl").read_text().splitlines()) == 3
+    assert not (tmp_path / "checkpoints" / "smoke").exists()  # each finished run's checkpoints, then the config's directory
 
 
 def test_failed_and_timed_out_runs_are_recorded_and_the_matrix_goes_on(tmp_path, cache_dir):
@@ -80,3 +86,58 @@ def test_bad_matrix_is_one_line(tmp_path):
         harness.expand(harness.load(str(config)))
     result = run_bench(config, tmp_path, timeout=60)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, cache_dir):
+    """The harness and its run killed at once (a reboot) after the run's first checkpoint: the next
+    `bench run` passes --resume, the record says from which step, and the finished run's checkpoints
+    are deleted. The checkpoint options stay out of the run key."""
+    config = tmp_path / "killed.toml"
+    config.write_text(f"""
+name = "killed"
+[base]
+dataset = "synthetic"
+synthetic-train = 4096
+synthetic-test = 64
+model = "resnet20"
+width = 0.25
+batch-size = 32
+max-steps = 60
+checkpoint-every = 4
+threads = 1
+log-every = 100
+cache-dir = "{cache_dir}"
+[matrix]
+method = ["local"]
+""")
+    (options,) = harness.expand(harness.load(str(config)))
+    key = harness.run_key(options)
+    root = tmp_path / "checkpoints"
+    directory = root / "killed" / key
+    assert harness.with_checkpoints(options, "killed", key, root)[0]["checkpoint_dir"] == str(directory)
+    cmd = [sys.executable, "-m", "bench", "run", str(config), "--results-dir", str(tmp_path),
+           "--checkpoint-root", str(root)]
+    bench = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not checkpoint.complete_steps(directory, ["local"]) and bench.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in [*harness.descendants(bench.pid), bench.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    bench.wait()
+    killed_at = checkpoint.complete_steps(directory, ["local"])
+    assert killed_at and killed_at[-1] < 60, "the run must be killed after a checkpoint, before its end"
+    assert "ok" not in (tmp_path / "killed.jsonl").read_text() if (tmp_path / "killed.jsonl").exists() else True
+
+    listed = subprocess.run([*cmd[:3], "list", *cmd[4:]], capture_output=True, text=True, cwd=REPO)
+    assert "(resumes from step" in listed.stdout, listed.stdout
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming from the checkpoint of step" in second.stdout
+    (record,) = [json.loads(line) for line in (tmp_path / "killed.jsonl").read_text().splitlines()]
+    assert record["status"] == "ok" and record["config"]["run_key"] == key
+    assert record["resumed_from_step"] >= killed_at[-1] and record["steps"] == 60
+    assert not directory.exists()

@@ -72,7 +72,7 @@ def test_record_round_trip():
     (["--method", "ddp", "--codec", "topk"], "--codec topk does not apply to --method ddp"),
     (["--method", "fedavg", "--on-hospital-failure", "continue"], "--method fedavg supports --on-hospital-failure "
                                                                    "abort only"),
-    (["--method", "fedavg", "--checkpoint-dir", "ck"], "--checkpoint-dir ck does not apply to --method fedavg"),
+    (["--method", "fedavg", "--checkpoint-every", "2e"], "--resume and --checkpoint-every need --checkpoint-dir"),
 ])
 def test_bad_input_is_one_clear_error(args, message):
     with pytest.raises(UserError) as info:

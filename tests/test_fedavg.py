@@ -66,7 +66,7 @@ def test_rounds_and_bytes_three_ways(cli):
 @pytest.mark.parametrize("args,pattern", [
     (["--local-steps", "0"], "--local-steps must be at least 1"),
     (["--on-hospital-failure", "continue"], "--method fedavg supports --on-hospital-failure abort only"),
-    (["--checkpoint-dir", "ck"], "--checkpoint-dir ck does not apply to --method fedavg"),
+    (["--resume"], "--resume and --checkpoint-every need --checkpoint-dir"),
 ])
 def test_bad_values_are_one_line_exit_2(cli, args, pattern):
     result = cli("--method", "fedavg", "--dataset", "synthetic", *args, timeout=60)

@@ -18,7 +18,7 @@ module imports neither, each process loads its own side when it learns its rank.
 from __future__ import annotations
 
 from splitrpc.errors import UserError
-from splitrpc.methods import Method, Party
+from splitrpc.methods import CHECKPOINT_OPTIONS, Method, Party
 
 
 class Split(Method):
@@ -32,8 +32,7 @@ class Split(Method):
         "schedule", "prefetch", "l1", "l1_sync_every", "l1_grad_scale", "l1_init", "labels", "tail", "codec",
         "topk_ratio", "topk_values", "topk_random", "topk_feedback",
         "noise", "nopeek", "capture_dir", "capture_samples", "dedup", "dedup_key_file", "dedup_manifest",
-        "server_threads", "hospital_threads", "checkpoint_dir", "checkpoint_every", "resume",
-        "on_hospital_failure", "fault",
+        "server_threads", "hospital_threads", "on_hospital_failure", "fault", *CHECKPOINT_OPTIONS,
     })
 
     def world_size(self, cfg) -> int:
@@ -46,6 +45,12 @@ class Split(Method):
         from splitrpc.transport import role_name
 
         return role_name(rank or 0)
+
+    def checkpoint_parties(self, cfg) -> list[str]:
+        """The server's file: it writes it last, once every hospital live at that step has its own."""
+        from splitrpc.transport import SERVER
+
+        return [SERVER]
 
     def validate(self, cfg) -> None:
         if cfg.labels == "hospital":

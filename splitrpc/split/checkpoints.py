@@ -8,16 +8,8 @@ network, the server only says which step.
 
 from __future__ import annotations
 
-import os
-
 from splitrpc import checkpoint, transport
 from splitrpc.split.protocol import HospitalFailure
-
-
-def should_resume(cfg) -> bool:
-    """--resume, or torchrun restarted the group after a failure and there are checkpoints."""
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    return cfg.resume or (restarted and bool(cfg.checkpoint_dir))
 
 
 class ServerCheckpoints:

@@ -29,7 +29,7 @@ from splitrpc.errors import PeerError, UserError
 from splitrpc.methods import Party
 from splitrpc.models import activation_shape, model_for, split_model, split_u
 from splitrpc.optim import apply_gradients, make_optimizer
-from splitrpc.split.checkpoints import ServerCheckpoints, should_resume
+from splitrpc.split.checkpoints import ServerCheckpoints
 from splitrpc.split.dedup_session import ServerDedup
 from splitrpc.split.hospitals import Hospitals
 from splitrpc.split.protocol import HospitalFailure, l1_sync_numel, label_dtype, message_problem
@@ -201,8 +201,7 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
             return None
         epoch, _, following, lr = upcoming
         steps_done = self.loop.state["steps_done"] + 1
-        if self.cfg.checkpoint_dir and (steps_done == self.loop.total_steps or self.checkpoint_every
-                                        and steps_done % self.checkpoint_every == 0):
+        if self.cfg.checkpoint_dir and checkpoint.due(self.checkpoint_every, steps_done, self.loop.total_steps):
             return None
         following = [(h, b) for h, b in following if h not in self.hospitals.lost]
         if not following or {h for h, _ in following} & {h for h, _ in participants}:
@@ -280,9 +279,9 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
 
     def after_step(self, steps_done: int) -> None:
         self.average(steps_done)
-        final = steps_done == self.loop.total_steps  # also the final state, so a longer run can continue from it
-        if self.cfg.checkpoint_dir and (final or self.checkpoint_every and steps_done % self.checkpoint_every == 0):
-            self.save_checkpoint(steps_done)
+        if self.cfg.checkpoint_dir and checkpoint.due(self.checkpoint_every, steps_done, self.loop.total_steps):
+            with self.loop.off_the_clock():
+                self.save_checkpoint(steps_done)
 
     def average(self, steps_done: int) -> None:
         """--l1 average: the hospitals average their L1s among themselves every --l1-sync-every steps."""
@@ -379,7 +378,7 @@ class ServerParty(Party):
     def setup(self, run_record: dict) -> None:
         cfg = self.cfg
         self.server = server = self.server_class(cfg, self.coordinator)
-        resume_step = server.newest_checkpoint() if should_resume(cfg) else None
+        resume_step = server.newest_checkpoint() if checkpoint.should_resume(cfg) else None
         if cfg.resume and resume_step is None:
             raise UserError(f"--resume: no step in {cfg.checkpoint_dir} has a checkpoint from every party")
         resumed = server.restore(resume_step) if resume_step is not None else None

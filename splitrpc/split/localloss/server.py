@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from splitrpc import codec
+from splitrpc import checkpoint, codec
 from splitrpc.optim import apply_gradients
 from splitrpc.split.hospitals import Call
 from splitrpc.split.protocol import HospitalFailure
@@ -55,7 +55,7 @@ class LocalLossServer(Server):
         while True:
             done = s + 1  # steps done once step s has run
             if (done >= loop.total_steps or done % steps_per_epoch == 0
-                    or cfg.checkpoint_dir and self.checkpoint_every and done % self.checkpoint_every == 0
+                    or cfg.checkpoint_dir and checkpoint.due(self.checkpoint_every, done, loop.total_steps)
                     or cfg.l1 == "average" and done % cfg.l1_sync_every == 0):
                 return ahead
             s += 1

@@ -31,7 +31,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from splitrpc.models import floating_state
 from splitrpc.optim import apply_gradients, make_optimizer
 from splitrpc.split.server import Server, ServerParty
 
