@@ -52,9 +52,9 @@ def threads_for(cfg, rank: int | None, cores: int, local_processes: int) -> int:
     """
     if cfg.threads:
         return cfg.threads
-    from splitrpc import methods
-
-    if rank is not None and methods.get(cfg.method).has_server:  # split learning and its variants
+    # Split learning and its variants: a server besides the hospitals (their method's world size says so;
+    # asking the registry here would import it into this module, which the registry's methods import).
+    if rank is not None and cfg.world_size > cfg.hospitals:
         if rank == 0:
             return cfg.server_threads or cores
         server_here = local_processes > cfg.hospitals  # one host runs every party
