@@ -108,7 +108,7 @@ def test_deeper_cut_sends_the_deeper_stage(cli, tmp_path, cut, shape):
 
 def test_defences_need_split(cli):
     r = cli("--method", "local", "--noise", "0.1", timeout=60)
-    assert r.returncode == 2 and "--noise 0.1 does not apply to --method local (it is read by --method split)" in r.stderr
+    assert r.returncode == 2 and "--noise 0.1 does not apply to --method local (it is read by --method split, split-localloss, splitfed)" in r.stderr
 
 
 def test_private_l1_init_is_unknown_to_the_server_and_averaged_once(cli, tmp_path):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from splitrpc.privacy import image_metrics, inversion
 from splitrpc.models import model_for, split_model
 
-CFG = SimpleNamespace(seed=0, model="resnet20", num_classes=10, width=0.5, norm="batch", dtype="float32")
+CFG = SimpleNamespace(seed=0, model="resnet20", num_classes=10, width=0.5, norm="batch", dtype="float32", cut=1,
+                      bottleneck=1)
 SHAPE = (3, 16, 16)  # a convolution runs at any size; 16x16 keeps the inversions under a second
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
