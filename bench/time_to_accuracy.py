@@ -49,6 +49,7 @@ from pathlib import Path
 
 from bench import timemodel
 from splitrpc import methods
+from splitrpc.config import Config
 from splitrpc.errors import UserError, report
 from splitrpc.record import RunRecord, variant
 
@@ -68,20 +69,26 @@ def rate_name(rate: float | None) -> str:
 
 
 def same_setting(a: dict, b: dict) -> bool:
+    # An option added after a record was written is missing from it, at its default.
+    defaults = Config().to_dict()
+
     def key(r):
-        return {k: v for k, v in r["config"].items() if k not in NOT_THE_SETTING}
+        return {k: v for k, v in {**defaults, **r["config"]}.items() if k not in NOT_THE_SETTING}
     return key(a) == key(b)
 
 
 def compute_references(shaped: list[dict]) -> dict[tuple[int, str], dict]:
     """{(hospitals, variant or method): the newest unshaped one-epoch run of wan_tta}: its seconds per step are
     the compute of that variant (``fedavg (10 local steps)``) with that many hospitals, or of a method's
-    variants without one of their own."""
+    variants without one of their own (a method's reference has an uncompressed cut: top-k or a bottleneck
+    change the compute, and are references of their own variant only)."""
     by_variant, by_method = {}, {}
     for r in shaped:
         if r.get("status") == "ok" and timemodel.is_reference(r) and r["steps"] == r["steps_per_epoch"]:
-            n = r["config"]["hospitals"]
-            by_variant[n, variant(r["config"])] = by_method[n, r["config"]["method"]] = r
+            n, method = r["config"]["hospitals"], r["config"]["method"]
+            by_variant[n, variant(r["config"])] = r
+            if variant(r["config"], "codec") == method:  # a compressed cut's compute is its own, not the method's
+                by_method[n, method] = r
     return {**by_method, **by_variant}
 
 
