@@ -176,9 +176,11 @@ method = ["local"]
     assert workers, "the run had started"
     bench.terminate()
     _, err = bench.communicate(timeout=60)
-    assert bench.returncode == 130 and "interrupted" in err, err
     alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
              "zombie" not in open(f"/proc/{pid}/status").read().lower()]
+    for pid in alive:  # leave nothing running, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert bench.returncode == 130 and "interrupted" in err, err
     assert not alive, f"workers left running: {alive}"
     assert checkpoint.complete_steps(directory, ["local"])  # kept for --resume
     assert not (tmp_path / "terminated.jsonl").exists()  # no record of a run that did not finish
