@@ -330,6 +330,10 @@ def run_matrix(config_path: str, results_dir: str = "results", dry_run: bool = F
     return 1 if failures else 0
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -339,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-root", type=Path, default=CHECKPOINT_ROOT,
                         help="where runs keep their checkpoints, under <name>/<run_key>/ (default: %(default)s)")
     args = parser.parse_args(argv)
+    # `kill <harness>` (a scheduler, a session's end) is a Ctrl-C: the run in progress is stopped with its
+    # workers (they run in their own session, so they would outlive the harness) and keeps its checkpoints.
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
         return run_matrix(args.config, args.results_dir, dry_run=args.command == "list",
                           checkpoint_root=args.checkpoint_root.resolve())

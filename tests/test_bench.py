@@ -141,3 +141,46 @@ method = ["local"]
     assert record["status"] == "ok" and record["config"]["run_key"] == key
     assert record["resumed_from_step"] >= killed_at[-1] and record["steps"] == 60
     assert not directory.exists()
+
+
+def test_a_terminated_harness_stops_its_run_and_keeps_its_checkpoints(tmp_path, cache_dir):
+    """`kill <harness>` stops the run in progress with every worker (they run in their own session),
+    exits 130, and leaves the run's checkpoints for the next `bench run` to resume from."""
+    config = tmp_path / "terminated.toml"
+    config.write_text(f"""
+name = "terminated"
+[base]
+dataset = "synthetic"
+synthetic-train = 4096
+synthetic-test = 64
+model = "resnet20"
+width = 0.25
+batch-size = 32
+max-steps = 400
+checkpoint-every = 4
+threads = 1
+log-every = 100
+cache-dir = "{cache_dir}"
+[matrix]
+method = ["local"]
+""")
+    (options,) = harness.expand(harness.load(str(config)))
+    directory = tmp_path / "checkpoints" / "terminated" / harness.run_key(options)
+    bench = subprocess.Popen([sys.executable, "-m", "bench", "run", str(config), "--results-dir", str(tmp_path),
+                              "--checkpoint-root", str(tmp_path / "checkpoints")], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not checkpoint.complete_steps(directory, ["local"]) and bench.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = harness.descendants(bench.pid)
+    assert workers, "the run had started"
+    bench.terminate()
+    _, err = bench.communicate(timeout=60)
+    alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
+             "zombie" not in open(f"/proc/{pid}/status").read().lower()]
+    for pid in alive:  # leave nothing running, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert bench.returncode == 130 and "interrupted" in err, err
+    assert not alive, f"workers left running: {alive}"
+    assert checkpoint.complete_steps(directory, ["local"])  # kept for --resume
+    assert not (tmp_path / "terminated.jsonl").exists()  # no record of a run that did not finish
