@@ -270,12 +270,7 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group_size: int) -> torch.Tens
     flat = torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
     dist.all_reduce(flat)
     flat /= group_size
-    offset = 0
-    for t in tensors:
-        with torch.no_grad():
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return flat
+    return _unflatten_into(flat, tensors)
 
 
 def all_reduce_weighted_(tensors: list[torch.Tensor], weight: float) -> torch.Tensor:
@@ -283,6 +278,11 @@ def all_reduce_weighted_(tensors: list[torch.Tensor], weight: float) -> torch.Te
     ``weight * tensors`` (a weighted mean when the weights sum to 1), as one flat CPU buffer."""
     flat = torch.cat([t.detach().reshape(-1).cpu() for t in tensors]) * weight
     dist.all_reduce(flat)
+    return _unflatten_into(flat, tensors)
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Copy consecutive slices of ``flat`` back into ``tensors``; returns ``flat``."""
     offset = 0
     for t in tensors:
         with torch.no_grad():

@@ -128,13 +128,7 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
                 extra = dict(zip(self.head.parameters(), torch.autograd.grad(
                     self.cfg.nopeek * dcor, list(self.head.parameters()), retain_graph=True, allow_unused=True)))
                 self.nopeek_values.append(dcor.item())
-            self.forwards += 1
-            if self.capture is not None:
-                # The labels too: an auditor holding both sides scores label leakage (U-shaped) against them.
-                self.capture.append({"epoch": epoch, "batch": batch, "inputs": images.clone(), "labels": labels.clone()})
-            labels = labels.to(self.label_dtype)
-            if self.fault and self.forwards >= self.fault[1]:
-                activations, labels = inject_fault(self.fault[0], activations, labels, self.cfg.num_classes)
+            activations, labels = self.leaving(epoch, batch, images, labels, activations)
             flight = self.in_flight = {"labels": labels, "tail_gradients": None}
 
         def on_gradient(gradient, wire_gradient):
@@ -149,6 +143,19 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
 
         wire = codec.hospital_send(activations, self.codec, on_gradient, self.codec_draws(epoch, batch))
         return (*wire, labels) if self.tail is None else tuple(wire)  # U-shaped: labels stay here
+
+    def leaving(self, epoch: int, batch: int, images: torch.Tensor, labels: torch.Tensor,
+                activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a training batch sends (activations, labels as they cross), after the audit's capture of
+        its inputs and, in tests, a deliberate fault. Counts the batch."""
+        self.forwards += 1
+        if self.capture is not None:
+            # The labels too: an auditor holding both sides scores label leakage (U-shaped) against them.
+            self.capture.append({"epoch": epoch, "batch": batch, "inputs": images.clone(), "labels": labels.clone()})
+        labels = labels.to(self.label_dtype)
+        if self.fault and self.forwards >= self.fault[1]:
+            activations, labels = inject_fault(self.fault[0], activations, labels, self.cfg.num_classes)
+        return activations, labels
 
     def codec_draws(self, epoch: int, batch: int) -> torch.Generator | None:
         """Randomized top-k's draws: seeded by the batch, so a retried or resumed step draws the same."""

@@ -20,7 +20,6 @@ from torch import nn
 from splitrpc import data, transport
 from splitrpc.errors import PeerError
 from splitrpc.optim import apply_gradients, make_optimizer
-from splitrpc.split.faults import inject_fault
 from splitrpc.split.hospital import Hospital
 
 
@@ -87,12 +86,7 @@ class LocalLossHospital(Hospital):
             # What leaves: L1's output before this step, detached, with --noise on it (the aux head saw it clean).
             activations = self.protect(output.detach().cpu(),
                                        data.derived_seed(self.cfg.seed, data.NOISE, self.index, epoch, batch))
-            self.forwards += 1
-            if self.capture is not None:
-                self.capture.append({"epoch": epoch, "batch": batch, "inputs": images.clone(), "labels": labels.clone()})
-            labels = labels.to(self.label_dtype)
-            if self.fault and self.forwards >= self.fault[1]:
-                activations, labels = inject_fault(self.fault[0], activations, labels, self.cfg.num_classes)
+            activations, labels = self.leaving(epoch, batch, images, labels, activations)
             # Encoded here, in order: top-k's error feedback carries its residual from this request to the next.
             wire = self.codec.encode(activations, True, self.codec_draws(epoch, batch))
         with self.order:
