@@ -199,12 +199,7 @@ def variant(cfg: Mapping, detail: str = "training") -> str:
             parts.append(f"V{cfg.get('splitfed_version', '1')}")
             every = cfg.get("splitfed_sync_every", 0)
             parts.append("averaged every epoch" if not every else f"averaged every {every} steps")
-        if cfg.get("cut", 1) != 1:
-            parts.append(f"cut {cfg['cut']}")
-        if bottleneck:
-            parts.append(bottleneck)
-        if cfg.get("codec", "none") != "none":
-            parts.append(codec_name(cfg))
+        parts += _cut_parts(cfg, bottleneck)
         return f"{method} ({', '.join(parts)})" if parts else method
     if method != "split":
         return f"{method} ({bottleneck})" if bottleneck else method
@@ -216,13 +211,17 @@ def variant(cfg: Mapping, detail: str = "training") -> str:
         parts.append("independent L1")
     if cfg.get("l1_grad_scale", "participants") == "none":
         parts.append("L1 gradient unscaled")
-    if cfg.get("cut", 1) != 1:
-        parts.append(f"cut {cfg['cut']}")
+    return f"split ({', '.join(parts + _cut_parts(cfg, bottleneck))})"
+
+
+def _cut_parts(cfg: Mapping, bottleneck: str | None) -> list[str]:
+    """What a split variant's name says of its cut: a deeper cut, the bottleneck, the codec."""
+    parts = [f"cut {cfg['cut']}"] if cfg.get("cut", 1) != 1 else []
     if bottleneck:
         parts.append(bottleneck)
     if cfg.get("codec", "none") != "none":
         parts.append(codec_name(cfg))
-    return f"split ({', '.join(parts)})"
+    return parts
 
 
 def codec_name(cfg: Mapping) -> str:
