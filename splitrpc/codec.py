@@ -77,7 +77,7 @@ class Dense:
             return (tensor.to(_CAST[self.name]),)
         return _fp8_encode(tensor, _channel_dims(tensor))  # one scale per channel (dimension 1)
 
-    def decode(self, wire: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, wire: Sequence[torch.Tensor], dtype: torch.dtype, shape: Sequence[int] | None = None) -> torch.Tensor:
         if self.name == "none":
             return wire[0]
         if self.name in _CAST:
@@ -93,7 +93,7 @@ class Dense:
             return [(shape, _CAST[self.name])]
         return [(shape, FP8), (tuple(s if d == 1 else 1 for d, s in enumerate(shape)), SCALE_DTYPE)]
 
-    def problem(self, wire: Sequence[torch.Tensor]) -> str | None:
+    def problem(self, wire: Sequence[torch.Tensor], shape: Sequence[int] | None = None) -> str | None:
         # fp8's scales must be positive: a zero or negative scale decodes to garbage.
         if self.name == "fp8" and not bool((wire[1] > 0).all()):
             return "float8 scales that are not positive"
@@ -103,8 +103,8 @@ class Dense:
     def encode_gradient(self, gradient: torch.Tensor, sent: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return self.encode(gradient)
 
-    def decode_gradient(self, wire: Sequence[torch.Tensor], sent: Sequence[torch.Tensor],
-                        dtype: torch.dtype) -> torch.Tensor:
+    def decode_gradient(self, wire: Sequence[torch.Tensor], sent: Sequence[torch.Tensor], dtype: torch.dtype,
+                        shape: Sequence[int] | None = None) -> torch.Tensor:
         return self.decode(wire, dtype)
 
     def gradient_spec(self, shape: Sequence[int], dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -189,13 +189,10 @@ class TopK:
         return values.new_zeros(flat_shape).scatter_(1, positions.long(), values)
 
     def decode(self, wire: Sequence[torch.Tensor], dtype: torch.dtype, shape: Sequence[int] | None = None) -> torch.Tensor:
-        positions = wire[-1]
+        if shape is None:
+            raise ValueError("top-k decodes to the cut's shape: pass it")  # the positions alone do not say it
         values = self._unvalues(wire[:-1], dtype)
-        flat = self._scatter(values, positions, (positions.shape[0], self._width(positions, shape)))
-        return flat if shape is None else flat.view(tuple(shape))
-
-    def _width(self, positions, shape):
-        return math.prod(shape[1:]) if shape is not None else int(positions.max().item()) + 1
+        return self._scatter(values, wire[-1], (shape[0], math.prod(shape[1:]))).view(tuple(shape))
 
     def wire_spec(self, shape: Sequence[int], dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
         batch, k = shape[0], self.k(shape)
@@ -257,8 +254,7 @@ def encode(codec, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def decode(codec, wire: Sequence[torch.Tensor], dtype: torch.dtype, shape: Sequence[int] | None = None) -> torch.Tensor:
     """The tensor (in ``dtype``) that the wire form ``wire`` stands for (no autograd); top-k needs its ``shape``."""
-    codec = get(codec)
-    return codec.decode(wire, dtype, shape) if isinstance(codec, TopK) else codec.decode(wire, dtype)
+    return get(codec).decode(wire, dtype, shape)
 
 
 def wire_spec(codec, shape: Sequence[int], dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -278,8 +274,7 @@ def gradient_bytes(codec, shape: Sequence[int], dtype: torch.dtype) -> int:
 
 def wire_problem(codec, wire: Sequence[torch.Tensor], shape: Sequence[int] | None = None) -> str | None:
     """What is wrong with wire tensors of the right shapes and dtypes, before decoding, or None."""
-    codec = get(codec)
-    return codec.problem(wire, shape) if isinstance(codec, TopK) else codec.problem(wire)
+    return get(codec).problem(wire, shape)
 
 
 def check(codec: str, dtype: str) -> str | None:
@@ -289,12 +284,6 @@ def check(codec: str, dtype: str) -> str | None:
     if codec != "none" and dtype != "float32":
         return f"--codec {codec} compresses float32 activations; it cannot be combined with --dtype {dtype}"
     return None
-
-
-def _decode_gradient(codec: Codec, wire, sent, dtype, shape):
-    if isinstance(codec, TopK):
-        return codec.decode_gradient(wire, sent, dtype, shape)
-    return codec.decode_gradient(wire, sent, dtype)
 
 
 class _HospitalSend(torch.autograd.Function):
@@ -312,7 +301,7 @@ class _HospitalSend(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *wire_grads):
         wire_grads = tuple(g for g, w in zip(wire_grads, ctx.sent) if w.is_floating_point())
-        ctx.on_gradient(_decode_gradient(ctx.codec, wire_grads, ctx.sent, ctx.dtype, ctx.shape), wire_grads)
+        ctx.on_gradient(ctx.codec.decode_gradient(wire_grads, ctx.sent, ctx.dtype, ctx.shape), wire_grads)
         # The anchor's (zero) gradient is what distributed autograd accumulates here; L1's
         # gradients are computed by the hospital itself from the gradient it was handed.
         return torch.zeros((), dtype=ctx.dtype), None, None, None, None

@@ -88,13 +88,11 @@ def test_bad_matrix_is_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
 
 
-def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, cache_dir):
-    """The harness and its run killed at once (a reboot) after the run's first checkpoint: the next
-    `bench run` passes --resume, the record says from which step, and the finished run's checkpoints
-    are deleted. The checkpoint options stay out of the run key."""
-    config = tmp_path / "killed.toml"
+def _local_config(tmp_path, name: str, max_steps: int, cache_dir) -> "Path":
+    """A one-run config (local training, synthetic data) that checkpoints every 4 steps."""
+    config = tmp_path / f"{name}.toml"
     config.write_text(f"""
-name = "killed"
+name = "{name}"
 [base]
 dataset = "synthetic"
 synthetic-train = 4096
@@ -102,7 +100,7 @@ synthetic-test = 64
 model = "resnet20"
 width = 0.25
 batch-size = 32
-max-steps = 60
+max-steps = {max_steps}
 checkpoint-every = 4
 threads = 1
 log-every = 100
@@ -110,6 +108,14 @@ cache-dir = "{cache_dir}"
 [matrix]
 method = ["local"]
 """)
+    return config
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, cache_dir):
+    """The harness and its run killed at once (a reboot) after the run's first checkpoint: the next
+    `bench run` passes --resume, the record says from which step, and the finished run's checkpoints
+    are deleted. The checkpoint options stay out of the run key."""
+    config = _local_config(tmp_path, "killed", 60, cache_dir)
     (options,) = harness.expand(harness.load(str(config)))
     key = harness.run_key(options)
     root = tmp_path / "checkpoints"
@@ -146,24 +152,7 @@ method = ["local"]
 def test_a_terminated_harness_stops_its_run_and_keeps_its_checkpoints(tmp_path, cache_dir):
     """`kill <harness>` stops the run in progress with every worker (they run in their own session),
     exits 130, and leaves the run's checkpoints for the next `bench run` to resume from."""
-    config = tmp_path / "terminated.toml"
-    config.write_text(f"""
-name = "terminated"
-[base]
-dataset = "synthetic"
-synthetic-train = 4096
-synthetic-test = 64
-model = "resnet20"
-width = 0.25
-batch-size = 32
-max-steps = 400
-checkpoint-every = 4
-threads = 1
-log-every = 100
-cache-dir = "{cache_dir}"
-[matrix]
-method = ["local"]
-""")
+    config = _local_config(tmp_path, "terminated", 400, cache_dir)
     (options,) = harness.expand(harness.load(str(config)))
     directory = tmp_path / "checkpoints" / "terminated" / harness.run_key(options)
     bench = subprocess.Popen([sys.executable, "-m", "bench", "run", str(config), "--results-dir", str(tmp_path),
