@@ -88,7 +88,7 @@ def test_bad_matrix_is_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
 
 
-def _local_config(tmp_path, name: str, max_steps: int, cache_dir) -> "Path":
+def _local_config(tmp_path, name: str, max_steps: int, cache_dir):
     """A one-run config (local training, synthetic data) that checkpoints every 4 steps."""
     config = tmp_path / f"{name}.toml"
     config.write_text(f"""
