@@ -11,17 +11,50 @@ it exchanges, and what its checkpoint holds (``state_dict``).
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from splitrpc import comm, console, data, transport
+from splitrpc.errors import PeerError
 from splitrpc.methods import Party
 from splitrpc.models import split_model
 from splitrpc.resumable import Resumable
 
 RING = "ring"  # the peer name under which all-reduce traffic is booked
+# After a failed collective, how long a rank waits for the others to say that theirs failed too:
+# those that do not are the suspects (dead, stopped or cut off). The survivors' collectives fail
+# within about a step of each other, whether on a lost connection or on --rpc-timeout.
+BLAME_WAIT_S = 2.0
+
+
+def collective_failure(exc: BaseException) -> bool:
+    """A gloo (or NCCL) collective failed: a peer died, hung past --rpc-timeout or lost its link."""
+    return isinstance(exc, RuntimeError) and (isinstance(exc, getattr(dist, "DistError", ())) or
+                                              "gloo" in str(exc) or "NCCL" in str(exc))
+
+
+def blame(store, rank: int, world_size: int, wait_s: float = BLAME_WAIT_S) -> str:
+    """Which ranks did not report a failed collective: each survivor reports its own through the
+    coordination store, then waits briefly for the others'. Rank 0 hosts the store, so when the
+    store is unreachable it is rank 0 that is gone."""
+    try:
+        store.set(f"collective_failed/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            silent = [r for r in range(world_size) if not store.check([f"collective_failed/{r}"])]
+            if not silent or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - the store's own failure is the answer
+        return f"{transport.hospital_name(1)} (rank 0, which holds the coordination store) is unreachable"
+    if not silent:
+        return "every rank's collective failed at once"
+    names = ", ".join(f"{transport.hospital_name(r + 1)} (rank {r})" for r in silent)
+    return f"no word from {names}: dead, stopped or cut off"
 
 
 class RankTrainer:
@@ -143,8 +176,21 @@ class RankParty(Resumable, Party):
         self.coordinator.wait_all_ready(self.cfg.setup_timeout)
         transport.init_hospital_group(self.cfg, self.rank)
 
+    @contextmanager
     def reporting(self):
-        return self.coordinator.reporting(self.who)
+        """A failed collective becomes one line that names the ranks that went silent (gloo's own
+        message names at most an address, and a timeout names no one)."""
+        with self.coordinator.reporting(self.who):
+            try:
+                yield
+            except RuntimeError as exc:
+                if not collective_failure(exc):
+                    raise
+                cause = str(exc).split("This is typically")[0].strip()
+                cause = cause.split("] ", 1)[-1] if cause.startswith("[") else cause
+                raise PeerError(f"a collective with the other hospitals failed: "
+                                f"{blame(self.coordinator.store, self.rank, self.cfg.hospitals)} "
+                                f"(gloo: {cause})") from None
 
     def setup(self, run_record: dict) -> None:
         self.trainer = self.make_trainer()
