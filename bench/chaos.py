@@ -427,10 +427,17 @@ def main(argv: list[str] | None = None) -> int:
                         "directory, removed at the end unless a trial failed)")
     parser.add_argument("--table", default="", help="print the Markdown table of this file and exit")
     args = parser.parse_args(argv)
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so that every trial's namespaces and processes go with it.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
     try:
         return campaign(args)
     except UserError as exc:
         return report(exc)
+    except KeyboardInterrupt:
+        print("splitrpc: bench.chaos stopped by a signal; the trial in progress is not recorded and its "
+              "network is removed (run the same command again to continue)", file=sys.stderr, flush=True)
+        return 130
 
 
 def campaign(args) -> int:

@@ -361,6 +361,18 @@ def results_pages(experiments: dict[str, list[dict]], results_dir: Path) -> dict
         lines += _commands(*commands)
         pages[f"{page}.md"] = "\n".join(lines).rstrip("\n") + "\n"
         index.append(f"* [{title}]({page}.md): {sources}")
+    if (results_dir / "chaos.jsonl").exists():
+        from bench import chaos
+
+        pages["chaos.md"] = "\n".join([
+            "# Faults survived: the chaos campaign", "",
+            f"{GENERATED} `results/chaos.jsonl`; do not edit by hand. One row per trial: a short real run "
+            "across network namespaces (3 hospitals, checkpoints every 5 steps, `--rpc-timeout 8`) with one "
+            "random fault; what each outcome means and how a trial is judged: `bench/chaos.py` and "
+            "[faults.md](../faults.md#the-chaos-campaign).", "",
+            chaos.table(str(results_dir / "chaos.jsonl")), "", *_commands(
+                "python -m bench.chaos --trials 30 --seed 0 --out results/chaos.jsonl")]).rstrip("\n") + "\n"
+        index.append("* [Faults survived: the chaos campaign](chaos.md): `results/chaos.jsonl`")
     if pages:
         pages["README.md"] = "\n".join(["# Results", "", f"{GENERATED} the records in `results/`; one page per "
                                         "group of bench configs. The full table of every run is "

@@ -25,10 +25,6 @@ from splitrpc.models import split_model
 from splitrpc.resumable import Resumable
 
 RING = "ring"  # the peer name under which all-reduce traffic is booked
-# After a failed collective, how long a rank waits for the others to say that theirs failed too:
-# those that do not are the suspects (dead, stopped or cut off). The survivors' collectives fail
-# within about a step of each other, whether on a lost connection or on --rpc-timeout.
-BLAME_WAIT_S = 2.0
 
 
 def collective_failure(exc: BaseException) -> bool:
@@ -37,10 +33,12 @@ def collective_failure(exc: BaseException) -> bool:
                                               "gloo" in str(exc) or "NCCL" in str(exc))
 
 
-def blame(store, rank: int, world_size: int, wait_s: float = BLAME_WAIT_S) -> str:
+def blame(store, rank: int, world_size: int, wait_s: float) -> str:
     """Which ranks did not report a failed collective: each survivor reports its own through the
-    coordination store, then waits briefly for the others'. Rank 0 hosts the store, so when the
-    store is unreachable it is rank 0 that is gone."""
+    coordination store, then waits up to ``wait_s`` (--rpc-timeout) for the others'. A live rank
+    reaches the same collective within a round's compute and fails there too (at once on a lost
+    connection, after the timeout on a silent peer); one that does not say so is dead, stopped or
+    cut off. Rank 0 hosts the store, so when the store is unreachable it is rank 0 that is gone."""
     try:
         store.set(f"collective_failed/{rank}", "1")
         deadline = time.monotonic() + wait_s
@@ -189,7 +187,7 @@ class RankParty(Resumable, Party):
                 cause = str(exc).split("This is typically")[0].strip()
                 cause = cause.split("] ", 1)[-1] if cause.startswith("[") else cause
                 raise PeerError(f"a collective with the other hospitals failed: "
-                                f"{blame(self.coordinator.store, self.rank, self.cfg.hospitals)} "
+                                f"{blame(self.coordinator.store, self.rank, self.cfg.hospitals, self.cfg.rpc_timeout)} "
                                 f"(gloo: {cause})") from None
 
     def setup(self, run_record: dict) -> None:
