@@ -9,8 +9,9 @@ a network namespace of its own (``bench.wan.Network``, unshaped links): as on se
 torchrun agent ends the group for it. At a random step one fault is injected:
 
 * ``kill``: SIGKILL of one party, the server included;
-* ``stop-short`` / ``stop-long``: SIGSTOP of one party for 0.3x / 2x the RPC timeout, then SIGCONT;
-* ``link-short`` / ``link-long``: one party's link taken down for 0.3x / 2x the RPC timeout;
+* ``stop-short`` / ``stop-long``: SIGSTOP of one party for 0.3x / 2.5x the RPC timeout, then SIGCONT;
+* ``link-short`` / ``link-long``: one party's link taken down for 0.3x / 2.5x the RPC timeout (longer than
+  a timeout and the wait of DDP's and FedAvg's ranks before naming a silent one, see ``splitrpc.ranks.blame``);
 * ``corrupt``: every party killed (a crash), then the newest complete checkpoint of one party
   truncated or one of its bytes flipped, before the run is started again.
 
@@ -101,7 +102,7 @@ def plan(seed: int, index: int) -> Trial:
     fault = FAULTS[index % len(FAULTS)] if index < len(FAULTS) else rng.choice(FAULTS)  # every kind early
     has_server = methods.get(method).has_server
     victims = (["server"] if has_server else []) + [f"hospital{i}" for i in range(1, HOSPITALS + 1)]
-    duration = {"stop-short": 0.3, "link-short": 0.3, "stop-long": 2.0, "link-long": 2.0}.get(fault, 0.0) * RPC_TIMEOUT_S
+    duration = {"stop-short": 0.3, "link-short": 0.3, "stop-long": 2.5, "link-long": 2.5}.get(fault, 0.0) * RPC_TIMEOUT_S
     return Trial(seed, index, method, list(extra), policy, fault, rng.choice(victims),
                  rng.randint(CHECKPOINT_EVERY + 3, 36), duration, rng.choice(["truncate", "flip"]))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from splitrpc.models import split_model
 from splitrpc.resumable import Resumable
 
 RING = "ring"  # the peer name under which all-reduce traffic is booked
+STORE_PROBE_S = 2.0  # a store call after a failed collective; longer, and rank 0 is taken to be gone
 
 
 def collective_failure(exc: BaseException) -> bool:
@@ -36,10 +38,15 @@ def collective_failure(exc: BaseException) -> bool:
 def blame(store, rank: int, world_size: int, wait_s: float) -> str:
     """Which ranks did not report a failed collective: each survivor reports its own through the
     coordination store, then waits up to ``wait_s`` (--rpc-timeout) for the others'. A live rank
-    reaches the same collective within a round's compute and fails there too (at once on a lost
-    connection, after the timeout on a silent peer); one that does not say so is dead, stopped or
-    cut off. Rank 0 hosts the store, so when the store is unreachable it is rank 0 that is gone."""
+    fails in the same collective within one timeout of this one (at once on a lost connection, or
+    when its own wait on a peer that left times out); one that does not say so in time is dead,
+    stopped or cut off. A rank frozen for less than two timeouts wakes in time to report a failure
+    of its own and is not told apart: then every rank's collective "failed at once". Rank 0 hosts
+    the store: when the store does not answer within ``STORE_PROBE_S`` it is rank 0 that is gone
+    (stopped or cut off, it would otherwise hold every store call for the store's own timeout,
+    --setup-timeout, and wake to report a failure of its own as if it had been there all along)."""
     try:
+        store.set_timeout(timedelta(seconds=STORE_PROBE_S))
         store.set(f"collective_failed/{rank}", "1")
         deadline = time.monotonic() + wait_s
         while True:

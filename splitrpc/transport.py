@@ -25,6 +25,7 @@ from splitrpc.errors import PeerError, UserError
 
 SERVER = "server"
 KEY_PREFIX = "splitrpc"
+FAILURE_STORE_TIMEOUT_S = 5.0  # store calls after a failure (Coordinator.fail)
 CONTEXT_CLOSE_TIMEOUT_S = 30  # releasing a context only sends notices; a peer that is gone cannot hold it up
 
 
@@ -112,6 +113,9 @@ class Coordinator:
         """
         value = f"{who}: {message}"
         try:
+            # After a failure no store call may wait long: the store's host may be the party that
+            # stopped (its default timeout is --setup-timeout, minutes).
+            self.store.set_timeout(timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
             return self.store.compare_set("failure", "", value).decode() == value
         except Exception:
             return True
