@@ -361,6 +361,18 @@ def results_pages(experiments: dict[str, list[dict]], results_dir: Path) -> dict
         lines += _commands(*commands)
         pages[f"{page}.md"] = "\n".join(lines).rstrip("\n") + "\n"
         index.append(f"* [{title}]({page}.md): {sources}")
+    if (results_dir / "scale.jsonl").exists():
+        from bench import scale
+
+        pages["scale.md"] = "\n".join([
+            "# Many hospitals on one machine", "",
+            f"{GENERATED} `results/scale.jsonl`; do not edit by hand. One row per run: split learning and the "
+            "others with N hospitals on this 2-core, 24 GiB machine; what each column measures: `bench/scale.py`; "
+            "analysis: [scale.md](../scale.md).", "",
+            scale.table(str(results_dir / "scale.jsonl")), "", *_figures("plots/figures/scale.png"), *_commands(
+                "python -m bench.scale --hospitals 2,4,8,16,32,64 --start fork,spawn --out results/scale.jsonl")
+        ]).rstrip("\n") + "\n"
+        index.append("* [Many hospitals on one machine](scale.md): `results/scale.jsonl`")
     if (results_dir / "chaos.jsonl").exists():
         from bench import chaos
 
