@@ -167,8 +167,11 @@ def table(path: str) -> str:
              "hospital RSS MB | server private MB | run PSS peak (GB) | machine peak (GB) | s/step | samples/s | "
              "payload KB per hospital per step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        opts = r.get("options", [])
+        schedule = opts[opts.index("--schedule") + 1] if "--schedule" in opts else "parallel"
+        method = r["method"] + (f" ({schedule})" if r["method"].startswith("split") else "")
         lines.append(
-            f"| {r['method']} | {r['start']} | {r['hospitals']} | {r['status']} | {f(r.get('launch_to_first_step_s'), 1)} | "
+            f"| {method} | {r['start']} | {r['hospitals']} | {r['status']} | {f(r.get('launch_to_first_step_s'), 1)} | "
             f"{f(r.get('hospital_private_mb_median'))} / {f(r.get('hospital_private_mb_max'))} | "
             f"{f(r.get('hospital_rss_mb_median'))} | {f(r.get('server_private_mb'))} | "
             f"{f((r.get('run_pss_peak_mb') or 0) / 1024, 2)} | {f((r.get('machine_used_peak_mb') or 0) / 1024, 2)} | "
@@ -188,8 +191,13 @@ def figure(path: str, out_dir: Path, name: str, save) -> list[Path]:
     if not rows:
         return []
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for (method, start) in sorted({(r["method"], r["start"]) for r in rows}):
-        mine = sorted((r for r in rows if (r["method"], r["start"]) == (method, start)), key=lambda r: r["hospitals"])
+    def series(r):
+        opts = r.get("options", [])
+        schedule = opts[opts.index("--schedule") + 1] if "--schedule" in opts else "parallel"
+        return r["method"] + (f" ({schedule})" if r["method"].startswith("split") else ""), r["start"]
+
+    for (method, start) in sorted({series(r) for r in rows}):
+        mine = sorted((r for r in rows if series(r) == (method, start)), key=lambda r: r["hospitals"])
         n = [r["hospitals"] for r in mine]
         label = f"{method}, --start {start}"
         axes[0].plot(n, [r.get("hospital_private_mb_median") for r in mine], "o-", label=label)

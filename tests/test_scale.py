@@ -81,5 +81,5 @@ def test_scale_measures_private_memory_and_renders_its_table(tmp_path):
            "seconds_per_step": 1.5, "samples_per_s": 341.0, "payload_bytes_per_hospital_step": 2048.0}
     path = tmp_path / "scale.jsonl"
     path.write_text(json.dumps(row) + "\n")
-    assert "| split | fork | 64 | ok | 100.0 | 170 / 180 | 500 | 300 | 12.00 | 13.00 | 1.500 | 341 | 2.0 |" \
+    assert "| split (parallel) | fork | 64 | ok | 100.0 | 170 / 180 | 500 | 300 | 12.00 | 13.00 | 1.500 | 341 | 2.0 |" \
         in scale.table(str(path))
