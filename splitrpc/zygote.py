@@ -121,6 +121,14 @@ def main(argv: list[str]) -> int:
 
     from splitrpc import train  # noqa: F401  (the method's own modules are small: each party imports its own)
 
+    # A thread alive at fork is not copied and may hold a lock its copy never releases. With
+    # OMP_NUM_THREADS=1 (the launcher's environment) these imports start none; numpy's OpenBLAS
+    # would start its thread server otherwise (seen with gdb: blas_thread_server).
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+    if threads > 1:
+        print(f"splitrpc: warning: the zygote runs {threads} threads before forking the parties; "
+              f"set OMP_NUM_THREADS=1", file=sys.stderr, flush=True)
+
     children: dict[int, int] = {}
 
     def forward(signum, frame):
