@@ -35,6 +35,11 @@ def collective_failure(exc: BaseException) -> bool:
                                               "gloo" in str(exc) or "NCCL" in str(exc))
 
 
+class StoreGone(Exception):
+    """The coordination store did not answer: its connection may now be out of step (a reply that
+    came late would be read as the next call's), so nothing more may be asked of it."""
+
+
 def blame(store, rank: int, world_size: int, wait_s: float) -> str:
     """Which ranks did not report a failed collective: each survivor reports its own through the
     coordination store, then waits up to ``wait_s`` (--rpc-timeout) for the others'. A live rank
@@ -55,7 +60,8 @@ def blame(store, rank: int, world_size: int, wait_s: float) -> str:
                 break
             time.sleep(0.1)
     except Exception:  # noqa: BLE001 - the store's own failure is the answer
-        return f"{transport.hospital_name(1)} (rank 0, which holds the coordination store) is unreachable"
+        raise StoreGone(f"{transport.hospital_name(1)} (rank 0, which holds the coordination store) "
+                        f"is unreachable") from None
     if not silent:
         return "every rank's collective failed at once"
     names = ", ".join(f"{transport.hospital_name(r + 1)} (rank {r})" for r in silent)
@@ -193,9 +199,14 @@ class RankParty(Resumable, Party):
                     raise
                 cause = str(exc).split("This is typically")[0].strip()
                 cause = cause.split("] ", 1)[-1] if cause.startswith("[") else cause
-                raise PeerError(f"a collective with the other hospitals failed: "
-                                f"{blame(self.coordinator.store, self.rank, self.cfg.hospitals, self.cfg.rpc_timeout)} "
-                                f"(gloo: {cause})") from None
+                try:
+                    who = blame(self.coordinator.store, self.rank, self.cfg.hospitals, self.cfg.rpc_timeout)
+                except StoreGone as gone:
+                    # A late reply on that connection once made this rank read another's failure as
+                    # the run's first and leave without a word (the third chaos pass).
+                    self.coordinator.store_gone = True
+                    who = str(gone)
+                raise PeerError(f"a collective with the other hospitals failed: {who} (gloo: {cause})") from None
 
     def setup(self, run_record: dict) -> None:
         self.trainer = self.make_trainer()

@@ -9,7 +9,7 @@ import pytest
 import torch.distributed as dist
 
 from bench import chaos
-from splitrpc.ranks import blame
+from splitrpc.ranks import StoreGone, blame
 from tests.test_wan import needs_netns
 
 
@@ -34,7 +34,8 @@ def test_the_silent_rank_is_named_and_a_lost_store_blames_rank_0():
         def set(self, *args):
             raise RuntimeError("Connection reset by peer")
 
-    assert "hospital1 (rank 0, which holds the coordination store) is unreachable" in blame(Gone(), 1, 3, 0.2)
+    with pytest.raises(StoreGone, match=r"hospital1 \(rank 0, which holds the coordination store\) is unreachable"):
+        blame(Gone(), 1, 3, 0.2)
 
 
 def test_the_table_counts_outcomes_by_fault(tmp_path):
@@ -65,3 +66,22 @@ def test_a_cut_link_ends_as_the_contract_says(tmp_path, monkeypatch):
         assert "hospital2" in result["error"] and "timeout" in result["error"], result
         assert result["exit_after_start_s"] < chaos.BOUND_S + trial.duration_s, result
         assert result["resumed_from_step"] in (5, 10), result
+
+
+def test_after_a_store_timeout_the_store_is_not_asked_again():
+    """A late reply on a timed-out store connection would be read as the next call's: once a call timed out,
+    a failure is this process's to report, without asking the store who was first."""
+    from splitrpc.transport import Coordinator
+
+    class Desynced:
+        def set_timeout(self, timeout):
+            pass
+
+        def compare_set(self, key, expected, value):
+            return b"hospital2: a reply that belongs to another call"
+
+    coordinator = Coordinator.__new__(Coordinator)
+    coordinator.store, coordinator.store_gone = Desynced(), False
+    assert coordinator.fail("rank1", "x") is False  # the store's word is taken while it is trusted
+    coordinator.store_gone = True
+    assert coordinator.fail("rank1", "x") is True
