@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The test files that start processes (torchrun groups, RPC, gloo, namespaces): where races live.
 DISTRIBUTED = ("test_split.py", "test_faults.py", "test_ushape.py", "test_fedavg.py", "test_ddp_buckets.py",
                "test_dedup_runtime.py", "test_exit.py", "test_launch.py", "test_localloss.py", "test_splitfed.py",
-               "test_resume.py", "test_topk.py", "test_wan.py")
+               "test_resume.py", "test_topk.py", "test_wan.py", "test_chaos.py")
 
 
 def outcomes(junit: Path) -> dict[str, dict]:

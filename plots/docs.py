@@ -361,6 +361,30 @@ def results_pages(experiments: dict[str, list[dict]], results_dir: Path) -> dict
         lines += _commands(*commands)
         pages[f"{page}.md"] = "\n".join(lines).rstrip("\n") + "\n"
         index.append(f"* [{title}]({page}.md): {sources}")
+    if (results_dir / "scale.jsonl").exists():
+        from bench import scale
+
+        pages["scale.md"] = "\n".join([
+            "# Many hospitals on one machine", "",
+            f"{GENERATED} `results/scale.jsonl`; do not edit by hand. One row per run: split learning and the "
+            "others with N hospitals on this 2-core, 24 GiB machine; what each column measures: `bench/scale.py`; "
+            "analysis: [scale.md](../scale.md).", "",
+            scale.table(str(results_dir / "scale.jsonl")), "", *_figures("plots/figures/scale.png"), *_commands(
+                "python -m bench.scale --hospitals 2,4,8,16,32,64 --start fork,spawn --out results/scale.jsonl")
+        ]).rstrip("\n") + "\n"
+        index.append("* [Many hospitals on one machine](scale.md): `results/scale.jsonl`")
+    if (results_dir / "chaos.jsonl").exists():
+        from bench import chaos
+
+        pages["chaos.md"] = "\n".join([
+            "# Faults survived: the chaos campaign", "",
+            f"{GENERATED} `results/chaos.jsonl`; do not edit by hand. One row per trial: a short real run "
+            "across network namespaces (3 hospitals, checkpoints every 5 steps, `--rpc-timeout 8`) with one "
+            "random fault; what each outcome means and how a trial is judged: `bench/chaos.py` and "
+            "[faults.md](../faults.md#the-chaos-campaign).", "",
+            chaos.table(str(results_dir / "chaos.jsonl")), "", *_commands(
+                "python -m bench.chaos --trials 30 --seed 0 --out results/chaos.jsonl")]).rstrip("\n") + "\n"
+        index.append("* [Faults survived: the chaos campaign](chaos.md): `results/chaos.jsonl`")
     if pages:
         pages["README.md"] = "\n".join(["# Results", "", f"{GENERATED} the records in `results/`; one page per "
                                         "group of bench configs. The full table of every run is "

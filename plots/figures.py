@@ -40,7 +40,9 @@ def load_results(results_dir: Path) -> dict[str, list[dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("status") == "ok":
+            # Records with a "kind" are not training runs (bench.chaos trials, bench.scale runs): their
+            # own modules make their tables.
+            if record.get("status") == "ok" and "kind" not in record:
                 records.append(record)
         if records:
             experiments[path.stem] = records
@@ -443,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         attacks = experiments["privacy_attacks"]
         written += fig_privacy(attacks, out, "privacy_utility_communication")
         written += fig_privacy_grid(attacks, Path(args.results_dir) / "privacy", out, "privacy_reconstructions")
+    if (Path(args.results_dir) / "scale.jsonl").exists():
+        from bench import scale
+
+        written += scale.figure(str(Path(args.results_dir) / "scale.jsonl"), out, "scale", save)
     written += fig_three_ways({k: v for k, v in experiments.items() if k != "privacy_attacks"}, out,
                               "bytes_three_ways")
     Path(args.summary).write_text(summary_table(experiments))

@@ -6,8 +6,14 @@ Every party writes only its own state, to its own disk:
     <checkpoint-dir>/step-000001200/hospital2.pt
 
 A file is written to a temporary name and renamed, so a crash leaves either
-the old set or a complete new file, never half of one. A *consistent* set is
-a step for which every party has its file; resuming uses the newest such step.
+the old set or a complete new file, never half of one. Beside it,
+``<party>.pt.sha256`` holds the digest of its bytes: a file damaged after it was
+written (a truncated copy, a flipped bit, a full disk's half write by another
+tool) does not match, and is skipped as if it were absent, with one line that
+names it, so a run never resumes into a state other than the one saved. (A file
+without a digest, written before digests existed, is trusted.) A *consistent*
+set is a step for which every party has a sound file; resuming uses the newest
+such step.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -29,7 +36,7 @@ RUNTIME_OPTIONS = {
     "out", "tag", "run_key", "config", "resume", "checkpoint_dir", "checkpoint_every", "checkpoint_keep",
     "max_restarts", "rpc_timeout", "setup_timeout", "rpc_threads", "log_every", "save_dir", "fault",
     "on_hospital_failure", "cache_dir", "data_dir", "download", "transport", "max_steps", "eval_every",
-    "record_step_losses", "dedup_key_file", "prefetch", "run_ahead",
+    "record_step_losses", "dedup_key_file", "prefetch", "run_ahead", "start",
 }
 
 
@@ -55,6 +62,26 @@ def step_dir(root: str | Path, step: int) -> Path:
     return Path(root).expanduser() / f"step-{step:09d}"
 
 
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _write_atomically(final: Path, write) -> None:
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
 def save(root: str | Path, step: int, party: str, state: dict) -> Path:
     directory = step_dir(root, step)
     directory.mkdir(parents=True, exist_ok=True)
@@ -63,12 +90,47 @@ def save(root: str | Path, step: int, party: str, state: dict) -> Path:
     torch.save(state, tmp)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
+    # The digest goes first: a crash between the two renames leaves a digest without its file
+    # (the step is incomplete, as before), never a file without its digest.
+    _write_atomically(_digest_path(final), lambda p: p.write_text(_digest(tmp) + "\n"))
     os.replace(tmp, final)
     return final
 
 
+_reported: set[Path] = set()
+
+
+def problem(path: Path) -> str:
+    """Why a checkpoint file cannot be trusted ('' if it can): its bytes do not match the digest written with it."""
+    digest = _digest_path(path)
+    try:
+        expected = digest.read_text().strip()
+    except FileNotFoundError:
+        return ""  # written before digests existed
+    except OSError as exc:
+        return f"its digest {digest.name} is unreadable ({exc})"
+    try:
+        actual = _digest(path)
+    except OSError as exc:
+        return f"it is unreadable ({exc})"
+    return "" if actual == expected else "its bytes do not match the sha256 written with it (damaged since)"
+
+
+def sound(path: Path) -> bool:
+    """Whether ``path`` is there and matches its digest; a damaged file is named once on stderr."""
+    if not path.is_file():
+        return False
+    why = problem(path)
+    if why and path not in _reported:
+        _reported.add(path)
+        print(f"splitrpc: warning: checkpoint {path} is skipped: {why}", file=sys.stderr, flush=True)
+    return not why
+
+
 def load(root: str | Path, step: int, party: str, expected_fingerprint: str) -> dict:
     path = step_dir(root, step) / f"{party}.pt"
+    if path.is_file() and (why := problem(path)):
+        raise UserError(f"{party}: checkpoint {path} cannot be used: {why}")
     try:
         state = torch.load(path, weights_only=False)
     except FileNotFoundError:
@@ -82,14 +144,14 @@ def load(root: str | Path, step: int, party: str, expected_fingerprint: str) -> 
 
 
 def available_steps(root: str | Path, party: str) -> list[int]:
-    """Steps for which this party has a checkpoint file, oldest first."""
+    """Steps for which this party has a sound checkpoint file (see ``sound``), oldest first."""
     base = Path(root).expanduser()
     if not base.is_dir():
         return []
     steps = []
     for entry in base.iterdir():
         m = _STEP_DIR.match(entry.name)
-        if m and (entry / f"{party}.pt").is_file():
+        if m and sound(entry / f"{party}.pt"):
             steps.append(int(m.group(1)))
     return sorted(steps)
 
@@ -112,6 +174,7 @@ def prune(root: str | Path, party: str, keep: int) -> None:
     for step in available_steps(root, party)[:-keep] if keep > 0 else []:
         directory = step_dir(root, step)
         (directory / f"{party}.pt").unlink(missing_ok=True)
+        _digest_path(directory / f"{party}.pt").unlink(missing_ok=True)
         try:
             directory.rmdir()
         except OSError:

@@ -182,6 +182,9 @@ class RuntimeOptions:
     rpc_timeout: float = _opt("runtime", 60.0, "seconds before an unanswered RPC (or a silent peer) is an error")
     setup_timeout: float = _opt("runtime", 900.0, "seconds every party may take to prepare its data and join")
     rpc_threads: int = _opt("runtime", 16, "TensorPipe worker threads per process")
+    start: str = _opt("runtime", "spawn", "run directly on one host: spawn (torchrun's agent starts every party "
+                      "afresh) or fork (every party forked from one process that imported torch once: they share "
+                      "its ~280 MB copy-on-write; for many hospitals on one machine, docs/scale.md)", ("spawn", "fork"))
     threads: int = _opt("runtime", 0, "torch intra-op threads of every process (0 = by role: see --server-threads)")
     server_threads: int = _opt("runtime", 0, "split: intra-op threads of the server (0 = every core of its host)")
     hospital_threads: int = _opt("runtime", 0, "split: intra-op threads of each hospital (0 = 1 when the server shares its "
@@ -404,6 +407,8 @@ def validate(cfg: Config, given: set[str] | None = None) -> Config:
         raise UserError(f"--checkpoint-keep must be at least 2, got {cfg.checkpoint_keep}")
     if cfg.max_restarts < 0:
         raise UserError(f"--max-restarts must not be negative, got {cfg.max_restarts}")
+    if cfg.max_restarts and cfg.start == "fork":
+        raise UserError("--max-restarts needs torchrun's agent (--start spawn); with --start fork rerun with --resume")
     if cfg.fault:
         m = re.fullmatch(r"hospital(\d+):(\w+)@(\d+)", cfg.fault)
         if not m or m.group(2) not in FAULT_KINDS or not 1 <= int(m.group(1)) <= cfg.hospitals:

@@ -11,17 +11,61 @@ it exchanges, and what its checkpoint holds (``state_dict``).
 from __future__ import annotations
 
 import os
+import time
+from datetime import timedelta
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from splitrpc import comm, console, data, transport
+from splitrpc.errors import PeerError
 from splitrpc.methods import Party
 from splitrpc.models import split_model
 from splitrpc.resumable import Resumable
 
 RING = "ring"  # the peer name under which all-reduce traffic is booked
+STORE_PROBE_S = 2.0  # a store call after a failed collective; longer, and rank 0 is taken to be gone
+
+
+def collective_failure(exc: BaseException) -> bool:
+    """A gloo (or NCCL) collective failed: a peer died, hung past --rpc-timeout or lost its link."""
+    return isinstance(exc, RuntimeError) and (isinstance(exc, getattr(dist, "DistError", ())) or
+                                              "gloo" in str(exc) or "NCCL" in str(exc))
+
+
+class StoreGone(Exception):
+    """The coordination store did not answer: its connection may now be out of step (a reply that
+    came late would be read as the next call's), so nothing more may be asked of it."""
+
+
+def blame(store, rank: int, world_size: int, wait_s: float) -> str:
+    """Which ranks did not report a failed collective: each survivor reports its own through the
+    coordination store, then waits up to ``wait_s`` (--rpc-timeout) for the others'. A live rank
+    fails in the same collective within one timeout of this one (at once on a lost connection, or
+    when its own wait on a peer that left times out); one that does not say so in time is dead,
+    stopped or cut off. A rank frozen for less than two timeouts wakes in time to report a failure
+    of its own and is not told apart: then every rank's collective "failed at once". Rank 0 hosts
+    the store: when the store does not answer within ``STORE_PROBE_S`` it is rank 0 that is gone
+    (stopped or cut off, it would otherwise hold every store call for the store's own timeout,
+    --setup-timeout, and wake to report a failure of its own as if it had been there all along)."""
+    try:
+        store.set_timeout(timedelta(seconds=STORE_PROBE_S))
+        store.set(f"collective_failed/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            silent = [r for r in range(world_size) if not store.check([f"collective_failed/{r}"])]
+            if not silent or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - the store's own failure is the answer
+        raise StoreGone(f"{transport.hospital_name(1)} (rank 0, which holds the coordination store) "
+                        f"is unreachable") from None
+    if not silent:
+        return "every rank's collective failed at once"
+    names = ", ".join(f"{transport.hospital_name(r + 1)} (rank {r})" for r in silent)
+    return f"no word from {names}: dead, stopped or cut off"
 
 
 class RankTrainer:
@@ -143,8 +187,26 @@ class RankParty(Resumable, Party):
         self.coordinator.wait_all_ready(self.cfg.setup_timeout)
         transport.init_hospital_group(self.cfg, self.rank)
 
+    @contextmanager
     def reporting(self):
-        return self.coordinator.reporting(self.who)
+        """A failed collective becomes one line that names the ranks that went silent (gloo's own
+        message names at most an address, and a timeout names no one)."""
+        with self.coordinator.reporting(self.who):
+            try:
+                yield
+            except RuntimeError as exc:
+                if not collective_failure(exc):
+                    raise
+                cause = str(exc).split("This is typically")[0].strip()
+                cause = cause.split("] ", 1)[-1] if cause.startswith("[") else cause
+                try:
+                    who = blame(self.coordinator.store, self.rank, self.cfg.hospitals, self.cfg.rpc_timeout)
+                except StoreGone as gone:
+                    # A late reply on that connection once made this rank read another's failure as
+                    # the run's first and leave without a word (the third chaos pass).
+                    self.coordinator.store_gone = True
+                    who = str(gone)
+                raise PeerError(f"a collective with the other hospitals failed: {who} (gloo: {cause})") from None
 
     def setup(self, run_record: dict) -> None:
         self.trainer = self.make_trainer()

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             # Every process of a one-host run reads the same source: decode it (or
             # fail with one line) here, before any process starts; likewise the
             # hospitals' deduplication key and manifest (read here, not by the server).
+            launch.check_memory(cfg)  # before decoding anything
             data.prepare(cfg)
             if cfg.dedup == "hmac":
                 from splitrpc.dedup.hmac_tokens import load_key
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 from splitrpc.dedup.identities import read_manifest
 
                 read_manifest(cfg.dedup_manifest)
+            if cfg.start == "fork":
+                return launch.forked(cfg, argv)
             return launch.launch(cfg, argv, max_restarts=cfg.max_restarts)
         return run_worker(cfg)
     except (UserError, PeerError) as exc:

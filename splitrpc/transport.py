@@ -25,6 +25,7 @@ from splitrpc.errors import PeerError, UserError
 
 SERVER = "server"
 KEY_PREFIX = "splitrpc"
+FAILURE_STORE_TIMEOUT_S = 5.0  # store calls after a failure (Coordinator.fail)
 CONTEXT_CLOSE_TIMEOUT_S = 30  # releasing a context only sends notices; a peer that is gone cannot hold it up
 
 
@@ -90,6 +91,7 @@ class Coordinator:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.store = dist.PrefixStore(f"{KEY_PREFIX}/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{attempt}", store)
         self.rank, self.world_size = rank, world_size
+        self.store_gone = False  # set when a call to the store timed out: it is not asked again
 
     @contextmanager
     def reporting(self, who: str):
@@ -108,12 +110,19 @@ class Coordinator:
     def fail(self, who: str, message: str) -> bool:
         """Record a failure; True if it is the run's first (later ones are its consequences).
 
-        If the store itself is gone (its host died), this process's failure is reported as first.
+        If the store itself is gone (its host died, or a call to it timed out before), this
+        process's failure is reported as first.
         """
         value = f"{who}: {message}"
+        if self.store_gone:
+            return True
         try:
+            # After a failure no store call may wait long: the store's host may be the party that
+            # stopped (its default timeout is --setup-timeout, minutes).
+            self.store.set_timeout(timedelta(seconds=FAILURE_STORE_TIMEOUT_S))
             return self.store.compare_set("failure", "", value).decode() == value
         except Exception:
+            self.store_gone = True
             return True
 
     def failure(self) -> str | None:

@@ -274,3 +274,31 @@ def test_a_retried_step_is_taken_once_at_the_hospital(cache_dir):
         assert torch.equal(hospital.head.state_dict()[key], value), key
     following = take(hospital, 8, deliver=False)  # the next step moves on from the stepped L1
     assert not torch.equal(following, first)
+
+
+def test_a_dead_rank_is_named_in_one_line_by_the_others(tmp_path, cache_dir):
+    """FedAvg's ranks as separate sites: hospital3 (rank 2) killed mid-run; the others' collective fails on the
+    lost connection and each says, in one line without a traceback, that hospital3 went silent."""
+    world = 3
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    args = ["--method", "fedavg", "--local-steps", "2", "--hospitals", str(world), *BASE[4:], "--cache-dir", cache_dir]
+    logs = [tmp_path / f"rank{r}.log" for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, "-m", "splitrpc.train", *args], env={**env, "RANK": str(r)},
+                              stdout=open(logs[r], "w"), stderr=subprocess.STDOUT, cwd=REPO) for r in range(world)]
+    try:
+        deadline = time.monotonic() + 120
+        while "step 5/" not in logs[0].read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "step 5/" in logs[0].read_text(), logs[0].read_text()
+        procs[2].kill()
+        for proc in procs[:2]:
+            proc.wait(timeout=RPC_TIMEOUT + 30)
+    finally:
+        for proc in procs:
+            proc.kill()
+    for r in (0, 1):
+        text = logs[r].read_text()
+        assert procs[r].returncode != 0 and "Traceback" not in text, text
+        errors = [ln for ln in text.splitlines() if ln.startswith("splitrpc")]
+        assert len(errors) == 1 and "no word from hospital3 (rank 2)" in errors[0], text

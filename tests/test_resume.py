@@ -64,3 +64,45 @@ def test_resume_without_a_complete_step_is_one_line(cli, tmp_path):
     result = cli("--method", "local", *COMMON, "--max-steps", 2, "--checkpoint-dir", tmp_path / "empty", "--resume")
     assert result.returncode == 2 and "--resume: no step in" in result.stderr, result
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_a_damaged_checkpoint_file_is_skipped_with_one_line(tmp_path, how):
+    """A file whose bytes changed after it was written does not match its sha256: it is not a step to
+    resume from, loading it is one line, and pruning removes its digest with it."""
+    for step in (3, 6):
+        checkpoint.save(tmp_path, step, "server", {"fingerprint": "f", "w": torch.arange(100.0) + step})
+    path = checkpoint.step_dir(tmp_path, 6) / "server.pt"
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    assert checkpoint.available_steps(tmp_path, "server") == [3]
+    with pytest.raises(Exception, match=r"server: checkpoint .*step-000000006/server.pt cannot be used: its bytes do "
+                                        r"not match the sha256"):
+        checkpoint.load(tmp_path, 6, "server", "f")
+    assert torch.equal(checkpoint.load(tmp_path, 3, "server", "f")["w"], torch.arange(100.0) + 3)
+    checkpoint.save(tmp_path, 9, "server", {"fingerprint": "f"})
+    checkpoint.prune(tmp_path, "server", 1)
+    assert not (checkpoint.step_dir(tmp_path, 3) / "server.pt.sha256").exists()
+
+
+def test_a_run_resumes_past_a_damaged_newest_checkpoint(cli, tmp_path):
+    """The newest checkpoint's file damaged after a crash: the run resumes from the step before, names the
+    file it skipped in one line, and ends with the weights of an uninterrupted run, bit for bit."""
+    common = ["--method", "local", *COMMON, "--schedule", "parallel"]
+    whole = cli(*common, "--max-steps", 9, "--save-dir", tmp_path / "whole")
+    assert whole.returncode == 0, whole
+    ckpt = tmp_path / "ckpt"
+    assert cli(*common, "--max-steps", 6, "--checkpoint-dir", ckpt, "--checkpoint-every", 3).returncode == 0
+    newest = checkpoint.step_dir(ckpt, 6) / "local.pt"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    resumed = cli(*common, "--max-steps", 9, "--checkpoint-dir", ckpt, "--resume", "--save-dir", tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed
+    assert "resumed at step 3" in resumed.stdout, resumed
+    assert f"checkpoint {newest} is skipped: its bytes do not match" in resumed.stderr, resumed.stderr
+    for name in SAVED["local"]:
+        a, b = torch.load(tmp_path / "whole" / name), torch.load(tmp_path / "resumed" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
