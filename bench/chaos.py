@@ -261,13 +261,18 @@ def damage(ckpt: Path, parties: list[str], victim: str, how: str) -> str:
     if not steps:
         return ""
     path = checkpoint.step_dir(ckpt, steps[-1]) / f"{victim}.pt"
+    damage_file(path, how)
+    return str(path)
+
+
+def damage_file(path: Path, how: str) -> None:
+    """Cut a file to half its length (``truncate``) or flip one bit in its middle (``flip``)."""
     data = bytearray(path.read_bytes())
     if how == "truncate":
         data = data[: len(data) // 2]
     else:
         data[len(data) // 2] ^= 0x10
     path.write_bytes(bytes(data))
-    return str(path)
 
 
 def inject(attempt: Attempt, trial: Trial) -> None:

@@ -4,6 +4,8 @@ uninterrupted run does (split learning's own case: tests/test_faults.py, tests/t
 import pytest
 import torch
 
+from bench.chaos import damage_file
+
 from splitrpc import checkpoint, methods
 
 pytestmark = pytest.mark.distributed
@@ -73,12 +75,7 @@ def test_a_damaged_checkpoint_file_is_skipped_with_one_line(tmp_path, how):
     for step in (3, 6):
         checkpoint.save(tmp_path, step, "server", {"fingerprint": "f", "w": torch.arange(100.0) + step})
     path = checkpoint.step_dir(tmp_path, 6) / "server.pt"
-    data = bytearray(path.read_bytes())
-    if how == "truncate":
-        data = data[: len(data) // 2]
-    else:
-        data[len(data) // 2] ^= 0x10
-    path.write_bytes(bytes(data))
+    damage_file(path, how)
     assert checkpoint.available_steps(tmp_path, "server") == [3]
     with pytest.raises(Exception, match=r"server: checkpoint .*step-000000006/server.pt cannot be used: its bytes do "
                                         r"not match the sha256"):
