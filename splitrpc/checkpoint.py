@@ -28,6 +28,7 @@ from typing import Iterable
 
 import torch
 
+from splitrpc import console
 from splitrpc.errors import UserError
 
 _STEP_DIR = re.compile(r"^step-(\d{9})$")
@@ -123,7 +124,7 @@ def sound(path: Path) -> bool:
     why = problem(path)
     if why and path not in _reported:
         _reported.add(path)
-        print(f"splitrpc: warning: checkpoint {path} is skipped: {why}", file=sys.stderr, flush=True)
+        console.line(f"splitrpc: warning: checkpoint {path} is skipped: {why}", sys.stderr)
     return not why
 
 

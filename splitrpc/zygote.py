@@ -25,6 +25,8 @@ import signal
 import sys
 import time
 
+from splitrpc import console
+
 QUIET_EXIT_DELAY_S = 5.0
 STOP_GRACE_S = 5.0
 
@@ -105,7 +107,7 @@ def supervise(children: dict[int, int]) -> int:
     code = codes[first]
     if code < 0:
         # Killed by a signal: it said nothing itself (a party that exits with a code has printed its line).
-        print(f"splitrpc: run failed: rank {first} was killed by signal {-code}", file=sys.stderr, flush=True)
+        console.line(f"splitrpc: run failed: rank {first} was killed by signal {-code}", sys.stderr)
         return 1
     return code
 
@@ -126,8 +128,8 @@ def main(argv: list[str]) -> int:
     # would start its thread server otherwise (seen with gdb: blas_thread_server).
     threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
     if threads > 1:
-        print(f"splitrpc: warning: the zygote runs {threads} threads before forking the parties; "
-              f"set OMP_NUM_THREADS=1", file=sys.stderr, flush=True)
+        console.line(f"splitrpc: warning: the zygote runs {threads} threads before forking the parties; "
+                     f"set OMP_NUM_THREADS=1", sys.stderr)
 
     children: dict[int, int] = {}
 
