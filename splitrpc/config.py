@@ -36,6 +36,7 @@ DTYPES = ("float32", "float64")
 LABEL_MODES = ("server", "hospital")
 TOPK_VALUES = ("bf16", "fp8")
 SPLITFED_VERSIONS = ("1", "2")
+LABEL_DEFENCES = ("none", "noise", "max_norm", "marvell", "rr", "mixup")  # splitrpc.privacy.label_defences
 CODECS = ("none", "bf16", "fp16", "fp8", "topk")  # splitrpc.codec.CODECS; kept here so that config imports no torch
 
 
@@ -140,9 +141,19 @@ class PrivacyOptions:
 
     noise: float = _opt("privacy", 0.0, "defence: standard deviation of Gaussian noise added to activations before they leave a hospital")
     nopeek: float = _opt("privacy", 0.0, "defence: weight of the distance-correlation penalty (NoPeek) in each hospital's loss")
+    label_defence: str = _opt("privacy", "none", "--labels hospital: what each hospital does so that the loss gradients it "
+                              "returns betray less of its labels: noise (Gaussian, strength x the batch's largest "
+                              "gradient norm), max_norm (Li et al.; no strength), marvell (noise along the class-mean "
+                              "differences, power strength x their spread), rr (label DP: randomized response with "
+                              "epsilon = strength, once per record), mixup (the tail trains on mixed pairs, Beta("
+                              "strength, strength)); docs/privacy.md", LABEL_DEFENCES)
+    label_defence_strength: float = _opt("privacy", 1.0, "--label-defence: its strength knob (noise ratio, Marvell's power "
+                                         "scale, rr's epsilon, mixup's alpha)")
     capture_dir: str = _opt("privacy", "", "leakage audits: the server keeps the last --capture-samples activations it received "
                             "from each hospital, and each hospital the inputs that produced them, written here")
     capture_samples: int = _opt("privacy", 256, "samples per hospital kept by --capture-dir")
+    capture_epochs: tuple = _opt("privacy", (), "--capture-dir: keep the last --capture-samples of each of these epochs "
+                                 "(1-based, e.g. 1,8,15) instead of the run's last ones")
     dedup: str = _opt("privacy", "none", "remove records duplicated across hospitals before training: keyed tokens (hmac) "
                       "or a keyless Diffie-Hellman set intersection (psi)", DEDUP_MODES)
     dedup_key_file: str = _opt("privacy", "", "--dedup hmac: the secret shared by the hospitals only (never read by the server); "
@@ -392,6 +403,11 @@ def validate(cfg: Config, given: set[str] | None = None) -> Config:
     if cfg.codec == "topk" and cfg.labels == "hospital":
         raise UserError("--codec topk cannot be combined with --labels hospital: the U-shaped trunk output and its "
                         "gradient travel dense (use --codec bf16 or fp8 there)")
+    if any(e != int(e) or not 1 <= e <= cfg.epochs for e in cfg.capture_epochs):
+        raise UserError(f"--capture-epochs must be epochs in 1..{cfg.epochs}, got "
+                        f"{','.join(f'{e:g}' for e in cfg.capture_epochs)}")
+    if cfg.capture_epochs and not cfg.capture_dir:
+        raise UserError("--capture-epochs says when to capture: it needs --capture-dir")
     if cfg.capture_samples < 1:
         raise UserError(f"--capture-samples must be at least 1, got {cfg.capture_samples}")
     if cfg.dedup_manifest and cfg.dataset != "imagefolder":

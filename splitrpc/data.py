@@ -303,7 +303,7 @@ def derived_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-ORDER, AUGMENT, NOISE, EVAL_NOISE, CODEC = 1, 2, 3, 4, 5  # seed domains
+ORDER, AUGMENT, NOISE, EVAL_NOISE, CODEC, LABEL_DP, LABEL_DEFENCE = 1, 2, 3, 4, 5, 6, 7  # seed domains
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -341,6 +341,8 @@ class Shard:
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
         self.labels = torch.from_numpy(labels)
         self.names = names
+        # --label-defence rr: the labels the U-shaped tail trains on, drawn once per record (None: the labels).
+        self.targets: torch.Tensor | None = None
         self.normalize = Normalizer(cfg)
         self._check_size()
 
@@ -354,6 +356,8 @@ class Shard:
         keep = np.setdiff1d(np.arange(len(self.labels)), np.asarray(positions, dtype=np.int64))
         index = torch.from_numpy(keep)
         self.images, self.labels, self.names = self.images[index], self.labels[index], self.names[keep]
+        if self.targets is not None:
+            self.targets = self.targets[index]
         self._check_size()
 
     def __len__(self):
@@ -363,11 +367,20 @@ class Shard:
     def num_batches(self) -> int:
         return len(self.labels) // self.cfg.batch_size  # last partial batch dropped: every step has full batches
 
-    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, epoch: int, index: int) -> torch.Tensor:
+        """Positions in the shard of training batch ``index`` of ``epoch``."""
         cfg = self.cfg
         order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(
             derived_seed(cfg.seed, ORDER, self.hospital, epoch)))
-        rows = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
+        return order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
+
+    def batch_targets(self, epoch: int, index: int) -> torch.Tensor:
+        """What the loss of training batch ``index`` of ``epoch`` is computed against (``targets`` or the labels)."""
+        return (self.labels if self.targets is None else self.targets)[self.rows(epoch, index)]
+
+    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        rows = self.rows(epoch, index)
         images = self.images[rows]
         if cfg.augment:
             images = augment(images, torch.Generator().manual_seed(

@@ -346,3 +346,106 @@ def label_leakage_report(gradients: Tensor, labels: Tensor, num_classes: int, kn
         "cluster_oracle_acc": accuracy(labels_from_known(clusters, torch.arange(len(labels)), labels,
                                                          num_classes)[unknown], target),
     }
+
+
+# The newer attacks. Both need more than the gradients: model completion reads the trunk's forward
+# output (what the server sent down), gradient matching that and the tail's architecture.
+COMPLETION_STEPS = 200
+COMPLETION_WEIGHT_DECAY = 1e-3
+MATCHING_STEPS = 200
+MATCHING_LR = 0.05
+MATCHING_PRIOR_WEIGHT = 1.0
+MATCHING_START_TEMPERATURE = 5.0
+
+
+def model_completion_scores(features: Tensor, known: Tensor, known_labels: Tensor, num_classes: int) -> Tensor:
+    """(N, C) class scores from model completion (Fu et al., USENIX Security 2022), passive form.
+
+    The server completes its part of the model with a classifier of its own, trained on the
+    trunk's outputs of the few samples whose labels it knows, and applies it to the rest. Fu et
+    al. fine-tune with semi-supervised MixMatch; this is the supervised core: a softmax
+    regression on the standardised outputs (L2-regularised, full-batch L-BFGS, deterministic).
+    It reads forward features only, so no defence of the returned gradients touches it.
+    """
+    x = flatten_gradients(features)
+    known, known_labels = known.reshape(-1).long(), known_labels.reshape(-1).long()
+    _check_known(len(x), known, known_labels, num_classes)
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-12)  # the server sees every output: unlabelled statistics
+    weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=COMPLETION_STEPS, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (torch.nn.functional.cross_entropy(x[known] @ weight + bias, known_labels)
+                + COMPLETION_WEIGHT_DECAY * weight.square().sum())
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return (x @ weight + bias).detach()
+
+
+def gradient_matching_scores(gradients: Tensor, features: Tensor, tail_factory, known: Tensor, known_labels: Tensor,
+                             num_classes: int, seed: int = 0, steps: int = MATCHING_STEPS) -> Tensor:
+    """(N, C) label distributions from gradient matching (ExPLoit, Kariyappa and Qureshi, SaTML 2023).
+
+    The server knows the tail's architecture but not its weights. It builds a surrogate tail
+    (``tail_factory()``, its own initialisation) and a label distribution per sample, and
+    trains both so that the gradients the surrogate would return, d CE(tail(z_i), y_i) / d z_i
+    for the trunk output z_i it sent down, point where the received ones do (1 - cosine,
+    so the unknown batch scaling does not matter); the known labels are fixed, and a prior
+    keeps the average label distribution near uniform (ExPLoit's label-prior term). The
+    label distributions are the scores; their argmax the inferred labels.
+    """
+    g = flatten_gradients(gradients)
+    z = features.detach().to(torch.float64)
+    known, known_labels = known.reshape(-1).long(), known_labels.reshape(-1).long()
+    _check_known(len(g), known, known_labels, num_classes)
+    if len(z) != len(g):
+        raise UserError(f"gradient matching: {len(z)} trunk outputs for {len(g)} gradients")
+    torch.manual_seed(seed)  # the surrogate tail's initialisation: the attacker's own
+    tail = tail_factory().to(torch.float64)
+    # Start from the direction attack's guess (the attacker combines what it has), at a low temperature
+    # so that matching can still move it.
+    start = class_direction_scores(g, known, known_labels, num_classes, "mean").clamp_min(-1)
+    logits = (MATCHING_START_TEMPERATURE * start).requires_grad_()
+    fixed = torch.zeros(len(g), num_classes, dtype=torch.float64)
+    fixed[known, known_labels] = 1.0
+    is_known = torch.zeros(len(g), 1, dtype=torch.bool)
+    is_known[known] = True
+    optimizer = torch.optim.Adam([logits, *tail.parameters()], lr=MATCHING_LR)
+    target = _unit_rows(g)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            soft = torch.where(is_known, fixed, logits.softmax(1))
+            inputs = z.clone().requires_grad_()
+            loss = -(soft * tail(inputs).log_softmax(1)).sum()
+            surrogate = torch.autograd.grad(loss, inputs, create_graph=True)[0].reshape(len(g), -1)
+            mismatch = (1 - (_unit_rows(surrogate) * target).sum(1)).mean()
+            prior = (soft.mean(0) * (soft.mean(0) * num_classes).clamp_min(1e-12).log()).sum()  # KL(mean || uniform)
+            (mismatch + MATCHING_PRIOR_WEIGHT * prior).backward()
+            optimizer.step()
+    return torch.where(is_known, fixed, logits.softmax(1)).detach()
+
+
+def forward_and_matching_report(gradients: Tensor, features: Tensor, labels: Tensor, num_classes: int,
+                                known_per_class: int, tail_factory=None, seed: int = 0) -> dict:
+    """Model completion (features only) and, given the tail's architecture, gradient matching; scored on
+    the samples whose label the server does not know, as ``label_leakage_report``."""
+    labels = labels.reshape(-1).long()
+    known = pick_known(labels, known_per_class, num_classes, seed)
+    unknown = torch.ones(len(labels), dtype=torch.bool)
+    unknown[known] = False
+    target = labels[unknown]
+    completion = model_completion_scores(features, known, labels[known], num_classes)[unknown]
+    result = {"completion_acc": accuracy(completion.argmax(1), target),
+              "completion_auc": _mean_defined(one_vs_rest_auc(completion, target, num_classes))}
+    if tail_factory is not None:
+        matching = gradient_matching_scores(gradients, features, tail_factory, known, labels[known], num_classes,
+                                            seed)[unknown]
+        result.update(matching_acc=accuracy(matching.argmax(1), target),
+                      matching_auc=_mean_defined(one_vs_rest_auc(matching, target, num_classes)))
+    return result

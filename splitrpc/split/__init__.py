@@ -31,7 +31,7 @@ class Split(Method):
     options = frozenset({
         "schedule", "prefetch", "l1", "l1_sync_every", "l1_grad_scale", "l1_init", "labels", "tail", "codec",
         "topk_ratio", "topk_values", "topk_random", "topk_feedback",
-        "noise", "nopeek", "capture_dir", "capture_samples", "dedup", "dedup_key_file", "dedup_manifest",
+        "noise", "nopeek", "label_defence", "label_defence_strength", "capture_dir", "capture_samples", "capture_epochs", "dedup", "dedup_key_file", "dedup_manifest",
         "server_threads", "hospital_threads", "on_hospital_failure", "fault", *CHECKPOINT_OPTIONS,
     })
 
@@ -59,6 +59,14 @@ class Split(Method):
             check_tail(stage_count(cfg.model), cfg.cut, cfg.tail, cfg.model)
         elif cfg.tail != 1:
             raise UserError(f"--tail {cfg.tail} sets the U-shaped tail: it needs --labels hospital")
+        from splitrpc.config import FIELDS
+        from splitrpc.privacy.label_defences import check as check_label_defence
+
+        strength_given = cfg.label_defence_strength != FIELDS["label_defence_strength"].default
+        check_label_defence(cfg.label_defence, cfg.label_defence_strength, strength_given)
+        if cfg.label_defence != "none" and cfg.labels != "hospital":
+            raise UserError(f"--label-defence {cfg.label_defence} protects the labels a U-shaped hospital keeps: it "
+                            f"needs --labels hospital (with --labels server the labels travel to the server as they are)")
         if cfg.dedup == "hmac" and not cfg.dedup_key_file:
             raise UserError("--dedup hmac needs --dedup-key-file (a secret shared by the hospitals, e.g. from "
                             "`python -c 'import secrets; print(secrets.token_hex(32))'`)")

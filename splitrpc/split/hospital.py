@@ -14,7 +14,6 @@ import os
 import secrets
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,11 +22,13 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
 from splitrpc import codec, comm, console, data, transport
+from splitrpc.privacy import label_defences
 from splitrpc.privacy.dcor import distance_correlation
 from splitrpc.errors import PeerError
 from splitrpc.methods import Party
 from splitrpc.models import model_for, split_model, split_u
 from splitrpc.optim import apply_gradients, make_optimizer
+from splitrpc.privacy.capture import Capture
 from splitrpc.split.checkpoints import HospitalCheckpoints
 from splitrpc.split.dedup_session import HospitalDedup
 from splitrpc.split.faults import inject_fault, parse_fault
@@ -56,6 +57,10 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
             self.head, _, self.tail = split_u(model, cfg.cut, cfg.tail)
             self.tail.to(self.device)
             self.tail_optimizer = make_optimizer(cfg, self.tail.parameters())
+            if cfg.label_defence == "rr":
+                self.shard.targets = label_defences.randomized_response(
+                    self.shard.labels, cfg.label_defence_strength, cfg.num_classes,
+                    torch.Generator().manual_seed(data.derived_seed(cfg.seed, data.LABEL_DP, index)))
         else:
             self.head, _ = split_model(model, cfg.cut)
         self.head.to(self.device)
@@ -73,7 +78,8 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
         self.psi = None  # the keyless protocol's secret, while it runs (dedup_session.HospitalDedup)
         self.nopeek_values: list[float] = []
         # --capture-dir: the last batches' inputs, matching what the server keeps of them.
-        self.capture = deque(maxlen=-(-cfg.capture_samples // cfg.batch_size)) if cfg.capture_dir else None
+        self.capture = (Capture(-(-cfg.capture_samples // cfg.batch_size), cfg.capture_epochs)
+                        if cfg.capture_dir else None)
         # RPC handlers run on a thread pool; BatchNorm's running statistics are
         # state that forward mutates, so one forward at a time.
         self.lock = threading.Lock()
@@ -129,7 +135,9 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
                     self.cfg.nopeek * dcor, list(self.head.parameters()), retain_graph=True, allow_unused=True)))
                 self.nopeek_values.append(dcor.item())
             activations, labels = self.leaving(epoch, batch, images, labels, activations)
-            flight = self.in_flight = {"labels": labels, "tail_gradients": None}
+            flight = self.in_flight = {"labels": labels, "tail_gradients": None, "epoch": epoch, "batch": batch}
+            if self.shard.targets is not None:
+                flight["labels"] = self.shard.batch_targets(epoch, batch).to(self.label_dtype)
 
         def on_gradient(gradient, wire_gradient):
             # Runs in distributed autograd's thread as the gradient arrives; L1's backward pass and
@@ -151,7 +159,7 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
         self.forwards += 1
         if self.capture is not None:
             # The labels too: an auditor holding both sides scores label leakage (U-shaped) against them.
-            self.capture.append({"epoch": epoch, "batch": batch, "inputs": images.clone(), "labels": labels.clone()})
+            self.capture.add(0, {"epoch": epoch, "batch": batch, "inputs": images.clone(), "labels": labels.clone()})
         labels = labels.to(self.label_dtype)
         if self.fault and self.forwards >= self.fault[1]:
             activations, labels = inject_fault(self.fault[0], activations, labels, self.cfg.num_classes)
@@ -214,8 +222,8 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
             return 0
         path = Path(self.cfg.capture_dir) / f"{transport.hospital_name(self.index)}-inputs.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(list(self.capture), path)
-        return len(self.capture)
+        torch.save(self.capture.items(0), path)
+        return len(self.capture.items(0))
 
     def privacy_stats(self) -> dict:
         values = self.nopeek_values

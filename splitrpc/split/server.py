@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +28,7 @@ from splitrpc.errors import PeerError, UserError
 from splitrpc.methods import Party
 from splitrpc.models import activation_shape, model_for, split_model, split_u
 from splitrpc.optim import apply_gradients, make_optimizer
+from splitrpc.privacy.capture import Capture
 from splitrpc.split.checkpoints import ServerCheckpoints
 from splitrpc.split.dedup_session import ServerDedup
 from splitrpc.split.hospitals import Hospitals
@@ -80,8 +80,8 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
         # The next step's forward requests, sent while this step runs (see _upcoming): ((epoch, participants, lr), StepContext).
         self.prefetched: tuple[tuple, transport.StepContext] | None = None
         # --capture-dir: the last activations received from each hospital, for leakage audits.
-        keep = -(-cfg.capture_samples // cfg.batch_size)
-        self.capture = {h: deque(maxlen=keep) for h in range(1, cfg.hospitals + 1)} if cfg.capture_dir else None
+        self.capture = (Capture(-(-cfg.capture_samples // cfg.batch_size), cfg.capture_epochs)
+                        if cfg.capture_dir else None)
 
     # --- phases and deduplication ---------------------------------------------------------
     def call_live(self, method: str, *args, timeout: float | None = None) -> list:
@@ -233,8 +233,8 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
                 inputs.append(self._activations(h, wire))
                 labels.append(y)
                 if self.capture is not None:
-                    self.capture[h].append({"epoch": epoch, "batch": b, "activations": inputs[-1].detach().clone(),
-                                            "labels": None if y is None else y.clone()})
+                    self.capture.add(h, {"epoch": epoch, "batch": b, "activations": inputs[-1].detach().clone(),
+                                         "labels": None if y is None else y.clone()})
             if self.u_shaped:  # a second round trip: the trunk's output down, the loss's gradient up
                 output = self.trunk((torch.cat(inputs) if len(inputs) > 1 else inputs[0]).to(self.device))
                 loss, objective = self._hospital_losses(participants, output)
@@ -341,7 +341,7 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
         directory = Path(self.cfg.capture_dir)
         directory.mkdir(parents=True, exist_ok=True)
         for h in self.hospitals.live:
-            torch.save(list(self.capture[h]), directory / f"{self.hospitals.name(h)}-received.pt")
+            torch.save(self.capture.items(h), directory / f"{self.hospitals.name(h)}-received.pt")
         counts = self.call_live("write_capture")
         return {"dir": str(directory), "batches_per_hospital": counts}
 

@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from splitrpc import codec
+from splitrpc import codec, data
+from splitrpc.privacy import label_defences
 from splitrpc.split.protocol import HospitalFailure, output_gradient_problem
 
 
@@ -42,8 +43,10 @@ class ServerTail:
                 raise HospitalFailure(h, f"{self.hospitals.name(h)} sent {problem}; rejected before the trunk")
             *wire, loss = reply
             gradient = codec.decode(self.cfg.codec, wire, self.dtype).to(self.device)
-            if self.capture is not None:
-                self.capture[h][-1]["output_gradient"] = gradient.detach().cpu().clone()
+            kept = self.capture.last(h) if self.capture is not None else None
+            if kept is not None:
+                # U-shaped audits: what went down (model completion reads it) and what came back.
+                kept.update(trunk_output=piece.detach().cpu().clone(), output_gradient=gradient.detach().cpu().clone())
             losses.append(loss)
             objective = objective + (piece * gradient).sum()
         return torch.cat(losses).mean(), objective / len(participants)
@@ -65,15 +68,26 @@ class HospitalTail:
         like activations) and the loss itself. The tail's own gradients wait here for the
         activation gradient, so that L1 and the tail step together, or neither does.
         """
-        flight = self.in_flight
+        flight, cfg = self.in_flight, self.cfg
+        labels = flight["labels"].long().to(self.device)  # under --label-defence rr, the record's drawn label
+        # --label-defence: the batch's own draws, so that a retried or resumed step draws the same.
+        draws = torch.Generator().manual_seed(
+            data.derived_seed(cfg.seed, data.LABEL_DEFENCE, self.index, flight["epoch"], flight["batch"]))
         with self.lock:
-            output = codec.decode(self.cfg.codec, trunk_output, self.head_dtype).detach().requires_grad_()
+            output = codec.decode(cfg.codec, trunk_output, self.head_dtype).detach().requires_grad_()
             self.tail.train()
-            loss = F.cross_entropy(self.tail(output.to(self.device)), flight["labels"].long().to(self.device))
+            if cfg.label_defence == "mixup":
+                loss = label_defences.mixup_loss(self.tail, output.to(self.device), labels,
+                                                 cfg.label_defence_strength, draws)
+            else:
+                loss = F.cross_entropy(self.tail(output.to(self.device)), labels)
             parameters = list(self.tail.parameters())
             gradients = torch.autograd.grad(loss, [output, *parameters])
         flight["tail_gradients"] = dict(zip(parameters, gradients[1:]))
-        return (*codec.encode(self.cfg.codec, gradients[0]), loss.detach().reshape(1).cpu())
+        # Only the gradient that leaves is perturbed; the tail learns from its own, exact one.
+        leaving = label_defences.defend_gradients(cfg.label_defence, cfg.label_defence_strength, gradients[0],
+                                                  labels.cpu(), draws)
+        return (*codec.encode(cfg.codec, leaving), loss.detach().reshape(1).cpu())
 
     @torch.no_grad()
     def eval_tail(self, batch: int, *trunk_output: torch.Tensor) -> torch.Tensor:

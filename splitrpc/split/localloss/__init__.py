@@ -32,7 +32,7 @@ class LocalLossSplit(Split):
     # its own loss), NoPeek (its penalty's gradient joins a gradient from the server, which never comes),
     # the L1 gradient scale (L1's gradient is that of its own batch mean already) and --prefetch
     # (--run-ahead is its deeper form). Given, each is a one-line error (methods.check_options).
-    options = (Split.options - {"labels", "tail", "nopeek", "l1_grad_scale", "prefetch"}) | {"run_ahead"}
+    options = (Split.options - {"labels", "tail", "label_defence", "label_defence_strength", "nopeek", "l1_grad_scale", "prefetch"}) | {"run_ahead"}
 
     def validate(self, cfg) -> None:
         super().validate(cfg)

@@ -100,8 +100,8 @@ class LocalLossServer(Server):
             inputs.append(codec.decode(self.codec, wire, self.dtype, (len(wire[0]), *self.activation_shape)))
             labels.append(y)
             if self.capture is not None:
-                self.capture[h].append({"epoch": epoch, "batch": b, "activations": inputs[-1].clone(),
-                                        "labels": y.clone()})
+                self.capture.add(h, {"epoch": epoch, "batch": b, "activations": inputs[-1].clone(),
+                                     "labels": y.clone()})
         if not taken:
             return None, 0
         t1 = time.perf_counter()

@@ -30,7 +30,8 @@ class SplitFed(Split):
     # Split learning's, less the L1 options SplitFed decides itself (its L1s are always averaged, at
     # its own period, each gradient that of the hospital's own batch mean) and prefetching (which
     # averaged L1s rule out).
-    options = (Split.options - {"l1", "l1_sync_every", "l1_grad_scale", "prefetch"}) | {
+    options = (Split.options - {"l1", "l1_sync_every", "l1_grad_scale", "prefetch", "label_defence",
+                                "label_defence_strength"}) | {
         "splitfed_version", "splitfed_sync_every"}
 
     def fixed_options(self, cfg) -> dict:
