@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitrpc import data
+from splitrpc import codec, data
 from splitrpc.privacy import image_metrics, inversion
 from splitrpc.privacy.label_leakage import label_leakage_report
 from splitrpc.config import from_dict
@@ -99,6 +99,22 @@ def blind_guess(record: dict) -> dict:
             "ssim": image_metrics.ssim(guessed, originals, data_range=1.0)}
 
 
+class TopK(torch.nn.Module):
+    """A head whose output crosses as top-k does (--codec topk): per sample the largest 1/ratio of the
+    values by magnitude, zeros elsewhere. The attacker knows the codec: its surrogate and the white-box
+    inversion see activations as sparse as the ones it received."""
+
+    def __init__(self, head: torch.nn.Module, k: int):
+        super().__init__()
+        self.head, self.k = head, k
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.head(images)
+        flat = out.reshape(len(out), -1)
+        positions = flat.abs().topk(self.k, dim=1).indices
+        return torch.zeros_like(flat).scatter(1, positions, flat.gather(1, positions)).view_as(out)
+
+
 def attack_run(record: dict, grids_dir: Path) -> dict:
     cfg = from_dict({k: v for k, v in record["config"].items()})
     capture = Path(record["capture"]["dir"])
@@ -125,6 +141,9 @@ def attack_run(record: dict, grids_dir: Path) -> dict:
     true_head.load_state_dict(torch.load(model_dir / "head-hospital1.pt"))
     torch.manual_seed(ATTACKER_SEED)
     template, _ = split_model(build_for(cfg), cfg.cut)
+    if cfg.codec == "topk":
+        k = codec.for_config(cfg).k(activations.shape)
+        true_head, template = TopK(true_head, k), TopK(template, k)
 
     aux_images, aux_labels = auxiliary_images(cfg)
     count = len(aux_labels)
@@ -145,7 +164,9 @@ def attack_run(record: dict, grids_dir: Path) -> dict:
     return {
         "record_version": 1, "status": "ok", "run_key": cfg.run_key,
         "defence": {"cut": cfg.cut, "noise": cfg.noise, "nopeek": cfg.nopeek, "codec": cfg.codec,
-                    "labels": cfg.labels, "tail": cfg.tail if cfg.labels == "hospital" else 0},
+                    "labels": cfg.labels, "tail": cfg.tail if cfg.labels == "hospital" else 0,
+                    "method": cfg.method, "bottleneck": cfg.bottleneck,
+                    "topk_ratio": cfg.topk_ratio if cfg.codec == "topk" else None},
         "model": cfg.model, "width": cfg.width, "dataset": cfg.dataset,
         "test_acc": record["final_test_acc"], "test_acc_min": record["final_test_acc_min"],
         "train_bytes_per_epoch": train["total"], "train_bytes_per_hospital_per_epoch": train["per_hospital"],

@@ -385,6 +385,23 @@ def results_pages(experiments: dict[str, list[dict]], results_dir: Path) -> dict
             chaos.table(str(results_dir / "chaos.jsonl")), "", *_commands(
                 "python -m bench.chaos --trials 30 --seed 0 --out results/chaos.jsonl")]).rstrip("\n") + "\n"
         index.append("* [Faults survived: the chaos campaign](chaos.md): `results/chaos.jsonl`")
+    if (results_dir / "label_defences_attacks.jsonl").exists():
+        from bench import label_defences
+
+        pages["label_defences.md"] = "\n".join([
+            "# What a U-shaped hospital can hide of its labels", "",
+            f"{GENERATED} `results/label_defences_attacks.jsonl` (the attacks) and `results/label_defences.jsonl` "
+            "(the runs); do not edit by hand. One row per real U-shaped run (VGG-11 x0.25, 4 hospitals, IID "
+            "CIFAR-10, 15 epochs): its test accuracy, what it costs against the undefended run, and every label "
+            "attack on hospital1's last captured epoch (1024 samples, 10-class inference accuracy unless "
+            "AUC; chance is about 0.1) with 5 known labels per class, unless stated; what each attack assumes "
+            "and what each defence does: [privacy.md](../privacy.md#label-defences-at-a-u-shaped-hospital).", "",
+            label_defences.table(str(results_dir / "label_defences_attacks.jsonl")), "",
+            *_figures("plots/figures/label_defences.png"), *_commands(
+                "python -m bench run bench/configs/label_defences.toml", "python -m bench.label_defences")
+        ]).rstrip("\n") + "\n"
+        index.append("* [What a U-shaped hospital can hide of its labels](label_defences.md): "
+                     "`results/label_defences_attacks.jsonl`")
     if pages:
         pages["README.md"] = "\n".join(["# Results", "", f"{GENERATED} the records in `results/`; one page per "
                                         "group of bench configs. The full table of every run is "

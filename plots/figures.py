@@ -252,12 +252,16 @@ def fig_dedup(records: list[dict], out_dir: Path, name: str) -> list[Path]:
 
 def defence_label(d: dict) -> str:
     parts = [f"cut {d['cut']}"]
+    if d.get("method", "split") != "split":  # rows from before the cut designs have no such key
+        parts.append(d["method"].replace("split-", ""))
+    if d.get("bottleneck", 1) > 1:
+        parts.append(f"bottleneck {d['bottleneck']}")
     if d["noise"]:
         parts.append(f"noise {d['noise']:g}")
     if d["nopeek"]:
         parts.append(f"NoPeek {d['nopeek']:g}")
     if d.get("codec", "none") != "none":  # rows from before the codecs have no such key
-        parts.append(d["codec"])
+        parts.append(f"top-k 1/{d['topk_ratio']}" if d["codec"] == "topk" else d["codec"])
     if d.get("labels") == "hospital":
         parts.append(f"U-shaped, tail {d['tail']}")
     return ", ".join(parts)
@@ -449,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench import scale
 
         written += scale.figure(str(Path(args.results_dir) / "scale.jsonl"), out, "scale", save)
+    if (Path(args.results_dir) / "label_defences_attacks.jsonl").exists():
+        from bench import label_defences
+
+        written += label_defences.figure(str(Path(args.results_dir) / "label_defences_attacks.jsonl"), out,
+                                         "label_defences", save)
     written += fig_three_ways({k: v for k, v in experiments.items() if k != "privacy_attacks"}, out,
                               "bytes_three_ways")
     Path(args.summary).write_text(summary_table(experiments))

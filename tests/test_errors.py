@@ -168,7 +168,10 @@ def test_failed_hospital_does_not_leave_others_hanging(cache_dir, how):
     # hospital follows it; both are gone well before a second timeout could pass.
     times = _exit_times([server, survivor], deadline=rpc_timeout + 20)
     assert all(t is not None and t < rpc_timeout + 5 for t in times.values()), times
-    # torchrun's agent then ends the group; a stopped process needs its 30 s SIGTERM grace.
+    if how == signal.SIGSTOP:
+        # torchrun's agent would end the stopped process after its 30 s SIGTERM grace: its behaviour,
+        # not ours, and half this test's time; the survivors' exits above are what is tested.
+        os.kill(victim, signal.SIGKILL)
     code = run.finish(timeout=60)
     assert code != 0
     assert "Traceback" not in run.stderr, run.stderr

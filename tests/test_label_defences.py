@@ -1,5 +1,6 @@
 """Label defences of a U-shaped hospital (--label-defence), the newer label attacks, and per-epoch captures."""
 
+import json
 import math
 
 import pytest
@@ -200,4 +201,33 @@ def test_a_defended_u_shaped_run_captures_what_each_epoch_sent_and_received(cli,
     for batch, kept in zip(received, inputs):
         assert batch["trunk_output"].shape == batch["output_gradient"].shape == (16, 32, 8, 8)
         assert batch["labels"] is None and kept["labels"].shape == (16,)
-    assert result.records[0]["config"]["label_defence"] == "marvell"
+    record = result.records[0]
+    assert record["config"]["label_defence"] == "marvell"
+
+    # The bench attacks every captured epoch, and the page and the frontier figure come out of it.
+    from bench import label_defences as bench
+
+    runs, attacks = tmp_path / "runs.jsonl", tmp_path / "attacks.jsonl"
+    runs.write_text(json.dumps(record) + "\n")
+    assert bench.main(["--results", str(runs), "--out", str(attacks), "--known", "1"]) == 0
+    assert bench.main(["--results", str(runs), "--out", str(attacks), "--known", "1"]) == 0  # done: skipped
+    rows = [json.loads(line) for line in attacks.read_text().splitlines()]
+    assert len(rows) == 1 and sorted(rows[0]["attacks"]) == ["1", "2"]
+    one = rows[0]["attacks"]["2"]["1"]
+    assert {"matching_acc", "completion_acc", "direction_mean_acc", "gradient_max_acc"} <= set(one)
+    assert one["gradient_max_acc"] == max(one[k] for k in bench.GRADIENT_ACC)
+    undefended = dict(rows[0], label_defence="none", label_defence_strength=None, final_test_acc=0.5)
+    attacks.write_text(attacks.read_text() + json.dumps(undefended) + "\n")
+    page = bench.table(str(attacks))
+    assert "| none | 0.5000 | +0.00 |" in page and "| marvell 4 |" in page
+    from plots.figures import save
+
+    assert [p.suffix for p in bench.figure(str(attacks), tmp_path, "frontier", save)] == [".png", ".pdf"]
+
+
+def test_the_label_bench_refuses_bad_counts_in_one_line(tmp_path, capsys):
+    from bench import label_defences as bench
+
+    (tmp_path / "runs.jsonl").write_text("")
+    assert bench.main(["--results", str(tmp_path / "runs.jsonl"), "--known", "0"]) == 2
+    assert "--known: every count must be at least 1" in capsys.readouterr().err

@@ -391,3 +391,24 @@ def test_leakage_report_of_a_perfect_reconstruction(held_out):
     assert report["dcor_bias_corrected"] == pytest.approx(1.0, abs=1e-6)
     assert report["psnr"] == 100.0 and report["ssim"] == pytest.approx(1.0, abs=1e-12)
     assert report["n"] == len(held_out)
+
+
+def test_a_top_k_head_sends_what_the_codec_sends_and_passes_gradients():
+    """bench.privacy's attacker on a --codec topk run sees activations as sparse as it received: per sample
+    the k largest values by magnitude, at their places (what the codec decodes to), zeros elsewhere."""
+    from bench.privacy import TopK
+    from splitrpc.codec import TopK as TopKCodec
+
+    torch.manual_seed(0)
+    head = torch.nn.Conv2d(3, 4, 3, padding=1)
+    images = torch.randn(5, 3, 8, 8, requires_grad=True)
+    codec = TopKCodec(16, "bf16", 0.0, False)
+    k = codec.k((5, 4, 8, 8))
+    sparse = TopK(head, k)(images)
+    dense = head(images)
+    decoded = codec.decode(codec.encode(dense, training=False), torch.float32, dense.shape)
+    assert ((sparse != 0).sum((1, 2, 3)) == k).all()
+    assert torch.equal(sparse != 0, decoded != 0)
+    assert torch.allclose(sparse, decoded, rtol=1e-2, atol=1e-2)  # bf16 on the wire
+    sparse.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
