@@ -50,8 +50,12 @@ TARGET_COST = 0.01  # ... at most 1 point of accuracy below the undefended run
 
 def load_epochs(directory: Path, hospital: str = HOSPITAL) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """{epoch (1-based): (received gradients, trunk outputs sent down, true labels)}, paired by (epoch, batch)."""
-    received = {(b["epoch"], b["batch"]): b for b in torch.load(directory / f"{hospital}-received.pt")}
-    kept = {(b["epoch"], b["batch"]): b for b in torch.load(directory / f"{hospital}-inputs.pt")}
+    def batches(side: str) -> dict:
+        # One file per captured epoch (written as it ended), or one for the run (its last batches).
+        files = sorted(directory.glob(f"{hospital}-{side}-epoch*.pt")) or [directory / f"{hospital}-{side}.pt"]
+        return {(b["epoch"], b["batch"]): b for f in files if f.exists() for b in torch.load(f)}
+
+    received, kept = batches("received"), batches("inputs")
     keys = sorted(set(received) & set(kept))
     if not keys or "output_gradient" not in received[keys[0]]:
         raise UserError(f"{directory}: no U-shaped batch kept by both the server and {hospital}")

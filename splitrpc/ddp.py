@@ -14,6 +14,8 @@ computes on their concatenated batches.
 
 from __future__ import annotations
 
+import copy
+
 import time
 
 import torch
@@ -45,6 +47,7 @@ class CountingAllReduce:
 
     def __init__(self, ledger: comm.Ledger, ranks: int):
         self.ledger, self.ranks = ledger, ranks
+        self.paused = False  # an all-reduce that is not training (DdpTrainer.rebuild_buckets): not booked
         self.bucket_bytes = 0
         self._handed: list[tuple[int, float]] = []  # (bytes, perf_counter) of this step's buckets, in order
         self._steps_timed = 0
@@ -80,7 +83,8 @@ class CountingAllReduce:
 
 def counting_allreduce_hook(state, bucket):
     # No annotations: DDP inspects them, and ``from __future__ import annotations`` turns them into strings.
-    state.book(comm.tensor_bytes(bucket.buffer()))
+    if not state.paused:
+        state.book(comm.tensor_bytes(bucket.buffer()))
     return default_hooks.allreduce_hook(dist.group.WORLD, bucket)
 
 
@@ -160,6 +164,30 @@ class DdpTrainer(RankTrainer):
         super().load_state_dict(state)
         self.model.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.rebuild_buckets()  # a checkpoint is taken after a step: the uninterrupted run had rebuilt them
+
+    def rebuild_buckets(self) -> None:
+        """Resuming: lay DDP's buckets out as the uninterrupted run had them at this step.
+
+        DDP all-reduces its first step in the constructor's buckets and rebuilds them in
+        gradient-ready order after it. A resumed process would otherwise take its first step in
+        the constructor's layout: a parameter's gradient then sits elsewhere in its bucket, gloo's
+        ring sums it from another rank first, and with 3 or more ranks the sum differs in its last
+        bits (seen in the chaos campaign: results/chaos.jsonl). One backward pass of a zero loss on
+        every rank records the ready order (the order, not the values, is what DDP keeps); the
+        weights, BatchNorm statistics and gradients it touches are put back, and its all-reduce is
+        not booked as traffic.
+        """
+        kept = copy.deepcopy(self.model.module.state_dict())
+        images, labels = self.shard.batch(0, 0)
+        self.hook_state.paused = True
+        try:
+            (0.0 * F.cross_entropy(self.model(images.to(self.device)), labels.to(self.device))).backward()
+        finally:
+            self.hook_state.paused = False
+            self.hook_state.end_step(first=True)  # forget the buckets it handed over
+        self.model.module.load_state_dict(kept)
+        self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def evaluate(self) -> list[float]:

@@ -186,23 +186,34 @@ def test_capture_keeps_the_last_batches_of_each_chosen_epoch():
 
 @pytest.mark.distributed
 def test_a_defended_u_shaped_run_captures_what_each_epoch_sent_and_received(cli, tmp_path):
-    """Two hospitals, Marvell's noise, captures of epochs 1 and 2 of 2: the server keeps the trunk's output
-    and the gradient it got back, the hospital the true labels, under the same (epoch, batch) keys."""
-    result = cli("--method", "split", "--labels", "hospital", "--label-defence", "marvell",
-                 "--label-defence-strength", "4", "--dataset", "synthetic", "--model", "resnet20", "--width", "0.5",
-                 "--hospitals", "2", "--batch-size", "16", "--epochs", "2", "--synthetic-train", "128",
-                 "--synthetic-test", "32", "--threads", "1", "--capture-dir", tmp_path / "capture",
-                 "--capture-samples", "32", "--capture-epochs", "1,2")
-    assert result.returncode == 0, result
-    received = torch.load(tmp_path / "capture" / "hospital1-received.pt")
-    inputs = torch.load(tmp_path / "capture" / "hospital1-inputs.pt")
-    assert [(b["epoch"], b["batch"]) for b in received] == [(b["epoch"], b["batch"]) for b in inputs]
-    assert sorted({b["epoch"] for b in received}) == [0, 1] and len(received) == 4
+    """Two hospitals in parallel, Marvell's noise, captures of epochs 1 and 2 of 2, the run stopped one step into
+    epoch 2 and resumed: each epoch's file is written as the epoch ends, so the resumed run keeps epoch 1's.
+    The server keeps the trunk's output and the gradient it got back, the hospital the true labels, under
+    the same keys."""
+    common = ["--method", "split", "--labels", "hospital", "--label-defence", "marvell",
+              "--label-defence-strength", "4", "--dataset", "synthetic", "--model", "resnet20", "--width", "0.5",
+              "--hospitals", "2", "--schedule", "parallel", "--batch-size", "16", "--epochs", "2",
+              "--synthetic-train", "128",
+              "--synthetic-test", "32", "--threads", "1", "--capture-dir", tmp_path / "capture",
+              "--capture-samples", "32", "--capture-epochs", "1,2", "--checkpoint-dir", tmp_path / "ckpt",
+              "--checkpoint-every", "4"]
+    first = cli(*common, "--max-steps", "5", out=False)  # 4 steps an epoch: stopped one step into epoch 2
+    assert first.returncode == 0, first
+    directory = tmp_path / "capture"
+    epoch_one = [(b["epoch"], b["batch"]) for b in torch.load(directory / "hospital1-received-epoch1.pt")]
+    assert epoch_one == [(0, 2), (0, 3)]
+    result = cli(*common, "--resume")
+    assert result.returncode == 0 and "resumed at step" in result.stdout, result
+    received = [b for e in (1, 2) for b in torch.load(directory / f"hospital1-received-epoch{e}.pt")]
+    inputs = [b for e in (1, 2) for b in torch.load(directory / f"hospital1-inputs-epoch{e}.pt")]
+    keys = [(b["epoch"], b["batch"]) for b in received]
+    assert keys == [(b["epoch"], b["batch"]) for b in inputs]
+    assert keys == [(0, 2), (0, 3), (1, 2), (1, 3)]
     for batch, kept in zip(received, inputs):
         assert batch["trunk_output"].shape == batch["output_gradient"].shape == (16, 32, 8, 8)
         assert batch["labels"] is None and kept["labels"].shape == (16,)
     record = result.records[0]
-    assert record["config"]["label_defence"] == "marvell"
+    assert record["config"]["label_defence"] == "marvell" and record["capture"]["epochs"] == [1, 2]
 
     # The bench attacks every captured epoch, and the page and the frontier figure come out of it.
     from bench import label_defences as bench

@@ -38,7 +38,14 @@ class Capture:
         """The item ``add`` kept last for ``key`` (None if it kept nothing then): to complete it."""
         return self.latest.get(key)
 
-    def items(self, key) -> list[dict]:
-        """Everything kept for ``key``, epoch by epoch, in the order it came."""
-        slots = sorted((s for s in self.kept if s[0] == key), key=lambda s: -1 if s[1] is None else s[1])
+    def items(self, key, epoch: int | None = None) -> list[dict]:
+        """What is kept for ``key``, epoch by epoch in the order it came; of one epoch (1-based) if given."""
+        slots = sorted((s for s in self.kept if s[0] == key and (epoch is None or s[1] == epoch - 1)),
+                       key=lambda s: -1 if s[1] is None else s[1])
         return [item for s in slots for item in self.kept[s]]
+
+    @staticmethod
+    def file_name(side: str, epoch: int | None) -> str:
+        """``<side>.pt``, or with --capture-epochs one file per epoch, ``<side>-epoch<e>.pt``: written as the
+        epoch ends, so that a run stopped later and resumed loses none of the epochs before."""
+        return f"{side}.pt" if epoch is None else f"{side}-epoch{epoch}.pt"

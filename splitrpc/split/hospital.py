@@ -216,14 +216,16 @@ class Hospital(HospitalCheckpoints, HospitalDedup, HospitalTail):
         noise = torch.randn(activations.shape, generator=generator, dtype=activations.dtype)
         return activations + self.cfg.noise * noise
 
-    def write_capture(self) -> int:
-        """--capture-dir: the inputs behind the activations the server kept, on this hospital's disk."""
+    def write_capture(self, epoch: int | None = None) -> int:
+        """--capture-dir: the inputs (and labels) behind the activations the server kept, on this hospital's
+        disk: at the run's end, or with --capture-epochs those of ``epoch`` as it ends. Returns the batches kept."""
         if self.capture is None:
             return 0
-        path = Path(self.cfg.capture_dir) / f"{transport.hospital_name(self.index)}-inputs.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.capture.items(0), path)
-        return len(self.capture.items(0))
+        if epoch is not None or not self.cfg.capture_epochs:
+            name = Capture.file_name(f"{transport.hospital_name(self.index)}-inputs", epoch)
+            Path(self.cfg.capture_dir).mkdir(parents=True, exist_ok=True)
+            torch.save(self.capture.items(0, epoch), Path(self.cfg.capture_dir) / name)
+        return len(self.capture.items(0, epoch))
 
     def privacy_stats(self) -> dict:
         values = self.nopeek_values

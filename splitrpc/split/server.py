@@ -282,6 +282,12 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
         if self.cfg.checkpoint_dir and checkpoint.due(self.checkpoint_every, steps_done, self.loop.total_steps):
             with self.loop.off_the_clock():
                 self.save_checkpoint(steps_done)
+        if self.capture is not None and self.cfg.capture_epochs:
+            epochs, into = divmod(steps_done, len(self.loop.plan))
+            ended = epochs if into == 0 else epochs + 1 if steps_done >= self.loop.total_steps else None
+            if ended in self.capture.epochs:
+                with self.loop.off_the_clock():
+                    self.write_capture(ended)
 
     def average(self, steps_done: int) -> None:
         """--l1 average: the hospitals average their L1s among themselves every --l1-sync-every steps."""
@@ -336,14 +342,19 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
         return accounting.split_record(self.cfg, reports, analytic, self.log, steps_per_epoch, train_seconds,
                                        names, self.hospitals)
 
-    def write_capture(self) -> dict:
-        """What the server received last from each hospital, and (on each hospital's disk) the inputs behind it."""
+    def write_capture(self, epoch: int | None = None) -> dict:
+        """What the server received last from each hospital, and (on each hospital's disk) the inputs behind
+        it: at the run's end, or with --capture-epochs as each of those epochs ends (then the run's end
+        writes nothing more)."""
         directory = Path(self.cfg.capture_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        for h in self.hospitals.live:
-            torch.save(self.capture.items(h), directory / f"{self.hospitals.name(h)}-received.pt")
-        counts = self.call_live("write_capture")
-        return {"dir": str(directory), "batches_per_hospital": counts}
+        if epoch is not None or not self.cfg.capture_epochs:
+            for h in self.hospitals.live:
+                name = Capture.file_name(f"{self.hospitals.name(h)}-received", epoch)
+                torch.save(self.capture.items(h, epoch), directory / name)
+        counts = self.call_live("write_capture", epoch)
+        return {"dir": str(directory), "epochs": [int(e) for e in self.cfg.capture_epochs],
+                "batches_per_hospital": counts}
 
     def save(self, directory: str) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
