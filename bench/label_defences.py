@@ -97,7 +97,7 @@ def attack_run(record: dict, known_per_class=KNOWN_PER_CLASS) -> dict:
               f"{shown['direction_mean_acc']:.3f}), model completion {shown['completion_acc']:.3f}", flush=True)
     return {
         "record_version": 1, "kind": "label_attack", "status": "ok", "run_key": cfg.run_key, "git_commit": git_commit(),
-        "training_git_commit": record.get("git_commit"), "label_defence": cfg.label_defence,
+        "training_git_commit": record.get("git_commit"), "label_defence": cfg.label_defence, "tail": cfg.tail,
         "label_defence_strength": None if cfg.label_defence in ("none", "max_norm") else cfg.label_defence_strength,
         "final_test_acc": record.get("final_test_acc"), "hospital": HOSPITAL, "attacks": attacks,
         "attack_seconds": round(time.perf_counter() - started, 1),
@@ -109,9 +109,20 @@ def _rows(path: str) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def series(row: dict) -> str:
+    """The defence and, where the hospital keeps more than the classifier, its tail."""
+    tail = row.get("tail", 1)
+    return row["label_defence"] + ("" if tail == 1 else f", tail {tail}")
+
+
 def setting(row: dict) -> str:
     strength = row.get("label_defence_strength")
-    return row["label_defence"] + ("" if strength is None else f" {strength:g}")
+    return series(row) + ("" if strength is None else f" {strength:g}")
+
+
+def undefended(rows: list[dict]) -> float | None:
+    """Test accuracy of the run every cost is measured from: no defence, the classifier alone at the hospital."""
+    return next((r["final_test_acc"] for r in rows if r["label_defence"] == "none" and r.get("tail", 1) == 1), None)
 
 
 def at(row: dict, epoch: str | None = None, known: int = 5) -> dict:
@@ -125,13 +136,12 @@ def table(path: str) -> str:
     """One row per run: test accuracy and its cost, then every attack on the last epoch (5 known per class),
     and the strongest gradient attack at 1, 5 and 50 known; the targets' verdict in the last column."""
     rows = [r for r in _rows(path) if r.get("status") == "ok"]
-    base = next((r["final_test_acc"] for r in rows if r["label_defence"] == "none"), None)
+    base = undefended(rows)
     lines = ["| defence | test acc | cost (points) | direction | nearest | k-means | matching | norm AUC | "
              "cosine AUC | strongest gradient attack (1 / 5 / 50 known) | model completion (1 / 5 / 50) | "
              "target (<= 0.20 at <= 1 point) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["label_defence"] != "none", r["label_defence"],
-                                         r.get("label_defence_strength") or 0)):
+    for r in sorted(rows, key=lambda r: (r["label_defence"] != "none", series(r), r.get("label_defence_strength") or 0)):
         a = at(r)
         cost = None if base is None else 100 * (base - r["final_test_acc"])
         strongest = " / ".join(f"{at(r, known=k)['gradient_max_acc']:.3f}" for k in KNOWN_PER_CLASS)
@@ -159,14 +169,14 @@ def figure(path: str, out_dir: Path, name: str, save) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = [r for r in _rows(path) if r.get("status") == "ok"]
-    base = next((r["final_test_acc"] for r in rows if r["label_defence"] == "none"), None)
+    base = undefended(rows)
     if not rows or base is None:
         return []
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.axvspan(-1, 100 * TARGET_COST, ymax=TARGET_INFERENCE / 1.05, color="green", alpha=0.08,
                label="target: <= 0.20 at <= 1 point")
-    for defence in sorted({r["label_defence"] for r in rows}):
-        mine = sorted((r for r in rows if r["label_defence"] == defence),
+    for defence in sorted({series(r) for r in rows}):
+        mine = sorted((r for r in rows if series(r) == defence),
                       key=lambda r: r.get("label_defence_strength") or 0)
         x = [100 * (base - r["final_test_acc"]) for r in mine]
         y = [at(r)["gradient_max_acc"] for r in mine]
