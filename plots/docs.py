@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -361,47 +362,38 @@ def results_pages(experiments: dict[str, list[dict]], results_dir: Path) -> dict
         lines += _commands(*commands)
         pages[f"{page}.md"] = "\n".join(lines).rstrip("\n") + "\n"
         index.append(f"* [{title}]({page}.md): {sources}")
-    if (results_dir / "scale.jsonl").exists():
-        from bench import scale
-
-        pages["scale.md"] = "\n".join([
-            "# Many hospitals on one machine", "",
-            f"{GENERATED} `results/scale.jsonl`; do not edit by hand. One row per run: split learning and the "
-            "others with N hospitals on this 2-core, 24 GiB machine; what each column measures: `bench/scale.py`; "
-            "analysis: [scale.md](../scale.md).", "",
-            scale.table(str(results_dir / "scale.jsonl")), "", *_figures("plots/figures/scale.png"), *_commands(
-                "python -m bench.scale --hospitals 2,4,8,16,32,64 --start fork,spawn --out results/scale.jsonl")
-        ]).rstrip("\n") + "\n"
-        index.append("* [Many hospitals on one machine](scale.md): `results/scale.jsonl`")
-    if (results_dir / "chaos.jsonl").exists():
-        from bench import chaos
-
-        pages["chaos.md"] = "\n".join([
-            "# Faults survived: the chaos campaign", "",
-            f"{GENERATED} `results/chaos.jsonl`; do not edit by hand. One row per trial: a short real run "
-            "across network namespaces (3 hospitals, checkpoints every 5 steps, `--rpc-timeout 8`) with one "
-            "random fault; what each outcome means and how a trial is judged: `bench/chaos.py` and "
-            "[faults.md](../faults.md#the-chaos-campaign).", "",
-            chaos.table(str(results_dir / "chaos.jsonl")), "", *_commands(
-                "python -m bench.chaos --trials 30 --seed 0 --out results/chaos.jsonl")]).rstrip("\n") + "\n"
-        index.append("* [Faults survived: the chaos campaign](chaos.md): `results/chaos.jsonl`")
-    if (results_dir / "label_defences_attacks.jsonl").exists():
-        from bench import label_defences
-
-        pages["label_defences.md"] = "\n".join([
-            "# What a U-shaped hospital can hide of its labels", "",
-            f"{GENERATED} `results/label_defences_attacks.jsonl` (the attacks) and `results/label_defences.jsonl` "
-            "(the runs); do not edit by hand. One row per real U-shaped run (VGG-11 x0.25, 4 hospitals, IID "
-            "CIFAR-10, 15 epochs): its test accuracy, what it costs against the undefended run, and every label "
-            "attack on hospital1's last captured epoch (1024 samples, 10-class inference accuracy unless "
-            "AUC; chance is about 0.1) with 5 known labels per class, unless stated; what each attack assumes "
-            "and what each defence does: [privacy.md](../privacy.md#label-defences-at-a-u-shaped-hospital).", "",
-            label_defences.table(str(results_dir / "label_defences_attacks.jsonl")), "",
-            *_figures("plots/figures/label_defences.png"), *_commands(
-                "python -m bench run bench/configs/label_defences.toml", "python -m bench.label_defences")
-        ]).rstrip("\n") + "\n"
-        index.append("* [What a U-shaped hospital can hide of its labels](label_defences.md): "
-                     "`results/label_defences_attacks.jsonl`")
+    # Pages of results whose own bench module makes the table: (page, title, results file, module, what the
+    # page says of its rows, figures, commands to reproduce).
+    own = [
+        ("scale", "Many hospitals on one machine", "scale.jsonl", "scale",
+         "One row per run: split learning and the others with N hospitals on this 2-core, 24 GiB machine; what "
+         "each column measures: `bench/scale.py`; analysis: [scale.md](../scale.md).",
+         ["plots/figures/scale.png"],
+         ["python -m bench.scale --hospitals 2,4,8,16,32,64 --start fork,spawn --out results/scale.jsonl"]),
+        ("chaos", "Faults survived: the chaos campaign", "chaos.jsonl", "chaos",
+         "One row per trial: a short real run across network namespaces (3 hospitals, checkpoints every 5 steps, "
+         "`--rpc-timeout 8`) with one random fault; what each outcome means and how a trial is judged: "
+         "`bench/chaos.py` and [faults.md](../faults.md#the-chaos-campaign).",
+         [], ["python -m bench.chaos --trials 30 --seed 0 --out results/chaos.jsonl"]),
+        ("label_defences", "What a U-shaped hospital can hide of its labels", "label_defences_attacks.jsonl",
+         "label_defences",
+         "The attacks; the runs are in `results/label_defences.jsonl`. One row per real U-shaped run (VGG-11 "
+         "x0.25, 4 hospitals, IID CIFAR-10, 15 epochs): its test accuracy, what it costs against the undefended "
+         "run, and every label attack on hospital1's last captured epoch (1024 samples, 10-class inference "
+         "accuracy unless AUC; chance is about 0.1) with 5 known labels per class, unless stated; what each "
+         "attack assumes and what each defence does: "
+         "[privacy.md](../privacy.md#label-defences-at-a-u-shaped-hospital).",
+         ["plots/figures/label_defences.png"],
+         ["python -m bench run bench/configs/label_defences.toml", "python -m bench.label_defences"]),
+    ]
+    for page, title, source, module, about, figures, commands in own:
+        if not (results_dir / source).exists():
+            continue
+        table = importlib.import_module(f"bench.{module}").table(str(results_dir / source))
+        pages[f"{page}.md"] = "\n".join([
+            f"# {title}", "", f"{GENERATED} `results/{source}`; do not edit by hand. {about}", "", table, "",
+            *(_figures(*figures) if figures else []), *_commands(*commands)]).rstrip("\n") + "\n"
+        index.append(f"* [{title}]({page}.md): `results/{source}`")
     if pages:
         pages["README.md"] = "\n".join(["# Results", "", f"{GENERATED} the records in `results/`; one page per "
                                         "group of bench configs. The full table of every run is "
