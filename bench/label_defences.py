@@ -35,7 +35,7 @@ import torch
 from splitrpc.config import from_dict
 from splitrpc.errors import UserError, report
 from splitrpc.models import model_for, split_u
-from splitrpc.privacy.label_leakage import forward_and_matching_report, label_leakage_report
+from splitrpc.privacy.label_leakage import forward_and_matching_report, label_leakage_report, matching_dtype
 from splitrpc.record import append_jsonl, git_commit
 
 KNOWN_PER_CLASS = (1, 5, 50)
@@ -100,6 +100,7 @@ def attack_run(record: dict, known_per_class=KNOWN_PER_CLASS) -> dict:
         "training_git_commit": record.get("git_commit"), "label_defence": cfg.label_defence, "tail": cfg.tail,
         "label_defence_strength": None if cfg.label_defence in ("none", "max_norm") else cfg.label_defence_strength,
         "final_test_acc": record.get("final_test_acc"), "hospital": HOSPITAL, "attacks": attacks,
+        "matching_dtype": str(matching_dtype(tail_factory())).removeprefix("torch."),
         "attack_seconds": round(time.perf_counter() - started, 1),
     }
 

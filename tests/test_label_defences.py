@@ -20,11 +20,16 @@ def linear_tail():
     return torch.nn.Sequential(torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32, C))
 
 
-def tail_gradients(n: int = 400, seed: int = 0):
-    """Trunk outputs, labels and the exact gradients a U-shaped linear tail returns for them."""
+def conv_tail():
+    """A 2-stage tail, as --tail 2 keeps at the hospital: a convolution before the classifier."""
+    return torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), linear_tail())
+
+
+def tail_gradients(n: int = 400, seed: int = 0, tail_factory=linear_tail):
+    """Trunk outputs, labels and the exact gradients a U-shaped tail (linear unless given) returns for them."""
     torch.manual_seed(seed)
     z, labels = torch.randn(n, 32, 2, 2), torch.randint(0, C, (n,))
-    tail = linear_tail()
+    tail = tail_factory()
     inputs = z.clone().requires_grad_()
     gradients = torch.autograd.grad(F.cross_entropy(tail(inputs), labels), inputs)[0]
     return z, labels, gradients
@@ -43,6 +48,21 @@ def test_gradient_matching_names_labels_from_exact_gradients_and_not_from_unrela
     scores = label_leakage.gradient_matching_scores(gradients, z, linear_tail, known, labels[known], C, steps=100)
     assert unknown_accuracy(scores, labels, known) >= 0.95
     unrelated = label_leakage.gradient_matching_scores(torch.randn_like(gradients), z, linear_tail, known,
+                                                       labels[known], C, steps=100)
+    assert unknown_accuracy(unrelated, labels, known) <= 0.25
+
+
+def test_gradient_matching_through_a_convolution_stage_fits_in_float32_and_still_names_the_labels():
+    """A convolving tail is matched in float32 (float64 convolution is 8x slower on CPU); the known case
+    must still come out."""
+    assert label_leakage.matching_dtype(conv_tail()) == torch.float32
+    assert label_leakage.matching_dtype(linear_tail()) == torch.float64
+    z, labels, gradients = tail_gradients(tail_factory=conv_tail)
+    known = label_leakage.pick_known(labels, 5, C)
+    scores = label_leakage.gradient_matching_scores(gradients, z, conv_tail, known, labels[known], C, steps=100)
+    assert scores.dtype == torch.float64
+    assert unknown_accuracy(scores, labels, known) >= 0.9
+    unrelated = label_leakage.gradient_matching_scores(torch.randn_like(gradients), z, conv_tail, known,
                                                        labels[known], C, steps=100)
     assert unknown_accuracy(unrelated, labels, known) <= 0.25
 
@@ -224,6 +244,7 @@ def test_a_defended_u_shaped_run_captures_what_each_epoch_sent_and_received(cli,
     assert bench.main(["--results", str(runs), "--out", str(attacks), "--known", "1"]) == 0  # done: skipped
     rows = [json.loads(line) for line in attacks.read_text().splitlines()]
     assert len(rows) == 1 and sorted(rows[0]["attacks"]) == ["1", "2"]
+    assert rows[0]["matching_dtype"] == "float64"  # a classifier-only tail: no convolution
     one = rows[0]["attacks"]["2"]["1"]
     assert {"matching_acc", "completion_acc", "direction_mean_acc", "gradient_max_acc"} <= set(one)
     assert one["gradient_max_acc"] == max(one[k] for k in bench.GRADIENT_ACC)
