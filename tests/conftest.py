@@ -93,3 +93,33 @@ def cli(tmp_path, cache_dir):
     def _run(*args, timeout: float = 300, env: dict | None = None, out: bool = True):
         return run_cli([*map(str, args), "--cache-dir", cache_dir], tmp_path if out else None, timeout, env)
     return _run
+
+
+class CheckResult(Result):
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr, self.out = returncode, stdout, stderr, None
+
+
+@pytest.fixture
+def cli_check(cache_dir, monkeypatch):
+    """``python -m splitrpc.train <args>``'s input checks, run in this process up to where processes
+    would start. A fresh interpreter costs about 2.5 s of imports per case, which the many bad-input
+    cases would pay for nothing; ``test_errors.py`` keeps a fresh-process case for the exit code
+    itself. Input the checks let through fails the test instead of starting a run."""
+    import contextlib
+    import io
+
+    from splitrpc import launch, lifecycle, train
+
+    def started(*_args, **_kwargs):
+        raise AssertionError("the checks let this input through: a run would start")
+
+    for module, name in ((launch, "launch"), (launch, "forked"), (lifecycle, "run")):
+        monkeypatch.setattr(module, name, started)
+
+    def _run(*args) -> CheckResult:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = train.main([*map(str, args), "--cache-dir", cache_dir])
+        return CheckResult(code, out.getvalue(), err.getvalue())
+    return _run

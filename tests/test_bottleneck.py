@@ -84,8 +84,8 @@ def test_every_method_builds_the_same_network():
     ([*VGG, "--bottleneck", 0], "--bottleneck must be at least 1, got 0"),
     ([*VGG, "--bottleneck", 16, "--method", "ddp", "--cut", 9], "--cut 9 is out of range"),
 ])
-def test_bad_ratio_is_one_line_and_exit_2(cli, args, message):
-    result = cli("--dataset", "synthetic", *args, out=False, timeout=60)
+def test_bad_ratio_is_one_line_and_exit_2(cli_check, args, message):
+    result = cli_check("--dataset", "synthetic", *args)
     assert result.returncode == 2 and message in result.stderr, result
     assert len(result.stderr.strip().splitlines()) == 1, result
 

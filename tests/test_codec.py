@@ -82,8 +82,8 @@ def test_codec_options_are_checked():
     (["--codec", "fp8", "--dtype", "float64"], "cannot be combined with --dtype float64"),
     (["--codec", "bf16", "--method", "ddp"], "--codec bf16 does not apply to --method ddp"),
 ])
-def test_bad_codec_values_are_one_line(cli, args, message):
-    result = cli("--dataset", "synthetic", *args, out=False, timeout=60)
+def test_bad_codec_values_are_one_line(cli_check, args, message):
+    result = cli_check("--dataset", "synthetic", *args)
     assert result.returncode == 2 and message in result.stderr, result
     assert len(result.stderr.strip().splitlines()) == 1, result
 

@@ -35,8 +35,17 @@ def assert_one_line(result, pattern):
     (["--hospitals", "-2"], r"--hospitals must be at least 1"),
 ])
 @pytest.mark.parametrize("method", ["split", "local"])
-def test_bad_options(cli, args, pattern, method):
-    assert_one_line(cli("--method", method, *args, timeout=60), pattern)
+def test_bad_options(cli_check, args, pattern, method):
+    result = cli_check("--method", method, *args)
+    assert_one_line(result, pattern)
+    assert result.returncode == 2
+
+
+def test_a_bad_option_exits_2_with_one_line_from_a_fresh_process(cli):
+    """The in-process checks above stand for the CLI; this is the CLI itself, exit code and all."""
+    result = cli("--method", "split", "--model", "vgg99", timeout=60)
+    assert_one_line(result, r"--model: unknown value 'vgg99'")
+    assert result.returncode == 2
 
 
 def test_data_missing_while_offline(cli, tmp_path):

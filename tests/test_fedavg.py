@@ -68,7 +68,7 @@ def test_rounds_and_bytes_three_ways(cli):
     (["--on-hospital-failure", "continue"], "--method fedavg supports --on-hospital-failure abort only"),
     (["--resume"], "--resume and --checkpoint-every need --checkpoint-dir"),
 ])
-def test_bad_values_are_one_line_exit_2(cli, args, pattern):
-    result = cli("--method", "fedavg", "--dataset", "synthetic", *args, timeout=60)
+def test_bad_values_are_one_line_exit_2(cli_check, args, pattern):
+    result = cli_check("--method", "fedavg", "--dataset", "synthetic", *args)
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.returncode == 2 and len(lines) == 1 and pattern in lines[0], result

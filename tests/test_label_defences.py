@@ -178,8 +178,8 @@ def test_a_defended_hospital_returns_the_gradient_its_defence_makes(defence, tmp
     (["--capture-epochs", "1,3", "--epochs", "2", "--capture-dir", "x"], "--capture-epochs must be epochs in 1..2"),
     (["--capture-epochs", "1"], "needs --capture-dir"),
 ])
-def test_bad_label_defence_settings_are_one_line(cli, args, message):
-    result = cli("--dataset", "synthetic", "--model", "resnet20", *args, out=False, timeout=60)
+def test_bad_label_defence_settings_are_one_line(cli_check, args, message):
+    result = cli_check("--dataset", "synthetic", "--model", "resnet20", *args)
     assert result.returncode == 2 and message in result.stderr, result
     assert len(result.stderr.strip().splitlines()) == 1, result
 

@@ -93,8 +93,8 @@ def test_a_hospital_hands_the_server_no_labels(tmp_path, cache_dir):
     (["--labels", "hospital", "--method", "ddp"], "--labels hospital does not apply to --method ddp"),
     (["--labels", "xyz"], "--labels: unknown value"),
 ])
-def test_bad_u_shapes_are_one_line(cli, args, message):
-    result = cli("--dataset", "synthetic", "--model", "resnet20", *args, out=False, timeout=60)
+def test_bad_u_shapes_are_one_line(cli_check, args, message):
+    result = cli_check("--dataset", "synthetic", "--model", "resnet20", *args)
     assert result.returncode == 2 and message in result.stderr, result
     assert len(result.stderr.strip().splitlines()) == 1, result
 
