@@ -191,21 +191,24 @@ def test_cli_writes_curves_and_checks(tmp_path):
     assert "epoch 1 from the curve's run" in proc.stdout
 
 
-def test_cli_without_an_unshaped_run_is_one_line(tmp_path):
+def test_cli_without_an_unshaped_run_is_one_line(tmp_path, capsys):
     conv, shaped = tmp_path / "conv.jsonl", tmp_path / "tta.jsonl"
     conv.write_text(json.dumps(convergence_record()) + "\n")
     shaped.write_text(json.dumps(shaped_record("split", MBIT8)) + "\n")
-    proc = run_cli(str(conv), "--shaped", str(shaped))
+    proc = run_cli(str(conv), "--shaped", str(shaped))  # the CLI itself once, exit code and all
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no unshaped one-epoch run" in proc.stderr
-    proc = run_cli(str(conv), "--shaped", str(tmp_path / "absent.jsonl"))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such results file" in proc.stderr
+
+    def refused(*args) -> str:  # the rest in this process: the same main(), without 2.5 s of imports each
+        assert tta.main([str(conv), "--shaped", *map(str, args)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err
+
+    assert "no such results file" in refused(tmp_path / "absent.jsonl")
     shaped.write_text(json.dumps(shaped_record("split", None)) + "\n")
-    proc = run_cli(str(conv), "--shaped", str(shaped), "--rtt-ms", "-5")
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "negative" in proc.stderr
-    proc = run_cli(str(conv), "--shaped", str(shaped), "--duplex", str(tmp_path / "absent.json"))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such duplex calibration" in proc.stderr
-    proc = run_cli(str(conv), "--shaped", str(shaped), "--full", str(tmp_path / "absent.jsonl"))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such results file" in proc.stderr
+    assert "negative" in refused(shaped, "--rtt-ms", "-5")
+    assert "no such duplex calibration" in refused(shaped, "--duplex", tmp_path / "absent.json")
+    assert "no such results file" in refused(shaped, "--full", tmp_path / "absent.jsonl")
 
 
 def test_figure_draws_the_curves_and_the_measured_first_epoch(tmp_path):
