@@ -165,35 +165,41 @@ def table(path: str) -> str:
 
 
 def figure(path: str, out_dir: Path, name: str, save) -> list[Path]:
-    """The frontier: accuracy cost against the strongest gradient attack's inference (5 known per class,
-    last epoch), one marker per run, a line per defence through its strengths; the target box shaded."""
+    """The frontier: accuracy cost against label inference (5 known per class, last epoch), by the
+    strongest gradient attack (left, with the target box shaded) and by model completion (right, which
+    reads no gradient), one marker per run, a line per defence through its strengths."""
     import matplotlib.pyplot as plt
 
     rows = [r for r in _rows(path) if r.get("status") == "ok"]
     base = undefended(rows)
     if not rows or base is None:
         return []
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.axvspan(-1, 100 * TARGET_COST, ymax=TARGET_INFERENCE / 1.05, color="green", alpha=0.08,
-               label="target: <= 0.20 at <= 1 point")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True, sharey=True)
+    axes[0].axvspan(-1, 100 * TARGET_COST, ymax=TARGET_INFERENCE / 1.05, color="green", alpha=0.08,
+                    label="target: <= 0.20 at <= 1 point")
     for defence in sorted({series(r) for r in rows}):
         mine = sorted((r for r in rows if series(r) == defence),
                       key=lambda r: r.get("label_defence_strength") or 0)
         x = [100 * (base - r["final_test_acc"]) for r in mine]
-        y = [at(r)["gradient_max_acc"] for r in mine]
-        ax.plot(x, y, "o-", label=defence)
-        for r, xi, yi in zip(mine, x, y):
-            if r.get("label_defence_strength") is not None:
-                ax.annotate(f"{r['label_defence_strength']:g}", (xi, yi), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
-    ax.axhline(0.1, color="grey", ls=":", lw=1)
-    ax.set_xlabel("test accuracy below the undefended U-shaped run (points, 15 epochs)")
-    ax.set_ylabel("label inference, strongest gradient attack")
-    ax.set_ylim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("What a U-shaped hospital can hide of its labels (VGG-11 x0.25, N=4, 5 known labels/class)",
-                 fontsize=9)
+        for ax, attack in zip(axes, ("gradient_max_acc", "completion_acc")):
+            y = [at(r)[attack] for r in mine]
+            line, = ax.plot(x, y, "o-", label=defence)
+            for r, xi, yi in zip(mine, x, y):
+                if r.get("label_defence_strength") is not None:
+                    ax.annotate(f"{r['label_defence_strength']:g}", (xi, yi), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points", color=line.get_color())
+    for ax, what in zip(axes, ("strongest gradient attack", "model completion (trunk output only)")):
+        ax.axhline(0.1, color="grey", ls=":", lw=1)
+        ax.set_xlabel("accuracy below the undefended run (points, 15 epochs)")
+        ax.set_title(f"label inference: {what}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("label inference accuracy (10 classes)")
+    axes[0].set_ylim(0, 1.05)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle("What a U-shaped hospital can hide of its labels (VGG-11 x0.25, N=4, 5 known labels/class; "
+                 "numbers: strength)", fontsize=9)
+    fig.tight_layout()
     return save(fig, name, out_dir)
 
 
