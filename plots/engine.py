@@ -7,6 +7,7 @@ and accuracy of float32 / bf16 / fp8 at the cut.
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +17,8 @@ import matplotlib.pyplot as plt
 from splitrpc.record import RunRecord, relative_speed, variant
 
 CODEC_ORDER = {"none": 0, "bf16": 1, "fp16": 2, "fp8": 3}
+# The RPC round trips `make bench-save` timed on this machine's CPU, idle (bench/test_regression.py).
+BASELINE = Path(__file__).resolve().parents[1] / "bench" / "baseline" / "baseline.json"
 
 
 def _model(cfg: dict) -> str:
@@ -36,6 +39,59 @@ def _spread(values: list[float], digits: int) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f} (n = 1)"
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f}, n = {len(values)})"
+
+
+def round_trip_seconds(bytes_each_way: float, baseline: Path = BASELINE) -> tuple[float, str] | None:
+    """An RPC round trip carrying ``bytes_each_way`` up and as many down, interpolated linearly between
+    the sizes the benchmark timed (64 KB, 1 MB, 8 MB each way; medians of 5 runs), and the CPU it was
+    timed on; None without a baseline."""
+    if not baseline.exists():
+        return None
+    saved = json.loads(baseline.read_text())
+    cpu = saved["saved_on"]
+    points = sorted((saved["extra_info"][name]["payload_bytes_per_call"] / 2, seconds)
+                    for name, seconds in saved["absolute"][cpu].items()
+                    if name.startswith("test_rpc_round_trip[") and not name.endswith("/reference"))
+    below = [p for p in points if p[0] <= bytes_each_way] or points[:1]
+    above = [p for p in points if p[0] > bytes_each_way and p[0] != below[-1][0]] or points[-1:]
+    (b0, t0), (b1, t1) = below[-1], above[0]
+    if b1 == b0:
+        (b0, t0), (b1, t1) = points[-2], points[-1]
+    return t0 + (t1 - t0) * (bytes_each_way - b0) / (b1 - b0), cpu
+
+
+def round_trip_cap(repeated: list[dict], local: dict) -> list[str]:
+    """What the activation round trip alone would leave of local speed in `sequential` without prefetch:
+    local step time / (local step time + one round trip of the step's activations and their gradient),
+    beside the measured ratio. Issue #23 asked whether the round trip caps sequential near 0.84."""
+    rows = []
+    for model in sorted({_model(r["config"]) for r in repeated}):
+        split = [r for r in repeated if _model(r["config"]) == model and r["config"]["method"] == "split"
+                 and r["config"].get("schedule") == "sequential" and not r["config"].get("prefetch", True)
+                 and r["config"].get("codec", "none") == "none"]
+        locals_ = [v for (m, schedule, _), v in local.items() if m == model and schedule == "sequential"]
+        if not split or not locals_:
+            continue
+        train = split[0]["comm"]["phases"]["train"]["payload_bytes"]
+        up = sum(v["sent"] for k, v in train.items() if k.startswith("hospital")) / split[0]["steps"]
+        trip = round_trip_seconds(up)
+        if trip is None:
+            continue
+        step = split[0]["config"]["batch_size"] / statistics.median(locals_)
+        measured = [relative_speed(r["samples_per_s"], local[(model, "sequential", _repeat(r))]) for r in split
+                    if (model, "sequential", _repeat(r)) in local]
+        rows.append(f"| {model} | {step * 1000:.1f} | {up / 2**20:.2f} | {trip[0] * 1000:.2f} | "
+                    f"{step / (step + trip[0]):.2f} | {_spread(measured, 2)} |")
+        cpu = trip[1]
+    if not rows:
+        return []
+    return ["", "## the round trip's cap on `sequential` (no prefetch)", "",
+            "What the activation round trip alone would leave of local speed if it were the only cost split "
+            "learning added to each step: local step / (local step + RPC round trip of the step's activations "
+            f"up and their gradient down, timed idle by `make bench-save` on {cpu}, "
+            "`bench/baseline/baseline.json`, interpolated in size).", "",
+            "| model | local step (ms, median of the passes) | activations per step (MiB) | RPC round trip (ms) | "
+            "cap | measured split / local |", "|---|---|---|---|---|---|", *rows]
 
 
 def throughput_table(records: list[dict]) -> list[str]:
@@ -69,6 +125,7 @@ def throughput_table(records: list[dict]) -> list[str]:
             f"{_spread(ratios, 2) if ratios else ''} | "
             f"{'' if None in trips else format(statistics.median(trips), '.2f')} | "
             f"{'' if None in waiting else format(statistics.median(waiting), '.1f')} |")
+    lines += round_trip_cap(repeated, local)
     earlier = [r for r in ok if not _repeat(r)]
     if earlier:
         lines += ["", "## throughput, earlier single runs (one pass, older code: see each record's git commit)", "",

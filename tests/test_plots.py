@@ -77,3 +77,23 @@ def test_a_codec_variant_is_compared_with_float32_split_of_the_same_l1_handling(
     assert _float32_split("split-localloss (top-k 1/16)") == _float32_split("split-localloss") == \
         "split (independent L1)"
     assert _float32_split("splitfed (V1, averaged every epoch, cut 2)") == "split (independent L1, cut 2)"
+
+
+def test_the_round_trip_cap_interpolates_the_benchmarked_round_trips(tmp_path):
+    """The cap table's round trip: the benchmark's own medians at the sizes it timed, linear between."""
+    import json
+
+    from plots import engine
+
+    baseline = tmp_path / "baseline.json"
+    sizes = {"64KB": 2**16, "1MB": 2**20, "8MB": 2**23}
+    baseline.write_text(json.dumps({
+        "saved_on": "cpu", "absolute": {"cpu": {
+            **{f"test_rpc_round_trip[{k}]": 0.001 * (1 + i) for i, k in enumerate(sizes)},
+            **{f"test_rpc_round_trip[{k}]/reference": 9.0 for k in sizes}}},
+        "extra_info": {f"test_rpc_round_trip[{k}]": {"payload_bytes_per_call": 2 * v} for k, v in sizes.items()}}))
+    assert engine.round_trip_seconds(2**20, baseline) == (0.002, "cpu")
+    assert engine.round_trip_seconds(2**23, baseline) == (0.003, "cpu")
+    halfway = engine.round_trip_seconds((2**20 + 2**23) / 2, baseline)[0]
+    assert abs(halfway - 0.0025) < 1e-12
+    assert engine.round_trip_seconds(2**20, tmp_path / "absent.json") is None
