@@ -161,7 +161,30 @@ def table(path: str) -> str:
         by_epoch.append(f"| {setting(r)} | " + " | ".join(
             f"{at(r, str(e))['gradient_max_acc']:.3f}" if str(e) in r["attacks"] else ""
             for e in epochs) + " |")
-    return "\n".join(lines + by_epoch)
+    return "\n".join(lines + by_epoch + price_list(rows, base))
+
+
+PRICE_BUDGETS = (1, 2, 5, 10, 15)  # points of accuracy a hospital might give up
+
+
+def price_list(rows: list[dict], base: float | None) -> list[str]:
+    """What each level of hiding costs, for a data-protection officer: for each accuracy budget, the
+    measured setting whose strongest gradient attack (5 known per class, last epoch) reads fewest labels
+    within it, and what model completion reads of the same run."""
+    if base is None:
+        return []
+    lines = ["", "The lowest label inference reached within each accuracy budget (strongest gradient attack, "
+             "5 known per class, last epoch; the run's model completion beside it):", "",
+             "| budget (points) | setting | cost (points) | strongest gradient attack | model completion |",
+             "|---|---|---|---|---|"]
+    for budget in PRICE_BUDGETS:
+        within = [r for r in rows if 100 * (base - r["final_test_acc"]) <= budget]
+        if not within:
+            continue
+        best = min(within, key=lambda r: (at(r)["gradient_max_acc"], base - r["final_test_acc"]))
+        lines.append(f"| {budget} | {setting(best)} | {100 * (base - best['final_test_acc']):+.2f} | "
+                     f"{at(best)['gradient_max_acc']:.3f} | {at(best)['completion_acc']:.3f} |")
+    return lines
 
 
 def figure(path: str, out_dir: Path, name: str, save) -> list[Path]:

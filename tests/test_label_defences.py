@@ -263,3 +263,20 @@ def test_the_label_bench_refuses_bad_counts_in_one_line(tmp_path, capsys):
     (tmp_path / "runs.jsonl").write_text("")
     assert bench.main(["--results", str(tmp_path / "runs.jsonl"), "--known", "0"]) == 2
     assert "--known: every count must be at least 1" in capsys.readouterr().err
+
+
+def test_the_price_list_names_the_least_leaking_setting_within_each_budget():
+    from bench import label_defences as bench
+
+    def row(defence, strength, acc, gradient, completion=0.7):
+        attack = {"gradient_max_acc": gradient, "completion_acc": completion}
+        return {"label_defence": defence, "label_defence_strength": strength, "final_test_acc": acc,
+                "attacks": {"15": {"5": attack}}}
+
+    rows = [row("none", None, 0.80, 1.0), row("marvell", 4.0, 0.77, 0.6), row("noise", 4.0, 0.72, 0.3, 0.5),
+            row("rr", 2.0, 0.66, 0.5)]
+    lines = bench.price_list(rows, 0.80)
+    table = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    assert "none" in table["1"] and "none" in table["2"] and "marvell 4" in table["5"]  # marvell costs 3
+    assert "noise 4" in table["10"] and "noise 4" in table["15"] and "| 0.300 | 0.500 |" in table["10"]
+    assert bench.price_list(rows, None) == []
