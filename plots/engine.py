@@ -7,6 +7,7 @@ and accuracy of float32 / bf16 / fp8 at the cut.
 
 from __future__ import annotations
 
+import bisect
 import json
 import statistics
 from collections import defaultdict
@@ -52,11 +53,9 @@ def round_trip_seconds(bytes_each_way: float, baseline: Path = BASELINE) -> tupl
     points = sorted((saved["extra_info"][name]["payload_bytes_per_call"] / 2, seconds)
                     for name, seconds in saved["absolute"][cpu].items()
                     if name.startswith("test_rpc_round_trip[") and not name.endswith("/reference"))
-    below = [p for p in points if p[0] <= bytes_each_way] or points[:1]
-    above = [p for p in points if p[0] > bytes_each_way and p[0] != below[-1][0]] or points[-1:]
-    (b0, t0), (b1, t1) = below[-1], above[0]
-    if b1 == b0:
-        (b0, t0), (b1, t1) = points[-2], points[-1]
+    # The segment holding the size, or the nearest end segment to extrapolate from.
+    i = min(max(bisect.bisect_right([size for size, _ in points], bytes_each_way), 1), len(points) - 1)
+    (b0, t0), (b1, t1) = points[i - 1], points[i]
     return t0 + (t1 - t0) * (bytes_each_way - b0) / (b1 - b0), cpu
 
 
