@@ -117,8 +117,10 @@ def series(row: dict) -> str:
 
 
 def setting(row: dict) -> str:
-    strength = row.get("label_defence_strength")
-    return series(row) + ("" if strength is None else f" {strength:g}")
+    """The defence, its strength, then the tail: "marvell 4, tail 2"."""
+    strength, tail = row.get("label_defence_strength"), row.get("tail", 1)
+    return (row["label_defence"] + ("" if strength is None else f" {strength:g}")
+            + ("" if tail == 1 else f", tail {tail}"))
 
 
 def undefended(rows: list[dict]) -> float | None:
