@@ -16,6 +16,8 @@ and max over parties, server apart), the run's peak summed Pss and the machine's
 step's line, and from the run's record its set-up time, seconds per step, samples/s and payload
 bytes per hospital per step. Runs whose launch fails are recorded with their error and the
 matrix goes on. Runs resume: a setting already in ``--out`` with status ok is skipped.
+``--heap fixed`` runs the parties with ``--heap fixed`` (``splitrpc/heap.py``) to measure what it saves;
+the record says which heap it ran with.
 """
 
 from __future__ import annotations
@@ -79,13 +81,14 @@ def machine_used_mb() -> float:
     return (info["MemTotal"] - info["MemAvailable"]) / 1024
 
 
-def run_one(method: str, hospitals: int, start: str, options: list[str], timeout_s: float) -> dict:
+def run_one(method: str, hospitals: int, start: str, options: list[str], timeout_s: float,
+            heap: str = "dynamic") -> dict:
     out = Path(tempfile.mkdtemp(prefix="splitrpc-scale-")) / "run.jsonl"
     argv = ["--method", method, "--hospitals", str(hospitals), "--start", start, *options, "--log-every", "1",
             "--out", str(out)]
     baseline = machine_used_mb()
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "splitrpc.train", *argv], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "splitrpc.train", *argv, "--heap", heap], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)
     lines: list[str] = []
     first_step: list[float] = []
@@ -154,7 +157,12 @@ def run_one(method: str, hospitals: int, start: str, options: list[str], timeout
 
 
 def key_of(r: dict) -> tuple:
-    return (r["method"], r["hospitals"], r["start"], r.get("repeat", 0), tuple(r["options"]))
+    return (r["method"], r["hospitals"], r["start"], r.get("repeat", 0), tuple(r["options"]), heap_of(r))
+
+
+def heap_of(r: dict) -> str:
+    """Records from before --heap ran with glibc's dynamic threshold, today's default."""
+    return r.get("heap", "dynamic")
 
 
 def table(path: str) -> str:
@@ -163,15 +171,27 @@ def table(path: str) -> str:
     def f(v, d=0):
         return "" if v is None else f"{v:.{d}f}"
 
-    lines = ["| method | start | N | status | launch to first step (s) | hospital private MB (median / max) | "
+    from splitrpc.config import Config
+
+    defaults = {"--dataset": Config.dataset, "--model": Config.model, "--width": Config.width,
+                "--batch-size": Config.batch_size}
+
+    def option(opts: list, name: str) -> str:
+        return opts[opts.index(name) + 1] if name in opts else str(defaults[name])
+
+    lines = ["| method | setting | start | N | status | launch to first step (s) | hospital private MB (median / max) | "
              "hospital RSS MB | server private MB | run PSS peak (GB) | machine peak (GB) | s/step | samples/s | "
-             "payload KB per hospital per step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "payload KB per hospital per step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         opts = r.get("options", [])
         schedule = opts[opts.index("--schedule") + 1] if "--schedule" in opts else "parallel"
         method = r["method"] + (f" ({schedule})" if r["method"].startswith("split") else "")
+        method += ", --heap fixed" if heap_of(r) == "fixed" else ""
+        dataset = option(opts, "--dataset")
+        setting = (f"{'real CIFAR-10' if dataset in ('imagefolder', 'cifar10') else dataset}, "
+                   f"{option(opts, '--model')} x{option(opts, '--width')}, batch {option(opts, '--batch-size')}")
         lines.append(
-            f"| {method} | {r['start']} | {r['hospitals']} | {r['status']} | {f(r.get('launch_to_first_step_s'), 1)} | "
+            f"| {method} | {setting} | {r['start']} | {r['hospitals']} | {r['status']} | {f(r.get('launch_to_first_step_s'), 1)} | "
             f"{f(r.get('hospital_private_mb_median'))} / {f(r.get('hospital_private_mb_max'))} | "
             f"{f(r.get('hospital_rss_mb_median'))} | {f(r.get('server_private_mb'))} | "
             f"{f((r.get('run_pss_peak_mb') or 0) / 1024, 2)} | {f((r.get('machine_used_peak_mb') or 0) / 1024, 2)} | "
@@ -226,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", default="fork", help="spawn, fork, or both as 'spawn,fork'")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--heap", choices=("dynamic", "fixed"), default="dynamic",
+                        help="the runs' --heap (glibc's mmap threshold in every party: splitrpc/heap.py)")
     parser.add_argument("--out", default="")
     parser.add_argument("--table", default="")
     args = parser.parse_args(own)
@@ -245,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
                 for method in args.methods.split(","):
                     for start in args.start.split(","):
                         setting = {"kind": "scale_run", "method": method, "hospitals": n, "start": start,
-                                   "repeat": repeat, "options": options}
+                                   "repeat": repeat, "options": options, "heap": args.heap}
                         if key_of(setting) in done:
                             continue
                         print(f"[scale] {method} N={n} --start {start} (repeat {repeat})", flush=True)
-                        result = {**setting, **run_one(method, n, start, options, args.timeout),
+                        result = {**setting, **run_one(method, n, start, options, args.timeout, args.heap),
                                   "cpus": os.cpu_count(), "mem_total_gb": os.sysconf("SC_PHYS_PAGES")
                                   * os.sysconf("SC_PAGE_SIZE") / 2**30}
                         print(f"[scale]   {result['status']}: first step after "

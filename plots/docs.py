@@ -264,10 +264,13 @@ PAGES = [
      "Full-width VGG-16 and ResNet-18, 2 steps per setting scaled to an epoch (`bench/configs/paper_comm.toml`). "
      "Analysis: [communication](../communication.md).",
      ("python -m bench run bench/configs/paper_comm.toml",), ("plots/figures/comm_vs_hospitals.png",)),
-    ("throughput", "Throughput", ("throughput",),
-     "Local, split and DDP side by side on the same 2 cores (`bench/configs/throughput.toml`). Analysis: "
-     "[testing and benchmarks](../testing.md).",
-     ("python -m bench run bench/configs/throughput.toml",), ("plots/figures/throughput.png",)),
+    ("throughput", "Throughput", ("throughput", "heap"),
+     "Local, split and DDP side by side on the same 2 cores (`bench/configs/throughput.toml`); then local and "
+     "split learning under `--heap dynamic` and `--heap fixed`, alternating (`bench/configs/heap.toml`; what "
+     "`--heap fixed` saves in memory: [scale](scale.md#real-data-and-the-heap)). Analysis: "
+     "[testing and benchmarks](../testing.md), [scale](../scale.md).",
+     ("python -m bench run bench/configs/throughput.toml", "python -m bench run bench/configs/heap.toml"),
+     ("plots/figures/throughput.png",)),
     ("dedup", "Duplicated patients", ("dedup",),
      "3 hospitals, records copied to another hospital and removed before training (`bench/configs/dedup.toml`). "
      "Analysis: [deduplication](../dedup.md).",
@@ -309,11 +312,34 @@ PAGES = [
 ]
 
 
+def heap_table(records: list[dict]) -> list[str]:
+    """--heap: median samples/s of the alternating repeats per method and heap, the spread, and fixed / dynamic."""
+    import statistics
+
+    speeds: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            speeds.setdefault((r["config"]["method"], r["config"].get("heap", "dynamic")), []).append(r["samples_per_s"])
+    lines = ["### --heap: samples/s, median of the repeats (min-max)", "",
+             "| method | --heap dynamic | --heap fixed | fixed / dynamic (medians) |", "|---|---|---|---|"]
+    for method in sorted({m for m, _ in speeds}):
+        cells, medians = [], {}
+        for heap in ("dynamic", "fixed"):
+            values = speeds.get((method, heap), [])
+            medians[heap] = statistics.median(values) if values else None
+            cells.append(f"{medians[heap]:.0f} ({min(values):.0f}-{max(values):.0f}, {len(values)} runs)" if values else "")
+        ratio = f"{medians['fixed'] / medians['dynamic']:.2f}" if medians["fixed"] and medians["dynamic"] else ""
+        lines.append(f"| {method} | {cells[0]} | {cells[1]} | {ratio} |")
+    return lines + [""]
+
+
 def _extra(page: str, experiments: dict, results_dir: Path) -> list[str]:
     """What a page holds beyond the run tables: tables of the files derived from its records."""
     lines = []
     if page == "dedup" and experiments.get("dedup"):
         lines += dedup_table(experiments["dedup"])
+    if page == "throughput" and experiments.get("heap"):
+        lines += heap_table(experiments["heap"])
     if page == "privacy":
         from bench import label_leakage, shared_init
 
@@ -344,6 +370,23 @@ def _extra(page: str, experiments: dict, results_dir: Path) -> list[str]:
         if tta:
             lines += tta_tables(tta)
     return lines
+
+
+# Further tables of a bench module's own page: (heading, results file, what its rows are, commands).
+EXTRA_TABLES = {
+    "scale": [(
+        "Real data and the heap", "scale_heap.jsonl",
+        "`results/scale_heap.jsonl`: what `--heap fixed` (glibc's mmap threshold fixed: `splitrpc/heap.py`) changes. Real "
+        "CIFAR-10 (VGG-11 x0.25, batch 64, 60 parallel steps and one evaluation, 4 spawned hospitals), "
+        "alternating `--heap dynamic` (glibc's default, unmarked) and `--heap fixed`, twice each; and the synthetic "
+        "setting of the table above at N = 4, forked, with `--heap fixed`. Speed: "
+        "[throughput](throughput.md) (`results/heap.jsonl`).",
+        ["python -m bench.scale --hospitals 4 --start spawn --heap dynamic --repeats 2 --out results/scale_heap.jsonl "
+         "-- --dataset imagefolder --data-dir ../shared/data/cifar10-jpeg.tar.gz --model vgg11 --width 0.25 "
+         "--batch-size 64 --schedule parallel --max-steps 60 --rpc-timeout 300",
+         "(the same with --heap fixed; then) python -m bench.scale --hospitals 4 --start fork --heap fixed "
+         "--out results/scale_heap.jsonl"])],
+}
 
 
 def results_pages(experiments: dict[str, list[dict]], results_dir: Path) -> dict[str, str]:
@@ -389,10 +432,16 @@ def results_pages(experiments: dict[str, list[dict]], results_dir: Path) -> dict
     for page, title, source, module, about, figures, commands in own:
         if not (results_dir / source).exists():
             continue
-        table = importlib.import_module(f"bench.{module}").table(str(results_dir / source))
+        bench_module = importlib.import_module(f"bench.{module}")
+        table = bench_module.table(str(results_dir / source))
+        more = []
+        for heading, extra, says, extra_commands in EXTRA_TABLES.get(page, ()):
+            if (results_dir / extra).exists():
+                more += [f"## {heading}", "", says, "", bench_module.table(str(results_dir / extra)), "",
+                         *_commands(*extra_commands)]
         pages[f"{page}.md"] = "\n".join([
             f"# {title}", "", f"{GENERATED} `results/{source}`; do not edit by hand. {about}", "", table, "",
-            *(_figures(*figures) if figures else []), *_commands(*commands)]).rstrip("\n") + "\n"
+            *(_figures(*figures) if figures else []), *_commands(*commands), *more]).rstrip("\n") + "\n"
         index.append(f"* [{title}]({page}.md): `results/{source}`")
     if pages:
         pages["README.md"] = "\n".join(["# Results", "", f"{GENERATED} the records in `results/`; one page per "

@@ -13,7 +13,7 @@ import time
 import traceback
 import warnings
 
-from splitrpc import console, lifecycle, methods, transport
+from splitrpc import console, heap, lifecycle, methods, transport
 from splitrpc.config import parse_args
 from splitrpc.errors import PeerError, UserError, report
 
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     who = transport.role_name(rank) if distributed else ""
     try:
         cfg = parse_args(argv)
+        heap.apply(cfg.heap)  # before this process's first tensor
         method = methods.get(cfg.method)
         if distributed:
             who = method.who(rank)
