@@ -174,7 +174,7 @@ def table(path: str) -> str:
     from splitrpc.config import Config
 
     defaults = {"--dataset": Config.dataset, "--model": Config.model, "--width": Config.width,
-                "--batch-size": Config.batch_size}
+                "--batch-size": Config.batch_size, "--data-dir": Config.data_dir}
 
     def option(opts: list, name: str) -> str:
         return opts[opts.index(name) + 1] if name in opts else str(defaults[name])
@@ -188,7 +188,9 @@ def table(path: str) -> str:
         method = r["method"] + (f" ({schedule})" if r["method"].startswith("split") else "")
         method += ", --heap fixed" if heap_of(r) == "fixed" else ""
         dataset = option(opts, "--dataset")
-        setting = (f"{'real CIFAR-10' if dataset in ('imagefolder', 'cifar10') else dataset}, "
+        if dataset == "imagefolder":  # name it by its source: cifar10-jpeg.tar.gz reads "cifar10-jpeg"
+            dataset = Path(option(opts, "--data-dir")).name.split(".")[0] or dataset
+        setting = (f"{dataset}, "
                    f"{option(opts, '--model')} x{option(opts, '--width')}, batch {option(opts, '--batch-size')}")
         lines.append(
             f"| {method} | {setting} | {r['start']} | {r['hospitals']} | {r['status']} | {f(r.get('launch_to_first_step_s'), 1)} | "
@@ -259,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(n < 1 for n in counts):
             raise UserError("--hospitals: counts must be at least 1")
         options = extra or DEFAULT_OPTIONS
+        if "--heap" in options or any(o.startswith("--heap=") for o in options):
+            raise UserError("give --heap before '--' (bench.scale passes it to every run and keys records by it)")
         done = set()
         if args.out and Path(args.out).exists():
             done = {key_of(r) for r in map(json.loads, Path(args.out).read_text().splitlines()) if r.get("status") == "ok"}

@@ -381,11 +381,11 @@ EXTRA_TABLES = {
         "alternating `--heap dynamic` (glibc's default, unmarked) and `--heap fixed`, twice each; and the synthetic "
         "setting of the table above at N = 4, forked, with `--heap fixed`. Speed: "
         "[throughput](throughput.md) (`results/heap.jsonl`).",
-        ["python -m bench.scale --hospitals 4 --start spawn --heap dynamic --repeats 2 --out results/scale_heap.jsonl "
+        ["for r in 1 2; do for h in dynamic fixed; do  # alternating: the second call of each adds repeat 2",
+         "  python -m bench.scale --hospitals 4 --start spawn --heap $h --repeats $r --out results/scale_heap.jsonl "
          "-- --dataset imagefolder --data-dir ../shared/data/cifar10-jpeg.tar.gz --model vgg11 --width 0.25 "
-         "--batch-size 64 --schedule parallel --max-steps 60 --rpc-timeout 300",
-         "(the same with --heap fixed; then) python -m bench.scale --hospitals 4 --start fork --heap fixed "
-         "--out results/scale_heap.jsonl"])],
+         "--batch-size 64 --schedule parallel --max-steps 60 --rpc-timeout 300", "done; done",
+         "python -m bench.scale --hospitals 4 --start fork --heap fixed --out results/scale_heap.jsonl"])],
 }
 
 

@@ -198,7 +198,7 @@ class RuntimeOptions:
                       "its ~280 MB copy-on-write; for many hospitals on one machine, docs/scale.md)", ("spawn", "fork"))
     heap: str = _opt("runtime", "dynamic", "glibc's malloc in every party: dynamic (its default; fastest) or fixed "
                      "(freed tensors go back to the kernel at once: a real-data VGG-11 x0.25 hospital held 0.5 "
-                     "instead of 1.3 GB, and trained at about 0.6 of the speed here; docs/scale.md)", ("dynamic", "fixed"))
+                     "instead of 1.4 GB, and trained at about 0.6 of the speed here; docs/scale.md)", ("dynamic", "fixed"))
     threads: int = _opt("runtime", 0, "torch intra-op threads of every process (0 = by role: see --server-threads)")
     server_threads: int = _opt("runtime", 0, "split: intra-op threads of the server (0 = every core of its host)")
     hospital_threads: int = _opt("runtime", 0, "split: intra-op threads of each hospital (0 = 1 when the server shares its "

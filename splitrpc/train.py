@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     who = transport.role_name(rank) if distributed else ""
     try:
         cfg = parse_args(argv)
-        heap.apply(cfg.heap)  # before this process's first tensor
+        heap.apply(cfg.heap)  # before the run's tensors (torch's import has made a few)
         method = methods.get(cfg.method)
         if distributed:
             who = method.who(rank)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -27,8 +28,9 @@ class Info(ctypes.Structure):
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc.mallinfo2.restype = Info
 libc.free(libc.malloc(8 << 20))
+before = libc.mallinfo2().hblkhd
 block = libc.malloc(4 << 20)
-print(libc.mallinfo2().hblkhd >= 4 << 20)
+print(libc.mallinfo2().hblkhd - before >= 4 << 20)
 """
 
 
@@ -39,15 +41,25 @@ def _mmapped_after_free(mode: str) -> bool:
     return out.stdout.strip() == "True"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def _has_mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")  # glibc 2.33 or later
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc's mallinfo2")
 def test_fixed_threshold_keeps_mapping_blocks_after_a_large_free():
     assert not _mmapped_after_free("dynamic"), "glibc no longer raises its threshold: the probe shows nothing"
     assert _mmapped_after_free("fix")
 
 
-def test_a_users_own_threshold_is_kept(monkeypatch):
+def test_a_users_own_threshold_is_kept_and_the_run_says_so(monkeypatch, capsys):
     monkeypatch.setenv(heap.ENV, "65536")
     assert heap.fix_mmap_threshold() is False
+    assert heap.apply("fixed") is False
+    assert capsys.readouterr().err.strip() == \
+        f"splitrpc: warning: --heap fixed not applied ({heap.ENV} is set)"
 
 
 @pytest.mark.parametrize("choice,fixed", [("dynamic", 0), ("fixed", 1)])
@@ -77,8 +89,10 @@ def test_the_heap_table_reports_medians_spread_and_the_ratio():
     assert row == "| local | 2200 (2000-2400, 3 runs) | 1300 (1100-1400, 3 runs) | 0.59 |"
 
 
-def test_bench_scale_runs_and_keys_each_heap(monkeypatch):
+def test_bench_scale_runs_and_keys_each_heap(monkeypatch, tmp_path):
     from bench import scale
+
+    monkeypatch.setattr(scale.tempfile, "mkdtemp", lambda **_kwargs: str(tmp_path))
 
     started = []
 
@@ -95,3 +109,10 @@ def test_bench_scale_runs_and_keys_each_heap(monkeypatch):
     assert started[0][-2:] == ["--heap", "fixed"]
     old = {"method": "split", "hospitals": 2, "start": "fork", "options": []}  # a record from before --heap
     assert scale.key_of(old) == scale.key_of({**old, "heap": "dynamic"}) != scale.key_of({**old, "heap": "fixed"})
+
+
+def test_bench_scale_refuses_a_heap_among_the_training_options(capsys):
+    from bench import scale
+
+    assert scale.main(["--hospitals", "2", "--", "--heap", "fixed"]) == 2
+    assert "give --heap before '--'" in capsys.readouterr().err

@@ -86,4 +86,4 @@ def test_scale_measures_private_memory_and_renders_its_table(tmp_path):
     assert ("| split (parallel) | synthetic, resnet20 x0.25, batch 8 | fork | 64 | ok | 100.0 | 170 / 180 | 500 | 300 | "
             "12.00 | 13.00 | 1.500 | 341 | 2.0 |") in table
     # Options left out are the training defaults; a run with --heap fixed says so.
-    assert "| split (parallel), --heap fixed | real CIFAR-10, resnet20 x1.0, batch 128 | fork | 64 |" in table
+    assert "| split (parallel), --heap fixed | cifar10, resnet20 x1.0, batch 128 | fork | 64 |" in table
