@@ -37,7 +37,7 @@ RUNTIME_OPTIONS = {
     "out", "tag", "run_key", "config", "resume", "checkpoint_dir", "checkpoint_every", "checkpoint_keep",
     "max_restarts", "rpc_timeout", "setup_timeout", "rpc_threads", "log_every", "save_dir", "fault",
     "on_hospital_failure", "cache_dir", "data_dir", "download", "transport", "max_steps", "eval_every",
-    "record_step_losses", "dedup_key_file", "prefetch", "run_ahead", "start",
+    "record_step_losses", "dedup_key_file", "prefetch", "run_ahead", "start", "heap",
 }
 
 

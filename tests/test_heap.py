@@ -116,3 +116,12 @@ def test_bench_scale_refuses_a_heap_among_the_training_options(capsys):
 
     assert scale.main(["--hospitals", "2", "--", "--heap", "fixed"]) == 2
     assert "give --heap before '--'" in capsys.readouterr().err
+
+
+def test_a_checkpoint_resumes_under_either_heap():
+    """--heap changes no arithmetic: a run checkpointed before the option existed (or under the other
+    heap) resumes; the first harness resume after --heap was added failed on exactly this."""
+    from splitrpc import checkpoint
+    from splitrpc.config import parse_args
+
+    assert checkpoint.fingerprint(parse_args(["--heap", "fixed"])) == checkpoint.fingerprint(parse_args([]))
