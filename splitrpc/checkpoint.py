@@ -41,10 +41,31 @@ RUNTIME_OPTIONS = {
 }
 
 
+def _relevant(cfg) -> dict:
+    """The options that determine the computation, as JSON values (what a checkpoint keeps of them)."""
+    return json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_OPTIONS}, default=str))
+
+
 def fingerprint(cfg) -> str:
     """Digest of the options that determine the computation; a checkpoint only resumes a run with the same."""
-    relevant = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_OPTIONS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_relevant(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def identity(cfg) -> dict:
+    """What every checkpoint file carries of its run: the fingerprint, and the options behind it."""
+    return {"fingerprint": fingerprint(cfg), "options": _relevant(cfg)}
+
+
+def changed_options(saved: dict | None, cfg) -> list[str] | None:
+    """The options in which ``cfg`` differs from those a checkpoint was written with; None where the file
+    predates keeping them. An option added since (absent from ``saved``) counts as unchanged at its default:
+    a new option's default keeps the computation it had before the option existed."""
+    if saved is None:
+        return None
+    from splitrpc.config import Config
+
+    now, defaults, missing = _relevant(cfg), _relevant(Config()), object()
+    return sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k, missing)) != now.get(k, missing))
 
 
 def should_resume(cfg) -> bool:
@@ -128,7 +149,7 @@ def sound(path: Path) -> bool:
     return not why
 
 
-def load(root: str | Path, step: int, party: str, expected_fingerprint: str) -> dict:
+def load(root: str | Path, step: int, party: str, cfg) -> dict:
     path = step_dir(root, step) / f"{party}.pt"
     if path.is_file() and (why := problem(path)):
         raise UserError(f"{party}: checkpoint {path} cannot be used: {why}")
@@ -138,9 +159,12 @@ def load(root: str | Path, step: int, party: str, expected_fingerprint: str) -> 
         raise UserError(f"{party}: no checkpoint at {path}") from None
     except Exception as exc:
         raise UserError(f"{party}: checkpoint {path} is unreadable ({exc})") from None
-    if state.get("fingerprint") != expected_fingerprint:
-        raise UserError(f"{party}: checkpoint {path} was written by a run with different options; "
-                        f"resume with the options it was written with, or use another --checkpoint-dir")
+    if state.get("fingerprint") != fingerprint(cfg):
+        changed = changed_options(state.get("options"), cfg)
+        if changed is None or changed:
+            which = f" ({', '.join('--' + k.replace('_', '-') for k in changed)})" if changed else ""
+            raise UserError(f"{party}: checkpoint {path} was written by a run with different options{which}; "
+                            f"resume with the options it was written with, or use another --checkpoint-dir")
     return state
 
 

@@ -42,11 +42,10 @@ class Resumable:
         self.loop = loop.Loop(cfg, self.plan, self.trainer.train_step, self.trainer.evaluate, who=self.who,
                               on_step_end=self._after_step, **options)
         self.checkpoint_every = checkpoint.parse_every(cfg.checkpoint_every, len(self.plan))
-        self.fingerprint = checkpoint.fingerprint(cfg)
         step = self._resume_step()
         if step is None:
             return
-        state = checkpoint.load(cfg.checkpoint_dir, step, self.checkpoint_party(), self.fingerprint)
+        state = checkpoint.load(cfg.checkpoint_dir, step, self.checkpoint_party(), cfg)
         self.trainer.load_state_dict(state["trainer"])
         self.loop.load_state_dict(state["loop"])
         if self.method_step_end is not None:
@@ -71,7 +70,7 @@ class Resumable:
 
     def _save(self, step: int) -> None:
         party = self.checkpoint_party()
-        state = {"fingerprint": self.fingerprint, "step": step, "party": party,
+        state = {**checkpoint.identity(self.cfg), "step": step, "party": party,
                  "trainer": self.trainer.state_dict(), "loop": self.loop.state_dict()}
         checkpoint.save(self.cfg.checkpoint_dir, step, party, state)
         checkpoint.prune(self.cfg.checkpoint_dir, party, self.cfg.checkpoint_keep)

@@ -7,6 +7,7 @@ import torch
 from bench.chaos import damage_file
 
 from splitrpc import checkpoint, methods
+from splitrpc.config import parse_args
 
 pytestmark = pytest.mark.distributed
 
@@ -74,18 +75,36 @@ def test_resume_without_a_complete_step_is_one_line(cli, tmp_path):
 def test_a_damaged_checkpoint_file_is_skipped_with_one_line(tmp_path, how):
     """A file whose bytes changed after it was written does not match its sha256: it is not a step to
     resume from, loading it is one line, and pruning removes its digest with it."""
+    cfg = parse_args([])
     for step in (3, 6):
-        checkpoint.save(tmp_path, step, "server", {"fingerprint": "f", "w": torch.arange(100.0) + step})
+        checkpoint.save(tmp_path, step, "server", {**checkpoint.identity(cfg), "w": torch.arange(100.0) + step})
     path = checkpoint.step_dir(tmp_path, 6) / "server.pt"
     damage_file(path, how)
     assert checkpoint.available_steps(tmp_path, "server") == [3]
     with pytest.raises(Exception, match=r"server: checkpoint .*step-000000006/server.pt cannot be used: its bytes do "
                                         r"not match the sha256"):
-        checkpoint.load(tmp_path, 6, "server", "f")
-    assert torch.equal(checkpoint.load(tmp_path, 3, "server", "f")["w"], torch.arange(100.0) + 3)
-    checkpoint.save(tmp_path, 9, "server", {"fingerprint": "f"})
+        checkpoint.load(tmp_path, 6, "server", cfg)
+    assert torch.equal(checkpoint.load(tmp_path, 3, "server", cfg)["w"], torch.arange(100.0) + 3)
+    checkpoint.save(tmp_path, 9, "server", checkpoint.identity(cfg))
     checkpoint.prune(tmp_path, "server", 1)
     assert not (checkpoint.step_dir(tmp_path, 3) / "server.pt.sha256").exists()
+
+
+def test_a_checkpoint_written_before_an_option_existed_resumes_at_its_default(tmp_path):
+    """An upgrade that adds an option (at a default that keeps the computation) changes the fingerprint; the
+    options kept in the file still let the checkpoint resume. A changed option is named; a file from before
+    options were kept (fingerprint only) still needs the same fingerprint."""
+    cfg = parse_args(["--lr", "0.2"])
+    older = checkpoint.identity(cfg)
+    del older["options"]["label_defence"]  # as if written before --label-defence existed
+    older["fingerprint"] = "0" * 16
+    checkpoint.save(tmp_path, 3, "server", {**older, "w": 1})
+    assert checkpoint.load(tmp_path, 3, "server", cfg)["w"] == 1
+    with pytest.raises(Exception, match=r"written by a run with different options \(--label-defence, --labels, --lr\)"):
+        checkpoint.load(tmp_path, 3, "server", parse_args(["--labels", "hospital", "--label-defence", "mixup"]))
+    checkpoint.save(tmp_path, 6, "server", {"fingerprint": "0" * 16, "w": 2})  # no options kept
+    with pytest.raises(Exception, match=r"written by a run with different options; resume"):
+        checkpoint.load(tmp_path, 6, "server", cfg)
 
 
 def test_a_run_resumes_past_a_damaged_newest_checkpoint(cli, tmp_path):

@@ -23,7 +23,7 @@ class ServerCheckpoints:
         """
         self.call_live("save_checkpoint", steps_done, timeout=self.cfg.setup_timeout)
         state = {
-            "fingerprint": self.fingerprint, "step": steps_done, "party": transport.SERVER,
+            **checkpoint.identity(self.cfg), "step": steps_done, "party": transport.SERVER,
             **self.trunk_state(),
             "loop": self.loop.state_dict(), "lost": dict(self.hospitals.lost), "dedup": self.dedup_record,
         }
@@ -44,7 +44,7 @@ class ServerCheckpoints:
             return None
         cache: dict[int, list[int]] = {}
         for step in reversed(checkpoint.available_steps(self.cfg.checkpoint_dir, transport.SERVER)):
-            state = checkpoint.load(self.cfg.checkpoint_dir, step, transport.SERVER, self.fingerprint)
+            state = checkpoint.load(self.cfg.checkpoint_dir, step, transport.SERVER, self.cfg)
             needed = [h for h in range(1, self.cfg.hospitals + 1) if h not in state["lost"]]
             ok = True
             for h in needed:
@@ -61,7 +61,7 @@ class ServerCheckpoints:
     def restore(self, step: int) -> dict:
         """Every party back to its state after ``step`` steps; returns the server's checkpoint (with the
         loop's position and history, which the caller restores once the step plan is rebuilt)."""
-        state = checkpoint.load(self.cfg.checkpoint_dir, step, transport.SERVER, self.fingerprint)
+        state = checkpoint.load(self.cfg.checkpoint_dir, step, transport.SERVER, self.cfg)
         self.load_trunk_state(state)
         self.hospitals.lost = {int(k): v for k, v in state["lost"].items()}
         for lost in self.hospitals.lost.values():
@@ -93,7 +93,7 @@ class HospitalCheckpoints:
         self.settle()
         with self.lock:
             state = {
-                "fingerprint": checkpoint.fingerprint(self.cfg), "step": step, "party": name,
+                **checkpoint.identity(self.cfg), "step": step, "party": name,
                 "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "dropped": self.dropped, "codec": self.codec.state_dict(),
             }
@@ -106,7 +106,7 @@ class HospitalCheckpoints:
     def load_checkpoint(self, step: int) -> dict:
         """Restore L1, its optimizer and the deduplicated shard; the data order follows from the step."""
         name = transport.hospital_name(self.index)
-        state = checkpoint.load(self.cfg.checkpoint_dir, step, name, checkpoint.fingerprint(self.cfg))
+        state = checkpoint.load(self.cfg.checkpoint_dir, step, name, self.cfg)
         with self.lock:
             self.head.load_state_dict(state["head"])
             self.optimizer.load_state_dict(state["optimizer"])

@@ -68,7 +68,6 @@ class Server(ServerCheckpoints, ServerDedup, ServerTail):
         self.hospitals = Hospitals(cfg, self.ledger)
         # Construction on a hospital loads its shard; a failure there surfaces here.
         self.info = self.hospitals.call_all("describe", timeout=cfg.setup_timeout)
-        self.fingerprint = checkpoint.fingerprint(cfg)
         self.loop: loop.Loop | None = None
         self.checkpoint_every = 0
         self.dedup_record: dict | None = None
