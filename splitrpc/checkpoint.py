@@ -62,9 +62,9 @@ def changed_options(saved: dict | None, cfg) -> list[str] | None:
     a new option's default keeps the computation it had before the option existed."""
     if saved is None:
         return None
-    from splitrpc.config import Config
-
-    now, defaults, missing = _relevant(cfg), _relevant(Config()), object()
+    # type(cfg)(): the defaults of the config's own class (importing Config here would close a cycle,
+    # since config imports this module to parse --checkpoint-every).
+    now, defaults, missing = _relevant(cfg), _relevant(type(cfg)()), object()
     return sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k, missing)) != now.get(k, missing))
 
 
