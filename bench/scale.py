@@ -184,8 +184,7 @@ def table(path: str) -> str:
              "payload KB per hospital per step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         opts = r.get("options", [])
-        schedule = opts[opts.index("--schedule") + 1] if "--schedule" in opts else "parallel"
-        method = r["method"] + (f" ({schedule})" if r["method"].startswith("split") else "")
+        method = series_name(r)
         method += ", --heap fixed" if heap_of(r) == "fixed" else ""
         dataset = option(opts, "--dataset")
         if dataset == "imagefolder":  # name it by its source: cifar10-jpeg.tar.gz reads "cifar10-jpeg"
@@ -203,6 +202,16 @@ def table(path: str) -> str:
     return "\n".join(lines)
 
 
+def series_name(r: dict) -> str:
+    """A run's method, with the schedule for split learning's: the one it passed, else the training default
+    (a run without --schedule ran Config's, not parallel)."""
+    from splitrpc.config import Config
+
+    opts = r.get("options", [])
+    schedule = opts[opts.index("--schedule") + 1] if "--schedule" in opts else Config.schedule
+    return r["method"] + (f" ({schedule})" if r["method"].startswith("split") else "")
+
+
 def figure(path: str, out_dir: Path, name: str, save) -> list[Path]:
     """Per party private memory, launch to first step and server samples/s against N, one line per
     (method, start); runs that did not finish are left out (the table lists them)."""
@@ -214,9 +223,7 @@ def figure(path: str, out_dir: Path, name: str, save) -> list[Path]:
         return []
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     def series(r):
-        opts = r.get("options", [])
-        schedule = opts[opts.index("--schedule") + 1] if "--schedule" in opts else "parallel"
-        return r["method"] + (f" ({schedule})" if r["method"].startswith("split") else ""), r["start"]
+        return series_name(r), r["start"]
 
     for (method, start) in sorted({series(r) for r in rows}):
         mine = sorted((r for r in rows if series(r) == (method, start)), key=lambda r: r["hospitals"])

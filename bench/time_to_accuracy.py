@@ -77,24 +77,30 @@ def same_setting(a: dict, b: dict) -> bool:
     return key(a) == key(b)
 
 
-def compute_references(shaped: list[dict]) -> dict[tuple[int, str], dict]:
-    """{(hospitals, variant or method): the newest unshaped one-epoch run of wan_tta}: its seconds per step are
-    the compute of that variant (``fedavg (10 local steps)``) with that many hospitals, or of a method's
+def scale(cfg: dict) -> tuple[int, str, float]:
+    """What a compute reference must share with a curve besides its variant: the number of hospitals and the
+    model at its width (VGG-11 x0.5 computes about 4x what x0.25 does; premise.toml's curves need their own)."""
+    return cfg["hospitals"], cfg["model"], cfg["width"]
+
+
+def compute_references(shaped: list[dict]) -> dict[tuple, dict]:
+    """{(hospitals, model, width, variant or method): the newest unshaped one-epoch run of wan_tta}: its seconds
+    per step are the compute of that variant (``fedavg (10 local steps)``) at that scale, or of a method's
     variants without one of their own (a method's reference has an uncompressed cut: top-k or a bottleneck
     change the compute, and are references of their own variant only)."""
     by_variant, by_method = {}, {}
     for r in shaped:
         if r.get("status") == "ok" and timemodel.is_reference(r) and r["steps"] == r["steps_per_epoch"]:
-            n, method = r["config"]["hospitals"], r["config"]["method"]
-            by_variant[n, variant(r["config"])] = r
-            if variant(r["config"], "codec") == method:  # a compressed cut's compute is its own, not the method's
-                by_method[n, method] = r
+            cfg = r["config"]
+            by_variant[(*scale(cfg), variant(cfg))] = r
+            if variant(cfg, "codec") == cfg["method"]:  # a compressed cut's compute is its own, not the method's
+                by_method[(*scale(cfg), cfg["method"])] = r
     return {**by_method, **by_variant}
 
 
-def reference_for(refs: dict[tuple[int, str], dict], cfg: dict) -> dict | None:
-    """The compute reference of a run's variant, else of its method, with as many hospitals (None: none)."""
-    return refs.get((cfg["hospitals"], variant(cfg))) or refs.get((cfg["hospitals"], cfg["method"]))
+def reference_for(refs: dict[tuple, dict], cfg: dict) -> dict | None:
+    """The compute reference of a run's variant, else of its method, at the same scale (None: none)."""
+    return refs.get((*scale(cfg), variant(cfg))) or refs.get((*scale(cfg), cfg["method"]))
 
 
 def whole_schedules(records: list[dict]) -> list[dict]:
@@ -126,7 +132,7 @@ def hours_to(points: list[dict], target: float) -> float | None:
     return next((p["hours"] for p in points if p["acc"] >= target), None)
 
 
-def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, targets=TARGETS, rtt_s=0.0,
+def project(convergence: list[dict], refs: dict[tuple, dict], rates=RATES_BIT_S, targets=TARGETS, rtt_s=0.0,
             duplex=None) -> list[dict]:
     rows = []
     for r in curves_of(convergence):
@@ -137,8 +143,8 @@ def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, t
         compute, buckets = ref["train_time_s"] / ref["steps"], timemodel.buckets_of(ref)
         row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg),
                "partition": cfg["partition"], "alpha": cfg.get("alpha"), "model": cfg["model"],
-               "width": cfg["width"], "hospitals": cfg["hospitals"], "epochs": len(r["epochs"]),
-               "final_acc": r["final_test_acc"], "compute_s_per_step": compute,
+               "width": cfg["width"], "hospitals": cfg["hospitals"], "seed": cfg.get("seed", 0),
+               "epochs": len(r["epochs"]), "final_acc": r["final_test_acc"], "compute_s_per_step": compute,
                "compute_source": f"unshaped run {ref['config'].get('run_key')} (wan_tta, {variant(ref['config'])})",
                "bytes_per_step": RunRecord.of(r).hospital_bytes_per_step(), "rtt_s": rtt_s, "rates": {}}
         for rate in rates:
@@ -150,7 +156,7 @@ def project(convergence: list[dict], refs: dict[str, dict], rates=RATES_BIT_S, t
     return rows
 
 
-def checks(convergence: list[dict], shaped: list[dict], refs: dict[str, dict], duplex=None) -> list[dict]:
+def checks(convergence: list[dict], shaped: list[dict], refs: dict[tuple, dict], duplex=None) -> list[dict]:
     """Every shaped run of wan_tta: seconds per step against bench.timemodel (its own unshaped reference), and
     for a full first epoch, the projection of that epoch and the convergence curve's first accuracy."""
     out, curves = [], curves_of(convergence)
@@ -214,13 +220,13 @@ def against(conv: dict, run: dict, measured: list[dict], ref: dict, duplex=None)
             "hours_total": {"predicted": total_p, "measured": total_m, "error": total_p / total_m - 1}}
 
 
-def full_checks(convergence: list[dict], full: list[dict], refs: dict[str, dict], duplex=None) -> list[dict]:
+def full_checks(convergence: list[dict], full: list[dict], refs: dict[tuple, dict], duplex=None) -> list[dict]:
     """Whole-schedule runs over shaped links: measured hours to each target and in all, against the projection
     from wan_tta's one-epoch compute references; and, where ``full`` has an unshaped whole schedule of the same
     variant, against the projection from that run's compute too (``whole_reference``: the same length of run,
     with the same evaluations between epochs, so what is left of the error is the links')."""
     full, curves = whole_schedules(full), curves_of(convergence)
-    whole_refs = {(r["config"]["hospitals"], variant(r["config"])): r for r in full if timemodel.is_reference(r)}
+    whole_refs = {(*scale(r["config"]), variant(r["config"])): r for r in full if timemodel.is_reference(r)}
     out = []
     for s in full:
         cfg = s["config"]
@@ -235,7 +241,7 @@ def full_checks(convergence: list[dict], full: list[dict], refs: dict[str, dict]
                  "epochs": len(s["epochs"]), "evaluated_epochs": [e["epoch"] for e in s["epochs"] if "test_acc_mean" in e],
                  "accuracy_matches_curve": matches, "final_acc": s["final_test_acc"], "measured_curve": measured,
                  **against(conv, s, measured, ref, duplex), "s_per_step_measured": s["train_time_s"] / s["steps"]}
-        own = whole_refs.get((cfg["hospitals"], variant(cfg)))
+        own = whole_refs.get((*scale(cfg), variant(cfg)))
         if own is not None and own is not s:
             entry["whole_reference"] = against(conv, s, measured, own, duplex)
         out.append(entry)

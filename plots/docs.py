@@ -180,21 +180,54 @@ def crossover_table(model: dict, source: str) -> list[str]:
             "| model | N | split variant | RTT | faster |", "|---|---|---|---|---|"] + rows + [""]
 
 
+def seed_spread_table(projections: list[dict], target: str) -> list[str]:
+    """Hours to the last target per seed, for every setting run with several seeds: how far one seed's
+    verdict can be trusted (a setting is everything of a run but its seed)."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in projections:
+        groups.setdefault((p["variant"], p["partition"], p.get("alpha"), p["hospitals"], p["model"], p["width"]),
+                          []).append(p)
+    rows = []
+    for (variant, partition, alpha, hospitals, _, _), runs in groups.items():
+        if len({p.get("seed", 0) for p in runs}) < 2:
+            continue
+        part = "IID" if partition == "iid" else f"Dirichlet {alpha:g}"
+        seeds = ", ".join(str(p.get("seed", 0)) for p in runs)
+        finals = ", ".join(f"{p['final_acc']:.4f}" for p in runs)
+        for name, rate in sorted(runs[0]["rates"].items(), key=lambda kv: -(kv[1]["rate_bit_s"] or float("inf"))):
+            hours = [p["rates"][name]["hours_to"].get(target) for p in runs]
+            reached = [h for h in hours if h is not None]
+            spread = (f"{min(reached):.3f}-{max(reached):.3f}" if reached else "") + \
+                (f" ({len(hours) - len(reached)} never)" if len(reached) < len(hours) else "")
+            each = ", ".join("never" if h is None else f"{h:.3f}" for h in hours)
+            rows.append(f"| {variant} | {part} | {hospitals} | {seeds} | {_rate(rate['rate_bit_s'])} | {each} | "
+                        f"{spread} | {finals} |")
+    if not rows:
+        return []
+    return ["", f"### Hours to {target} over seeds (`results/time_to_accuracy.json`, `projections`)", "",
+            "Each setting run with more than one seed: one seed's hours to the target, the range over seeds, and "
+            "each seed's final accuracy (a run repeated with the same seed is listed twice).", "",
+            "| variant | partition | N | seeds | link | hours to " + target + " (each) | range | final acc (each) |",
+            "|---|---|---|---|---|---|---|---|"] + rows
+
+
 def tta_tables(tta: dict) -> list[str]:
     """Hours to each accuracy target, projected and measured (bench.time_to_accuracy's --json)."""
     targets = [f"{t:g}" for t in tta["targets"]]
     lines = ["### Hours to an accuracy, projected (`results/time_to_accuracy.json`, `projections`)", "",
              "Training hours (RTT 0, server link unshaped) to each test accuracy: the run's accuracy per epoch on "
              "the clock of the time model, from the compute of its method's unshaped run. Blank: never reached.", "",
-             "| variant | partition | N | link | s/step | " + " | ".join(f"hours to {t}" for t in targets)
+             "| variant | partition | N | seed | link | s/step | " + " | ".join(f"hours to {t}" for t in targets)
              + " | final acc |",
-             "|---|---|---|---|---|" + "---|" * len(targets) + "---|"]
-    for p in sorted(tta["projections"], key=lambda p: (p["partition"], -p["hospitals"], p["variant"])):
+             "|---|---|---|---|---|---|" + "---|" * len(targets) + "---|"]
+    order = sorted(tta["projections"], key=lambda p: (p["partition"], -p["hospitals"], p["variant"], p.get("seed", 0)))
+    for p in order:
         part = "IID" if p["partition"] == "iid" else f"Dirichlet {p['alpha']:g}"
         for rate in sorted(p["rates"].values(), key=lambda r: -(r["rate_bit_s"] or float("inf"))):
             hours = " | ".join(_s(rate["hours_to"].get(t), 3) for t in targets)
-            lines.append(f"| {p['variant']} | {part} | {p['hospitals']} | {_rate(rate['rate_bit_s'])} | "
-                         f"{_s(rate['s_per_step'], 3)} | {hours} | {p['final_acc']:.4f} |")
+            lines.append(f"| {p['variant']} | {part} | {p['hospitals']} | {p.get('seed', 0)} | "
+                         f"{_rate(rate['rate_bit_s'])} | {_s(rate['s_per_step'], 3)} | {hours} | {p['final_acc']:.4f} |")
+    lines += seed_spread_table(order, targets[-1])
     lines += ["", "### Whole schedules over the links (`results/time_to_accuracy.json`, `full`)", "",
               "Hours of training measured / projected from the one-epoch compute references (error); then the error "
               "to the last target / all epochs with the compute of the unshaped whole schedule.", "",

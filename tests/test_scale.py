@@ -79,11 +79,12 @@ def test_scale_measures_private_memory_and_renders_its_table(tmp_path):
            "hospital_private_mb_median": 170.0, "hospital_private_mb_max": 180.0, "hospital_rss_mb_median": 500.0,
            "server_private_mb": 300.0, "run_pss_peak_mb": 12 * 1024, "machine_used_peak_mb": 13 * 1024,
            "seconds_per_step": 1.5, "samples_per_s": 341.0, "payload_bytes_per_hospital_step": 2048.0,
-           "options": ["--dataset", "synthetic", "--model", "resnet20", "--width", "0.25", "--batch-size", "8"]}
+           "options": ["--dataset", "synthetic", "--model", "resnet20", "--width", "0.25", "--batch-size", "8",
+                       "--schedule", "parallel"]}
     path = tmp_path / "scale.jsonl"
     path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "heap": "fixed", "options": []}) + "\n")
     table = scale.table(str(path))
     assert ("| split (parallel) | synthetic, resnet20 x0.25, batch 8 | fork | 64 | ok | 100.0 | 170 / 180 | 500 | 300 | "
             "12.00 | 13.00 | 1.500 | 341 | 2.0 |") in table
-    # Options left out are the training defaults; a run with --heap fixed says so.
-    assert "| split (parallel), --heap fixed | cifar10, resnet20 x1.0, batch 128 | fork | 64 |" in table
+    # Options left out are the training defaults (the schedule too); a run with --heap fixed says so.
+    assert "| split (sequential), --heap fixed | cifar10, resnet20 x1.0, batch 128 | fork | 64 |" in table

@@ -64,7 +64,8 @@ def test_the_method_that_reaches_the_target_in_fewer_epochs_can_lose_on_a_slow_l
     # Split reaches 0.8 in 2 epochs at 3.528 s a step; DDP in 3 epochs at 2.014 s a step: faster in time.
     split = convergence_record("split", accs=(0.7, 0.8, 0.82))
     ddp = convergence_record("ddp", accs=(0.6, 0.7, 0.8))
-    refs = {(2, "split"): shaped_record("split", train_s=5.0), (2, "ddp"): shaped_record("ddp", train_s=5.0)}
+    refs = {(2, "vgg11", 0.25, "split"): shaped_record("split", train_s=5.0),
+            (2, "vgg11", 0.25, "ddp"): shaped_record("ddp", train_s=5.0)}
     rows = {r["method"]: r for r in tta.project([split, ddp], refs, rates=(MBIT8, None), targets=(0.8,))}
     assert rows["split"]["rates"]["8mbit"]["hours_to"]["0.8"] == pytest.approx(20 * 3.528 / 3600)
     assert rows["ddp"]["rates"]["8mbit"]["hours_to"]["0.8"] == pytest.approx(30 * 2.014 / 3600)
@@ -77,9 +78,20 @@ def test_compute_per_step_comes_from_the_unshaped_full_epoch_run():
     short["steps_per_epoch"] = 10  # stopped after 4 of an epoch's 10 steps
     shaped = shaped_record("split", rate=MBIT8, train_s=40.0)
     refs = tta.compute_references([full, short, shaped])
-    assert list(refs.values()) and all(ref is full for ref in refs.values()) and (2, "split") in refs
+    assert list(refs.values()) and all(ref is full for ref in refs.values()) and (2, "vgg11", 0.25, "split") in refs
     (row,) = tta.project([convergence_record()], refs, rates=(None,))
     assert row["compute_s_per_step"] == pytest.approx(0.5)  # not the convergence run's 333 s / 10 steps
+
+
+def test_a_curve_takes_its_compute_from_a_reference_of_its_own_model_width():
+    # premise.toml (VGG-11 x0.5) beside convergence.toml (x0.25): each curve on its own width's clock.
+    narrow, wide = convergence_record(), convergence_record(width=0.5)
+    refs = tta.compute_references([shaped_record("split", train_s=5.0), shaped_record("split", train_s=20.0, width=0.5)])
+    rows = tta.project([narrow, wide], refs, rates=(None,))
+    assert [r["compute_s_per_step"] for r in rows] == [pytest.approx(0.5), pytest.approx(2.0)]
+    # No reference at x0.5: no projection, rather than one on x0.25's clock.
+    only_narrow = tta.compute_references([shaped_record("split", train_s=5.0)])
+    assert [r["width"] for r in tta.project([narrow, wide], only_narrow, rates=(None,))] == [0.25]
 
 
 def test_checks_set_a_shaped_first_epoch_against_its_projection_and_the_curve():
