@@ -164,7 +164,8 @@ def checks(convergence: list[dict], shaped: list[dict], refs: dict[tuple, dict],
         if s.get("status") != "ok" or timemodel.is_reference(s):
             continue
         cfg = s["config"]
-        row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "hospitals": cfg["hospitals"],
+        row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg),
+               "model": cfg["model"], "width": cfg["width"], "hospitals": cfg["hospitals"],
                "rate_bit_s": s["wan"]["rate_bit_s"], "steps": s["steps"]}
         reference = timemodel.find_reference(shaped, s)
         if reference is not None:
@@ -237,7 +238,7 @@ def full_checks(convergence: list[dict], full: list[dict], refs: dict[tuple, dic
         conv = match[-1]
         measured, matches = measured_curve(s, conv)
         entry = {"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg),
-                 "hospitals": cfg["hospitals"], "rate_bit_s": s["wan"]["rate_bit_s"], "convergence_run": conv["config"].get("run_key"),
+                 "model": cfg["model"], "width": cfg["width"], "hospitals": cfg["hospitals"], "rate_bit_s": s["wan"]["rate_bit_s"], "convergence_run": conv["config"].get("run_key"),
                  "epochs": len(s["epochs"]), "evaluated_epochs": [e["epoch"] for e in s["epochs"] if "test_acc_mean" in e],
                  "accuracy_matches_curve": matches, "final_acc": s["final_test_acc"], "measured_curve": measured,
                  **against(conv, s, measured, ref, duplex), "s_per_step_measured": s["train_time_s"] / s["steps"]}

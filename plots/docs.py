@@ -180,6 +180,11 @@ def crossover_table(model: dict, source: str) -> list[str]:
             "| model | N | split variant | RTT | faster |", "|---|---|---|---|---|"] + rows + [""]
 
 
+def _scale(row: dict) -> str:
+    """The model of a time-to-accuracy row: ``vgg11 x0.25`` (convergence.toml), ``vgg11 x0.5`` (premise.toml)."""
+    return f"{row['model']} x{row['width']:g}"
+
+
 def seed_spread_table(projections: list[dict], target: str) -> list[str]:
     """Hours to the last target per seed, for every setting run with several seeds: how far one seed's
     verdict can be trusted (a setting is everything of a run but its seed)."""
@@ -189,6 +194,7 @@ def seed_spread_table(projections: list[dict], target: str) -> list[str]:
                           []).append(p)
     rows = []
     for (variant, partition, alpha, hospitals, _, _), runs in groups.items():
+        scale = _scale(runs[0])
         if len({p.get("seed", 0) for p in runs}) < 2:
             continue
         part = "IID" if partition == "iid" else f"Dirichlet {alpha:g}"
@@ -200,15 +206,15 @@ def seed_spread_table(projections: list[dict], target: str) -> list[str]:
             spread = (f"{min(reached):.3f}-{max(reached):.3f}" if reached else "") + \
                 (f" ({len(hours) - len(reached)} never)" if len(reached) < len(hours) else "")
             each = ", ".join("never" if h is None else f"{h:.3f}" for h in hours)
-            rows.append(f"| {variant} | {part} | {hospitals} | {seeds} | {_rate(rate['rate_bit_s'])} | {each} | "
+            rows.append(f"| {scale} | {variant} | {part} | {hospitals} | {seeds} | {_rate(rate['rate_bit_s'])} | {each} | "
                         f"{spread} | {finals} |")
     if not rows:
         return []
     return ["", f"### Hours to {target} over seeds (`results/time_to_accuracy.json`, `projections`)", "",
             "Each setting run with more than one seed: one seed's hours to the target, the range over seeds, and "
             "each seed's final accuracy (a run repeated with the same seed is listed twice).", "",
-            "| variant | partition | N | seeds | link | hours to " + target + " (each) | range | final acc (each) |",
-            "|---|---|---|---|---|---|---|---|"] + rows
+            "| model | variant | partition | N | seeds | link | hours to " + target + " (each) | range | "
+            "final acc (each) |", "|---|---|---|---|---|---|---|---|---|"] + rows
 
 
 def tta_tables(tta: dict) -> list[str]:
@@ -217,42 +223,45 @@ def tta_tables(tta: dict) -> list[str]:
     lines = ["### Hours to an accuracy, projected (`results/time_to_accuracy.json`, `projections`)", "",
              "Training hours (RTT 0, server link unshaped) to each test accuracy: the run's accuracy per epoch on "
              "the clock of the time model, from the compute of its method's unshaped run. Blank: never reached.", "",
-             "| variant | partition | N | seed | link | s/step | " + " | ".join(f"hours to {t}" for t in targets)
-             + " | final acc |",
-             "|---|---|---|---|---|---|" + "---|" * len(targets) + "---|"]
-    order = sorted(tta["projections"], key=lambda p: (p["partition"], -p["hospitals"], p["variant"], p.get("seed", 0)))
+             "| model | variant | partition | N | seed | link | s/step | "
+             + " | ".join(f"hours to {t}" for t in targets) + " | final acc |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(targets) + "---|"]
+    order = sorted(tta["projections"], key=lambda p: (p["width"], p["partition"], -p["hospitals"], p["variant"],
+                                                      p.get("seed", 0)))
     for p in order:
         part = "IID" if p["partition"] == "iid" else f"Dirichlet {p['alpha']:g}"
         for rate in sorted(p["rates"].values(), key=lambda r: -(r["rate_bit_s"] or float("inf"))):
             hours = " | ".join(_s(rate["hours_to"].get(t), 3) for t in targets)
-            lines.append(f"| {p['variant']} | {part} | {p['hospitals']} | {p.get('seed', 0)} | "
+            lines.append(f"| {_scale(p)} | {p['variant']} | {part} | {p['hospitals']} | {p.get('seed', 0)} | "
                          f"{_rate(rate['rate_bit_s'])} | {_s(rate['s_per_step'], 3)} | {hours} | {p['final_acc']:.4f} |")
     lines += seed_spread_table(order, targets[-1])
     lines += ["", "### Whole schedules over the links (`results/time_to_accuracy.json`, `full`)", "",
               "Hours of training measured / projected from the one-epoch compute references (error); then the error "
               "to the last target / all epochs with the compute of the unshaped whole schedule.", "",
-              "| variant | N | link | " + " | ".join(f"to {t}" for t in targets)
+              "| model | variant | N | link | " + " | ".join(f"to {t}" for t in targets)
               + " | all epochs | from the unshaped whole schedule | s/step measured |",
-              "|---|---|---|" + "---|" * len(targets) + "---|---|---|"]
-    for f in sorted(tta.get("full", []), key=lambda f: (f["variant"], -f["hospitals"], -(f["rate_bit_s"] or 1e30))):
+              "|---|---|---|---|" + "---|" * len(targets) + "---|---|---|"]
+    for f in sorted(tta.get("full", []), key=lambda f: (f["width"], f["variant"], -f["hospitals"],
+                                                        -(f["rate_bit_s"] or 1e30))):
         def cell(h):
             return "" if h is None else f"{_s(h['measured'], 3)} / {_s(h['predicted'], 3)} ({_pct(h['error'])})"
         whole = f.get("whole_reference")
         whole_text = (f"{_pct(whole['hours_to'].get(targets[-1], {}).get('error'))} / "
                       f"{_pct(whole['hours_total']['error'])}" if whole else "")
-        lines.append(f"| {f['variant']} | {f['hospitals']} | {_rate(f['rate_bit_s'])} | "
+        lines.append(f"| {_scale(f)} | {f['variant']} | {f['hospitals']} | {_rate(f['rate_bit_s'])} | "
                      + " | ".join(cell(f["hours_to"].get(t)) for t in targets)
                      + f" | {cell(f['hours_total'])} | {whole_text} | {_s(f.get('s_per_step_measured'), 3)} |")
     lines += ["", "### First epochs over the links (`results/time_to_accuracy.json`, `checks`)", "",
-              "| method | N | link | steps | accuracy over the link / of the curve | seconds measured / projected "
-              "(error) | per step: measured / projected s (error) |", "|---|---|---|---|---|---|---|"]
-    for c in sorted(tta.get("checks", []), key=lambda c: (c["method"], -c["hospitals"], -(c["rate_bit_s"] or 0),
-                                                          c["steps"])):
+              "| model | variant | N | link | steps | accuracy over the link / of the curve | seconds measured / "
+              "projected (error) | per step: measured / projected s (error) |", "|---|---|---|---|---|---|---|---|"]
+    for c in sorted(tta.get("checks", []), key=lambda c: (c["width"], c["variant"], -c["hospitals"],
+                                                          -(c["rate_bit_s"] or 0), c["steps"])):
         e, s = c.get("epoch1"), c.get("step_check") or {}
         epoch_acc = "" if not e else f"{e['acc_shaped']:.4f} / {e['acc_convergence']:.4f}"
         epoch_s = "" if not e else f"{e['measured_s']:.0f} / {e['predicted_s']:.0f} ({_pct(e['error'])})"
         step = "" if not s else f"{_s(s['measured_s'], 3)} / {_s(s['predicted_s'], 3)} ({_pct(s['error'])})"
-        lines.append(f"| {c['method']} | {c['hospitals']} | {_rate(c['rate_bit_s'])} | {c['steps']} | {epoch_acc} | "
+        lines.append(f"| {_scale(c)} | {c['variant']} | {c['hospitals']} | {_rate(c['rate_bit_s'])} | {c['steps']} | "
+                     f"{epoch_acc} | "
                      f"{epoch_s} | {step} |")
     return lines + [""]
 
@@ -326,19 +335,26 @@ PAGES = [
       "python -m bench.timemodel results/wan_ddp.jsonl --duplex results/link_duplex.json "
       "--json results/wan_ddp_model.json"),
      ("plots/wan/wan_epoch_vs_rate.png",)),
+    ("premise", "Where the paper's premise holds", ("premise",),
+     "VGG-11 x0.5 cut after its second stage, where split learning moves fewer bytes per hospital than DDP; "
+     "15 epochs, N=4, IID (`bench/configs/premise.toml`). Time to accuracy: "
+     "[time_to_accuracy](time_to_accuracy.md). Analysis: [variants](../variants.md#the-regime-where-the-papers-premise-holds).",
+     ("python -m bench run bench/configs/premise.toml",), ()),
     ("time_to_accuracy", "Time to accuracy over slow links",
-     ("wan_tta", "wan_tta_full", "wan_tta_n2", "wan_fedavg_rounds"),
-     "The 15-epoch curves of `convergence.toml` (and, for N = 2, `wan_tta_n2.toml`) on the clock of the time "
-     "model, checked by first epochs (`wan_tta.toml`) and whole schedules (`wan_tta_full.toml`, "
-     "`wan_fedavg_rounds.toml`) over the links. Analysis: [links and the time model](../links.md).",
+     ("wan_tta", "wan_tta_full", "wan_tta_n2", "wan_fedavg_rounds", "wan_tta_premise"),
+     "The 15-epoch curves of `convergence.toml` (and, for N = 2, `wan_tta_n2.toml`; VGG-11 x0.5 cut 2: "
+     "`premise.toml`) on the clock of the time model, checked by first epochs (`wan_tta.toml`, "
+     "`wan_tta_premise.toml`) and whole schedules (`wan_tta_full.toml`, `wan_fedavg_rounds.toml`) over the "
+     "links. Analysis: [links and the time model](../links.md).",
      ("python -m bench run bench/configs/wan_tta.toml",
       "python -m bench run bench/configs/wan_tta_full.toml",
       "python -m bench run bench/configs/wan_tta_n2.toml",
       "python -m bench run bench/configs/wan_fedavg_rounds.toml",
+      "python -m bench run bench/configs/wan_tta_premise.toml",
       "python -m bench.timemodel results/wan_fedavg_rounds.jsonl --duplex results/link_duplex.json \\",
       "    --json results/wan_fedavg_rounds_model.json",
-      "python -m bench.time_to_accuracy results/convergence.jsonl results/wan_tta_n2.jsonl \\",
-      "    --shaped results/wan_tta.jsonl results/wan_tta_n2.jsonl \\",
+      "python -m bench.time_to_accuracy results/convergence.jsonl results/wan_tta_n2.jsonl results/premise.jsonl \\",
+      "    --shaped results/wan_tta.jsonl results/wan_tta_n2.jsonl results/wan_tta_premise.jsonl \\",
       "    --full results/wan_tta_full.jsonl results/wan_tta_n2.jsonl results/wan_fedavg_rounds.jsonl \\",
       "    --duplex results/link_duplex.json --json results/time_to_accuracy.json"),
      ("plots/wan/time_to_accuracy.png",)),

@@ -40,6 +40,8 @@ TTA_FULL_RESULTS = "wan_tta_full.jsonl"  # bench/configs/wan_tta_full.toml
 TTA_N2_RESULTS = "wan_tta_n2.jsonl"  # bench/configs/wan_tta_n2.toml
 TTA_FEDAVG_ROUNDS = "wan_fedavg_rounds.jsonl"  # bench/configs/wan_fedavg_rounds.toml: FedAvg at 1 Gbit/s again
 CURVES = "convergence.jsonl"  # bench/configs/convergence.toml
+PREMISE_CURVES = "premise.jsonl"  # bench/configs/premise.toml: VGG-11 x0.5 cut 2, where the paper's premise holds
+TTA_PREMISE_RESULTS = "wan_tta_premise.jsonl"  # bench/configs/wan_tta_premise.toml: their compute and checks
 TTA_RATES_BIT_S = (1e9, 100e6, 20e6)
 CODEC_COLOURS = {"fp8": "tab:cyan", "bf16": "tab:purple", "fp16": "tab:olive"}
 DUPLEX = "link_duplex.json"  # DDP's goodput with both directions busy, when measured
@@ -120,43 +122,59 @@ def fig_time_to_accuracy(curves: list[dict], shaped: list[dict], out_dir: Path, 
     rows = tta.project(curves, refs, rates=TTA_RATES_BIT_S, duplex=calibration)
     if not rows:
         return []
-    # One row of panels per data split and number of hospitals: IID at N = 4 first, as in the README.
-    parts = sorted({(r["partition"], r["alpha"], r["hospitals"]) for r in rows}, key=lambda p: (p[0] != "iid", -p[2]))
-    fig, axes = plt.subplots(len(parts), len(TTA_RATES_BIT_S), figsize=(4.6 * len(TTA_RATES_BIT_S), 3.6 * len(parts)),
+    # One row of panels per model, data split and number of hospitals: the CPU-scale model first, IID at
+    # N = 4 first within it, as in the README.
+    def part_of(r):
+        return r["model"], r["width"], r["partition"], r["alpha"], r["hospitals"]
+
+    parts = sorted({part_of(r) for r in rows}, key=lambda p: (p[1], p[2] != "iid", -p[4]))
+    fig, axes = plt.subplots(len(parts), len(TTA_RATES_BIT_S), figsize=(4.6 * len(TTA_RATES_BIT_S) + 3.2, 3.6 * len(parts)),
                              squeeze=False, constrained_layout=True)
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab20")  # more variants than tab10's colours
     names = sorted({r["variant"] for r in rows})
+
+    def colour(variant):
+        return cmap(names.index(variant) % 20) if variant in names else "k"
+
     measured = [c for c in tta.checks(curves, shaped, refs, calibration) if "epoch1" in c]
     whole = tta.full_checks(curves, list(full), refs, calibration)
-    for i, (part, alpha, hospitals) in enumerate(parts):
+    for i, (model, width, part, alpha, hospitals) in enumerate(parts):
+        def here(c):  # a check of this row's setting (checks have no partition: they are all IID)
+            return (c["model"], c["width"], c["hospitals"]) == (model, width, hospitals)
+
         for j, rate in enumerate(TTA_RATES_BIT_S):
             ax = axes[i][j]
-            for row in (r for r in rows if (r["partition"], r["alpha"], r["hospitals"]) == (part, alpha, hospitals)):
+            drawn = set()  # a variant's first seed is labelled and drawn full; its other seeds thin, unlabelled
+            for row in sorted((r for r in rows if part_of(r) == (model, width, part, alpha, hospitals)),
+                              key=lambda r: (r["variant"], r.get("seed", 0))):
                 points = row["rates"][tta.rate_name(rate)]["curve"]
-                ax.plot([p["hours"] for p in points], [p["acc"] for p in points], marker="o", markersize=2.5,
-                        color=cmap(names.index(row["variant"]) % 10), label=row["variant"])
+                first = row["variant"] not in drawn
+                drawn.add(row["variant"])
+                ax.plot([p["hours"] for p in points], [p["acc"] for p in points], marker="o" if first else None,
+                        markersize=2.5, linewidth=1.5 if first else 0.8, alpha=1.0 if first else 0.5,
+                        color=colour(row["variant"]), label=row["variant"] if first else None)
             if part == "iid":
-                for c in (c for c in measured if (c["rate_bit_s"], c["hospitals"]) == (rate, hospitals)):
-                    ax.plot(c["epoch1"]["measured_s"] / 3600, c["epoch1"]["acc_shaped"], "kx", markersize=7,
-                            label=f"measured epoch 1 over the link ({c['method']})")
-                for c in (c for c in whole if (c["rate_bit_s"], c["hospitals"]) == (rate, hospitals)):
+                for k, c in enumerate(c for c in measured if c["rate_bit_s"] == rate and here(c)):
+                    ax.plot(c["epoch1"]["measured_s"] / 3600, c["epoch1"]["acc_shaped"], "x",
+                            color=colour(c["variant"]), markersize=7,
+                            label="measured epoch 1 over the link (x)" if k == 0 else None)
+                for k, c in enumerate(c for c in whole if c["rate_bit_s"] == rate and here(c)):
                     points = c["measured_curve"]
-                    colour = cmap(names.index(c["variant"]) % 10) if c["variant"] in names else "k"
-                    ax.plot([p["hours"] for p in points], [p["acc"] for p in points], ":", color=colour, linewidth=1.2,
-                            label=f"measured over the link, all epochs ({c['variant']})")
+                    ax.plot([p["hours"] for p in points], [p["acc"] for p in points], ":", color=colour(c["variant"]),
+                            linewidth=1.2, label="measured over the link, all epochs (dotted)" if k == 0 else None)
                     evaluated = [p for p in points if p["evaluated"]]
-                    ax.plot([p["hours"] for p in evaluated], [p["acc"] for p in evaluated], "s", color=colour,
-                            markerfacecolor="none", markersize=5)
+                    ax.plot([p["hours"] for p in evaluated], [p["acc"] for p in evaluated], "s",
+                            color=colour(c["variant"]), markerfacecolor="none", markersize=5)
             ax.set_xscale("log")
-            ax.set_title(f"{partition_name({'partition': part, 'alpha': alpha})}, N = {hospitals}, hospital links at "
-                         f"{rate / 1e6:g} Mbit/s", fontsize=9)
+            ax.set_title(f"{model} x{width:g}, {partition_name({'partition': part, 'alpha': alpha})}, N = {hospitals}, "
+                         f"links at {rate / 1e6:g} Mbit/s", fontsize=9)
             ax.set_xlabel("training hours (compute measured + bytes / rate; RTT 0)")
             ax.set_ylabel("test accuracy (mean over hospitals)")
             ax.grid(True, which="both", alpha=0.3)
-            # The IID curves rise steeply late: their lower right stays clear; the Dirichlet ones' upper left does.
-            ax.legend(fontsize=5.5, loc="lower right" if part == "iid" else "upper left")
-    fig.suptitle("Time to accuracy: VGG-11 x0.25, 15 epochs (results/convergence.jsonl, N = 2: wan_tta_n2.jsonl) "
-                 "on the clock of bench/time_to_accuracy.py", fontsize=9)
+        # One legend a row, beside its last panel: colours are the same in every panel of the figure.
+        axes[i][-1].legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.suptitle("Time to accuracy, 15 epochs (VGG-11 x0.25: results/convergence.jsonl, N = 2: wan_tta_n2.jsonl; "
+                 "x0.5 cut 2: premise.jsonl) on the clock of bench/time_to_accuracy.py", fontsize=9)
     paths = save(fig, name, out_dir)
     plt.close(fig)
     return paths
@@ -170,7 +188,7 @@ def load_tta(results_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
 
     if not ((results_dir / TTA_RESULTS).exists() and (results_dir / CURVES).exists()):
         return [], [], []
-    return (ok(CURVES, TTA_N2_RESULTS), ok(TTA_RESULTS, TTA_N2_RESULTS),
+    return (ok(CURVES, TTA_N2_RESULTS, PREMISE_CURVES), ok(TTA_RESULTS, TTA_N2_RESULTS, TTA_PREMISE_RESULTS),
             ok(TTA_FULL_RESULTS, TTA_N2_RESULTS, TTA_FEDAVG_ROUNDS))
 
 
