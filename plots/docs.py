@@ -339,7 +339,8 @@ PAGES = [
      "VGG-11 x0.5 cut after its second stage, where split learning moves fewer bytes per hospital than DDP; "
      "15 epochs, N=4, IID (`bench/configs/premise.toml`). Time to accuracy: "
      "[time_to_accuracy](time_to_accuracy.md). Analysis: [variants](../variants.md#the-regime-where-the-papers-premise-holds).",
-     ("python -m bench run bench/configs/premise.toml",), ()),
+     ("python -m bench run bench/configs/premise.toml",),
+     ("plots/figures/premise.png", "plots/figures/accuracy_bytes_pareto.png")),
     ("time_to_accuracy", "Time to accuracy over slow links",
      ("wan_tta", "wan_tta_full", "wan_tta_n2", "wan_fedavg_rounds", "wan_tta_premise"),
      "The 15-epoch curves of `convergence.toml` (and, for N = 2, `wan_tta_n2.toml`; VGG-11 x0.5 cut 2: "
@@ -435,6 +436,17 @@ EXTRA_TABLES = {
          "-- --dataset imagefolder --data-dir ../shared/data/cifar10-jpeg.tar.gz --model vgg11 --width 0.25 "
          "--batch-size 64 --schedule parallel --max-steps 60 --rpc-timeout 300", "done; done",
          "python -m bench.scale --hospitals 4 --start fork --heap fixed --out results/scale_heap.jsonl"])],
+    "chaos": [
+        ("The two failed trials rerun at the DDP fix", "chaos_ddp_fix.jsonl",
+         "`results/chaos_ddp_fix.jsonl`: trials 19 and 23 of the campaign above (DDP resumes with 3 ranks that "
+         "did not end bit for bit), rerun with the same seed after DDP's buckets were fixed.",
+         ["python -m bench.chaos --seed 0 --first 19 --trials 2 --out results/chaos_ddp_fix.jsonl"]),
+        ("The whole campaign again, at the DDP fix", "chaos_rerun.jsonl",
+         "`results/chaos_rerun.jsonl`: the 30 trials of the campaign above with the same seed (so the same "
+         "faults at the same steps), rerun in full on the code after the DDP fix and the checkpoints that keep "
+         "their options; the campaign above is kept as it ran.",
+         ["python -m bench.chaos --trials 30 --seed 0 --out results/chaos_rerun.jsonl"]),
+    ],
 }
 
 

@@ -369,7 +369,7 @@ def dedup_table(records: list[dict]) -> list[str]:
 
 # These have tables of their own (variants and codecs, not methods side by side).
 OWN_TABLES = {"throughput": engine.throughput_table, "codec": engine.codec_table,
-              "convergence": convergence.convergence_table}
+              "convergence": convergence.convergence_table, "premise": convergence.convergence_table}
 
 
 def method_table(name: str, records: list[dict]) -> list[str]:
@@ -444,7 +444,11 @@ def main(argv: list[str] | None = None) -> int:
         written += engine.fig_codec(experiments["codec"], out, "codec_accuracy_vs_bytes", save)
     if "convergence" in experiments:
         written += convergence.fig_convergence(experiments["convergence"], out, "convergence", save)
-        written += convergence.fig_pareto(experiments["convergence"], out, "accuracy_bytes_pareto", save)
+        # premise.toml's model (x0.5 cut 2) is a panel of its own beside convergence.toml's settings.
+        written += convergence.fig_pareto(experiments["convergence"] + experiments.get("premise", []), out,
+                                          "accuracy_bytes_pareto", save)
+    if "premise" in experiments:
+        written += convergence.fig_convergence(experiments["premise"], out, "premise", save)
     if "privacy_attacks" in experiments:
         attacks = experiments["privacy_attacks"]
         written += fig_privacy(attacks, out, "privacy_utility_communication")
