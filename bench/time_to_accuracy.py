@@ -1,7 +1,7 @@
 """Time to accuracy over slow links: the 15-epoch accuracy curves on a clock that runs at a link's rate.
 
-    python -m bench.time_to_accuracy results/convergence.jsonl [results/wan_tta_n2.jsonl] \\
-        --shaped results/wan_tta.jsonl [results/wan_tta_n2.jsonl] \\
+    python -m bench.time_to_accuracy results/convergence.jsonl [results/wan_tta_n2.jsonl results/premise.jsonl] \\
+        --shaped results/wan_tta.jsonl [results/wan_tta_n2.jsonl results/wan_tta_premise.jsonl] \\
         [--full results/wan_tta_full.jsonl [results/wan_tta_n2.jsonl]] [--duplex results/link_duplex.json] \\
         [--json results/time_to_accuracy.json]
 
@@ -28,7 +28,8 @@ time to accuracy is put together from three measured things, and checked:
   every epoch then carry the curve's accuracy of that epoch. The unshaped
   whole schedules are a second compute reference (``whole_reference``).
 
-Each number of hospitals has its own curves and compute references: with N = 2
+Each number of hospitals and each model width has its own curves and compute references
+(premise.toml's VGG-11 x0.5 takes its compute from wan_tta_premise.toml's runs). With N = 2
 (bench/configs/wan_tta_n2.toml) one results file holds all three parts, the
 whole unshaped schedules (the curves; one-epoch runs are never taken for one),
 the one-epoch compute references and the shaped first epochs, so it is given

@@ -148,7 +148,8 @@ def fig_pareto(records: list[dict], out_dir: Path, name: str, save) -> list[Path
         if front:
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="C3", lw=1,
                     label="Pareto front (fewer bytes, higher accuracy)")
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="best")
+        ax.margins(y=0.08)  # a point at the edge of the range stays clear of the frame
         ax.set_xscale("log")
         ax.set_xlabel("training traffic per hospital per epoch (MB, kernel TCP counters)")
         ax.set_ylabel(f"final test accuracy after {key[2]} epochs (mean over seeds)")

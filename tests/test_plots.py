@@ -46,7 +46,7 @@ def test_every_successful_run_has_a_row(tmp_path):
             samples = [line.split("|")[4] for line in table.splitlines()[4:] if line.startswith("| ")]
             assert sum(int(re.search(r"n = (\d+)\)", cell).group(1)) for cell in samples) == len(repeated)
             continue
-        if path.stem == "convergence":
+        if path.stem in ("convergence", "premise"):
             # Also one row per variant over its seeds (the whole schedules).
             from plots.convergence import by_variant
 
