@@ -438,7 +438,7 @@ EXTRA_TABLES = {
          "python -m bench.scale --hospitals 4 --start fork --heap fixed --out results/scale_heap.jsonl"])],
     "chaos": [
         ("The two failed trials rerun at the DDP fix", "chaos_ddp_fix.jsonl",
-         "`results/chaos_ddp_fix.jsonl`: trials 19 and 23 of the campaign above (DDP resumes with 3 ranks that "
+         "`results/chaos_ddp_fix.jsonl`: trials 19 and 20 of the campaign above (DDP resumes with 3 ranks that "
          "did not end bit for bit), rerun with the same seed after DDP's buckets were fixed.",
          ["python -m bench.chaos --seed 0 --first 19 --trials 2 --out results/chaos_ddp_fix.jsonl"]),
         ("The whole campaign again, at the DDP fix", "chaos_rerun.jsonl",
