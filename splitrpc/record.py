@@ -41,6 +41,25 @@ def git_commit() -> str | None:
     return (commit + ("-dirty" if dirty else "")) or None
 
 
+def cpu() -> dict:
+    """What decides a CPU run's kernels, and so its clock and the last bits of its arithmetic: two VMs both
+    called "vm" with the same core count may differ here, and the records must say which one ran what
+    (docs/variants.md: the premise regime's curves and references came from two machines)."""
+    model, isa = None, []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            elif key.strip() == "flags":
+                isa = sorted(f for f in value.split() if f.startswith(("avx", "amx", "fma")))
+                break
+    except OSError:
+        pass
+    return {"model": model or platform.processor() or None, "capability": torch.backends.cpu.get_cpu_capability(),
+            "isa": isa}
+
+
 def relative_speed(rate: float, reference_rate: float) -> float:
     """The engine-overhead ratio: a method's work per second over its reference's, both measured
     on the same machine in the same session (1.0: the engine adds nothing; 0.5: half as fast).
@@ -62,6 +81,7 @@ def new_record(cfg) -> dict:
         "python": platform.python_version(),
         "host": socket.gethostname(),
         "cpus": os.cpu_count(),
+        "cpu": cpu(),
         "threads_per_process": torch.get_num_threads(),
         "epochs": [],
         "comm": None,  # filled by the communication accounting

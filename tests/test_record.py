@@ -156,3 +156,17 @@ def test_the_view_is_read_only_and_tells_what_is_missing():
     cut_short = record()
     cut_short["epochs"] = cut_short["epochs"][:1]
     assert not RunRecord.of(cut_short).whole_schedule
+
+
+def test_a_record_names_the_cpu_that_ran_it():
+    # Records of two VMs called alike differed in their last bits (docs/variants.md, premise regime):
+    # every record says which instruction sets its kernels could use.
+    import torch
+
+    from splitrpc.config import Config
+    from splitrpc.record import new_record
+
+    cpu = new_record(Config())["cpu"]
+    assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert ("avx2" in flags.split()) == ("avx2" in cpu["isa"])
