@@ -1,7 +1,8 @@
 """Time to accuracy over slow links: the 15-epoch accuracy curves on a clock that runs at a link's rate.
 
     python -m bench.time_to_accuracy results/convergence.jsonl [results/wan_tta_n2.jsonl results/premise.jsonl] \\
-        --shaped results/wan_tta.jsonl [results/wan_tta_n2.jsonl results/wan_tta_premise.jsonl] \\
+        --shaped results/wan_tta.jsonl [results/wan_tta_n2.jsonl results/wan_tta_premise.jsonl \\
+                 results/wan_tta_premise_machine.jsonl] \\
         [--full results/wan_tta_full.jsonl [results/wan_tta_n2.jsonl]] [--duplex results/link_duplex.json] \\
         [--json results/time_to_accuracy.json]
 
@@ -174,7 +175,9 @@ def checks(convergence: list[dict], shaped: list[dict], refs: dict[tuple, dict],
             row["step_check"] = {k: model[k] for k in ("compute_s", "transfer_s", "predicted_s", "measured_s",
                                                        "error", "within_target")}
         match = [c for c in curves if same_setting(c, s)]
-        ref = reference_for(refs, cfg)
+        # The epoch's projection on the clock of the shaped run's own machine (its step check's reference), not
+        # on the projections' clock, which may be another machine's (premise.toml's, docs/variants.md).
+        ref = reference if reference is not None else reference_for(refs, cfg)
         if s["steps"] == s["steps_per_epoch"] and match and ref is not None:
             conv = match[-1]
             predicted = curve(conv, ref["train_time_s"] / ref["steps"], s["wan"]["rate_bit_s"], duplex=duplex,

@@ -200,11 +200,21 @@ def is_reference(record: dict) -> bool:
     return bool(wan) and all(link["rate_bit_s"] is None for link in wan["links"].values())
 
 
+def same_machine(a: dict, b: dict) -> bool:
+    """Whether two records ran on the same kind of CPU (``splitrpc.record.cpu``). Records from before the field
+    have none and match each other: the references and shaped runs among them came from one machine (their
+    checks reproduce their curves' accuracies to the last bit, which runs on CPUs with other kernels do not;
+    docs/variants.md, the premise regime, where a few curves from before the field came from a second one)."""
+    return a.get("cpu") == b.get("cpu")
+
+
 def find_reference(records: list[dict], record: dict) -> dict | None:
-    """The newest ok unshaped run of the same setting."""
+    """The newest ok unshaped run of the same setting, from the same machine where there is one: a shaped run
+    checked against another CPU's compute would measure the CPUs, not the link."""
     key = setting(record)
     matches = [r for r in records if r.get("status") == "ok" and is_reference(r) and setting(r) == key]
-    return matches[-1] if matches else None
+    same = [r for r in matches if same_machine(r, record)]
+    return (same or matches)[-1] if matches else None
 
 
 def predict(record: dict, compute_s: float, rtt_s: float = 0.0, duplex=None, buckets=None) -> dict:

@@ -146,6 +146,18 @@ def test_a_reference_must_be_the_same_setting():
     assert timemodel.find_reference([other], record()) is None
 
 
+def test_a_shaped_run_is_checked_against_a_reference_of_its_own_machine():
+    # Two VMs alike in name and cores computed the same step 1.5x apart (docs/variants.md, premise regime): a
+    # newer reference from another CPU must not become a shaped run's clock while one of its own CPU exists.
+    here, there = {"capability": "AVX512", "isa": ["amx_bf16"]}, {"capability": "AVX2", "isa": []}
+    own, newer = record(train_s=1.0, rate=None), record(train_s=0.6, rate=None)
+    shaped = record()
+    own["cpu"], newer["cpu"], shaped["cpu"] = here, there, here
+    assert timemodel.find_reference([own, newer], shaped) is own
+    shaped["cpu"] = {"capability": "DEFAULT", "isa": []}  # none of its machine: the newest of the setting
+    assert timemodel.find_reference([own, newer], shaped) is newer
+
+
 def test_projection_adds_round_trips_times_rtt_per_step_and_scales_to_an_epoch():
     shaped, reference = record(), record(train_s=1.0, rate=None)
     projection = timemodel.project(shaped, timemodel.check(shaped, reference))
