@@ -195,12 +195,13 @@ def _float32_split(label: str) -> str | None:
     return f"split ({', '.join(parts)})"
 
 
-def convergence_table(records: list[dict]) -> list[str]:
-    return variants_table(records) + runs_table(records)
+def convergence_table(records: list[dict], name: str = "convergence") -> list[str]:
+    """The variants over seeds, then every run, of one config (convergence.toml, premise.toml)."""
+    return variants_table(records) + runs_table(records, name)
 
 
-def runs_table(records: list[dict]) -> list[str]:
-    lines = ["## convergence (bench/configs/convergence.toml; every run, settings in each record's config)", "",
+def runs_table(records: list[dict], name: str = "convergence") -> list[str]:
+    lines = [f"## {name} (bench/configs/{name}.toml; every run, settings in each record's config)", "",
              "| model | partition | variant | seed | epochs | final acc (mean / min) | vs local (points) | best acc (epoch) "
              "| final train loss | train MB per hospital per epoch (tcp) | wall time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

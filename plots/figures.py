@@ -369,7 +369,8 @@ def dedup_table(records: list[dict]) -> list[str]:
 
 # These have tables of their own (variants and codecs, not methods side by side).
 OWN_TABLES = {"throughput": engine.throughput_table, "codec": engine.codec_table,
-              "convergence": convergence.convergence_table, "premise": convergence.convergence_table}
+              "convergence": convergence.convergence_table,
+              "premise": lambda records: convergence.convergence_table(records, "premise")}
 
 
 def method_table(name: str, records: list[dict]) -> list[str]:

@@ -100,3 +100,23 @@ def test_the_round_trip_cap_interpolates_the_benchmarked_round_trips(tmp_path):
     halfway = engine.round_trip_seconds((2**20 + 2**23) / 2, baseline)[0]
     assert abs(halfway - 0.0025) < 1e-12
     assert engine.round_trip_seconds(2**20, tmp_path / "absent.json") is None
+
+
+def test_first_to_the_target_names_the_fastest_run_of_each_kind_at_each_rate():
+    from plots.docs import first_table
+
+    def run(method, variant, hours, seed=0):
+        return {"method": method, "variant": variant, "seed": seed, "model": "vgg11", "width": 0.5,
+                "partition": "iid", "alpha": 0.5, "hospitals": 4,
+                "rates": {name: {"rate_bit_s": rate, "hours_to": {"0.7": h / 2, "0.8": h}}
+                          for name, rate, h in zip(("unshaped", "20mbit"), (None, 20e6), hours)}}
+    rows = [line for line in first_table([run("split", "split float32", (0.3, 2.5)),
+                                          run("split", "split bottleneck", (0.3, 0.4)),
+                                          run("split", "split bottleneck", (0.1, 0.1), seed=1),  # other seed
+                                          run("ddp", "ddp", (0.2, 3.8)),
+                                          run("fedavg", "fedavg-10", (0.25, 0.6))], ["0.7", "0.8"])
+            if line.startswith("| vgg11")]
+    assert rows == [
+        "| vgg11 x0.5 | IID | 4 | 0.8 | unshaped | ddp (0.200) | split float32 (0.300) | ddp (0.200) | fedavg-10 (0.250) |",
+        "| vgg11 x0.5 | IID | 4 | 0.8 | 20 Mbit/s | split bottleneck (0.400) | split bottleneck (0.400) | ddp (3.800) | "
+        "fedavg-10 (0.600) |"]
