@@ -83,6 +83,7 @@ def test_fedavg_rounds_over_the_links_cost_what_the_model_says_and_its_compute_d
 COMMITTED_COMMAND = ("python -m bench.time_to_accuracy results/convergence.jsonl results/wan_tta_n2.jsonl "
                      "results/premise.jsonl "
                      "--shaped results/wan_tta.jsonl results/wan_tta_n2.jsonl results/wan_tta_premise.jsonl "
+                     "results/wan_tta_premise_machine.jsonl "
                      "--full results/wan_tta_full.jsonl results/wan_tta_n2.jsonl results/wan_fedavg_rounds.jsonl "
                      "--duplex results/link_duplex.json --json results/time_to_accuracy.json")
 
@@ -100,14 +101,26 @@ def test_committed_time_to_accuracy_regenerates_from_the_committed_results(tmp_p
     assert sorted((c["hospitals"], c["method"]) for c in checks if "epoch1" in c and c["width"] == 0.25) == sorted(
         [(4, "split"), (4, "ddp"), (4, "fedavg"), (4, "fedavg")] + [(2, "split"), (2, "ddp"), (2, "fedavg"), (2, "fedavg")]
         + [(4, "split")] * 3)  # top-k 1/16, the bottleneck 16, with bf16 (issue 22); local loss has no curve yet
-    assert all(abs(e["acc_shaped"] - e["acc_convergence"]) < 1e-9 for e in firsts)
-    # Where the premise holds (VGG-11 x0.5 cut 2, wan_tta_premise.toml over 20 Mbit/s): split learning's and
-    # FedAvg-10's first epochs against premise.toml's curves, and every step (DDP's 40, the bottleneck's
-    # epoch, which has no curve yet) within the time model's 15 %, on the x0.5 compute references.
+    # Exactly, but for the one check whose curve ran on another machine (the bottleneck's at x0.5: its check and
+    # reference on the first VM, its curve on the second, before records named their CPU): the CPUs' kernels round
+    # differently. Its reference taken again on the curve's machine reproduces the curve's accuracy exactly.
+    bottleneck = "split (independent L1, cut 2, bottleneck 1/16, bf16)"
+    same = [c for c in checks if "epoch1" in c and not (c["width"] == 0.5 and c["variant"] == bottleneck)]
+    assert len(same) == len(firsts) - 1
+    assert all(abs(c["epoch1"]["acc_shaped"] - c["epoch1"]["acc_convergence"]) < 1e-9 for c in same)
+    other = next(c for c in checks if "epoch1" in c and c not in same)
+    assert abs(other["epoch1"]["acc_shaped"] - other["epoch1"]["acc_convergence"]) > 1e-3
+    again = [r for r in timemodel.load(str(tta.REPO / "results" / "wan_tta_premise_machine.jsonl"))
+             if r["config"].get("bottleneck") == 16 and timemodel.is_reference(r)]
+    assert again and again[0]["epochs"][0]["test_acc_mean"] == other["epoch1"]["acc_convergence"]
+    # Where the premise holds (VGG-11 x0.5 cut 2, wan_tta_premise.toml over 20 Mbit/s): the first epochs of split
+    # learning, FedAvg-10, the bottleneck and local loss against premise.toml's curves, and every step (DDP's 40)
+    # within the time model's 15 %, each on the compute reference of its own machine.
     premise = [c for c in checks if c["width"] == 0.5]
-    assert sorted(c["variant"] for c in premise if "epoch1" in c) == ["fedavg (10 local steps)",
-                                                                      "split (independent L1, cut 2)"]
-    assert len(premise) == 4 and all(abs(c["step_check"]["error"]) <= 0.15 for c in premise)
+    assert sorted(c["variant"] for c in premise if "epoch1" in c) == [
+        "fedavg (10 local steps)", "split (independent L1, cut 2)",
+        "split (independent L1, cut 2, bottleneck 1/16, bf16)", "split-localloss (cut 2, top-k 1/16)"]
+    assert len(premise) == 5 and all(abs(c["step_check"]["error"]) <= 0.15 for c in premise)
     assert all(abs(c["epoch1"]["error"]) <= 0.15 for c in premise if "epoch1" in c)
     # With 2 hospitals every check is within the time model's 15 %: the first epochs over 100 Mbit/s (and
     # FedAvg's over 20) in seconds, 40 steps of split learning and DDP over 20 Mbit/s, and the seconds per step
