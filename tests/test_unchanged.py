@@ -24,6 +24,9 @@ def test_split_step_losses_are_those_before_the_restructuring(cli, run):
     else:
         # Another CPU's kernels round differently, and 40 SGD steps amplify that (thread counts alone
         # move the loss by ~2 % over 40 steps, ../shared/NOTES.md): the first steps still agree to
-        # 1e-4, and the whole curve to 5 %.
-        assert record["step_losses"][:5] == pytest.approx(run["step_losses"][:5], rel=1e-4)
+        # 1e-4, and the whole curve to 5 %. With an fp8 cut (3 mantissa bits) a value that another CPU rounds to
+        # the other side of a quantization boundary moves by up to 1/8 of itself, so its first steps agree to
+        # 2e-3 only (5e-4 apart on the AVX-512/AMX VM of issue 22's premise runs).
+        first = 2e-3 if "fp8" in run["args"] else 1e-4
+        assert record["step_losses"][:5] == pytest.approx(run["step_losses"][:5], rel=first)
         assert record["step_losses"] == pytest.approx(run["step_losses"], rel=5e-2)
