@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from splitrpc import record
 from splitrpc.record import relative_speed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,18 +108,8 @@ QUANTITIES = _quantities()
 
 
 def cpu_key() -> str:
-    """vendor-family-model-stepping-cores: the brand string ("AMD EPYC") names several chips."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("vendor_id", "cpu family", "model", "stepping") and key not in fields:
-                fields[key] = value.strip()
-    except OSError:
-        pass
-    parts = [fields.get(k, "?") for k in ("vendor_id", "cpu family", "model", "stepping")]
-    return "-".join(parts + [f"{os.cpu_count()}cores"])
+    """vendor-family-model-stepping-cores (``splitrpc.record.cpu``, which every run record carries too)."""
+    return record.cpu()["key"]
 
 
 def tolerance(values: list[float]) -> float:

@@ -44,20 +44,25 @@ def git_commit() -> str | None:
 def cpu() -> dict:
     """What decides a CPU run's kernels, and so its clock and the last bits of its arithmetic: two VMs both
     called "vm" with the same core count may differ here, and the records must say which one ran what
-    (docs/variants.md: the premise regime's curves and references came from two machines)."""
-    model, isa = None, []
+    (docs/variants.md: the premise regime's curves and references came from two machines). ``key``:
+    vendor-family-model-stepping-cores (the brand string, "Intel(R) Xeon(R) Processor", names several chips),
+    the key of bench/check.py's per-CPU baselines."""
+    fields, isa = {}, []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and model is None:
-                model = value.strip()
-            elif key.strip() == "flags":
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model", "stepping", "model name") and key not in fields:
+                fields[key] = value.strip()
+            elif key == "flags":
                 isa = sorted(f for f in value.split() if f.startswith(("avx", "amx", "fma")))
                 break
     except OSError:
         pass
-    return {"model": model or platform.processor() or None, "capability": torch.backends.cpu.get_cpu_capability(),
-            "isa": isa}
+    parts = [fields.get(k, "?") for k in ("vendor_id", "cpu family", "model", "stepping")]
+    return {"key": "-".join(parts + [f"{os.cpu_count()}cores"]),
+            "model": fields.get("model name") or platform.processor() or None,
+            "capability": torch.backends.cpu.get_cpu_capability(), "isa": isa}
 
 
 def relative_speed(rate: float, reference_rate: float) -> float:

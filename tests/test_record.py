@@ -170,3 +170,6 @@ def test_a_record_names_the_cpu_that_ran_it():
     assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     assert ("avx2" in flags.split()) == ("avx2" in cpu["isa"])
+    from bench.check import cpu_key  # one reading of /proc/cpuinfo: the baselines' key is the records'
+
+    assert cpu["key"] == cpu_key() and cpu["key"].endswith("cores")
