@@ -293,15 +293,19 @@ class _HospitalSend(torch.autograd.Function):
     def forward(ctx, anchor, activations, codec, on_gradient, generator):
         ctx.codec, ctx.on_gradient, ctx.dtype, ctx.shape = codec, on_gradient, activations.dtype, activations.shape
         wire = codec.encode(activations, True, generator)
-        ctx.sent = wire
+        # Saved, not kept as ctx.sent: an output held by its own node's ctx is a reference cycle
+        # through the autograd graph that Python's collector cannot see, and with two floating
+        # outputs (fp8's values and scales) it kept every step's L1 graph alive (10 MB a step).
+        ctx.save_for_backward(*wire)
         # Positions are integers: nothing flows back through them (the gradient's own values do).
         ctx.mark_non_differentiable(*[w for w in wire if not w.is_floating_point()])
         return wire if len(wire) > 1 else wire[0]
 
     @staticmethod
     def backward(ctx, *wire_grads):
-        wire_grads = tuple(g for g, w in zip(wire_grads, ctx.sent) if w.is_floating_point())
-        ctx.on_gradient(ctx.codec.decode_gradient(wire_grads, ctx.sent, ctx.dtype, ctx.shape), wire_grads)
+        sent = ctx.saved_tensors
+        wire_grads = tuple(g for g, w in zip(wire_grads, sent) if w.is_floating_point())
+        ctx.on_gradient(ctx.codec.decode_gradient(wire_grads, sent, ctx.dtype, ctx.shape), wire_grads)
         # The anchor's (zero) gradient is what distributed autograd accumulates here; L1's
         # gradients are computed by the hospital itself from the gradient it was handed.
         return torch.zeros((), dtype=ctx.dtype), None, None, None, None

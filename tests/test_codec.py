@@ -48,6 +48,24 @@ def cut(name, activations, gradient):
     return received.detach(), g, wire_gradient
 
 
+@pytest.mark.parametrize("name", [*codec.DENSE, "topk"])
+def test_the_hospitals_step_graph_is_freed_with_its_wire(name):
+    # A 15-epoch fp8 run was killed for memory: the wire kept on the send node's ctx made a cycle
+    # through the autograd graph, which kept each step's L1 graph (the activations) alive for good.
+    import gc
+    import weakref
+    kept = []
+    for _ in range(3):
+        activations = torch.randn(4, 8, 8, 8, requires_grad=True) * 2
+        # The hospital's on_gradient holds its activations (L1's graph), as here.
+        wire = codec.hospital_send(activations, codec.TopK(8) if name == "topk" else name,
+                                   lambda g, w, held=activations: None)
+        kept.append(weakref.ref(activations))
+        del wire, activations
+    gc.collect()
+    assert [ref() for ref in kept] == [None] * 3
+
+
 @pytest.mark.parametrize("name", codec.DENSE)
 def test_small_gradients_reach_the_hospital(name):
     torch.manual_seed(1)
