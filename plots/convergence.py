@@ -205,11 +205,12 @@ def runs_table(records: list[dict], name: str = "convergence") -> list[str]:
              "| model | partition | variant | seed | epochs | final acc (mean / min) | vs local (points) | best acc (epoch) "
              "| final train loss | train MB per hospital per epoch (tcp) | wall time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    local = {(_model(r["config"]), partition(r["config"])): r["final_test_acc"]
+    # Each run against local training of the same model (a GroupNorm run against GroupNorm's local).
+    local = {(_model(r["config"]), partition(r["config"]), r["config"].get("norm", "batch")): r["final_test_acc"]
              for r in records if r["config"]["method"] == "local" and r["config"].get("seed", 0) == 0}
     for r in sorted(records, key=lambda r: (_model(r["config"]), partition(r["config"]), _order(variant(r["config"])))):
         cfg = r["config"]
-        key = (_model(cfg), partition(cfg))
+        key = (_model(cfg), partition(cfg), cfg.get("norm", "batch"))
         gap = "" if key not in local else f"{100 * (r['final_test_acc'] - local[key]):+.2f}"
         best, best_epoch = _best(r)
         traffic = RunRecord.of(r).bytes_per_epoch_per_hospital("tcp")

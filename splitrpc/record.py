@@ -188,7 +188,9 @@ def variant(cfg: Mapping, detail: str = "training") -> str:
     * ``"training"``: what changes the accuracy curve (plots.convergence, bench.time_to_accuracy):
       ``fedavg (10 local steps)``, ``fedavg (1 round per epoch)``, ``split (independent L1, cut 2)``,
       ``split (L1 averaged every 10 steps)``, ``split (independent L1, L1 gradient unscaled)``,
-      ``split (independent L1, top-k 1/16)``; other methods by name.
+      ``split (independent L1, top-k 1/16)``; other methods by name. A model normalised otherwise than
+      with BatchNorm (``--norm``) is another model: ``local (GroupNorm)``,
+      ``split (L1 averaged every step, GroupNorm)``.
     * ``"codec"``: what changes the bytes on a link (bench.timemodel, plots.wan, the keys of
       results/wan_model.json): the method, with the cut-layer codec when one is used (``split+fp8``).
     * ``"engine"``: what changes the speed of the engine (plots.engine's throughput table): the schedule
@@ -214,6 +216,19 @@ def variant(cfg: Mapping, detail: str = "training") -> str:
         return f"split ({', '.join(parts)})"
     if detail != "training":
         raise ValueError(f"unknown variant detail {detail!r}: choose from {', '.join(VARIANT_DETAILS)}")
+    norm = NORM_NAMES.get(cfg.get("norm", "batch"), f"norm {cfg.get('norm')}")
+    name = _training_name(cfg, method, bottleneck)
+    if not norm:
+        return name
+    return f"{name[:-1]}, {norm})" if name.endswith(")") else f"{name} ({norm})"
+
+
+# How a training variant's name says its normalisation (BatchNorm, the default, says nothing: the
+# names committed before --norm existed stay as they were).
+NORM_NAMES = {"batch": "", "group": "GroupNorm", "none": "no normalisation"}
+
+
+def _training_name(cfg: Mapping, method: str, bottleneck: str | None) -> str:
     if method == "fedavg":
         steps = cfg.get("local_steps", 1)
         rounds = "1 round per epoch" if steps >= 10000 else f"{steps} local steps"

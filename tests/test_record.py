@@ -70,6 +70,13 @@ def table_column(section: str, column: int) -> set[str]:
      "split (L1 averaged every 10 steps, L1 gradient unscaled)", "split", "split (sequential)"),
     ({"method": "split", "l1": "average", "codec": "none"}, "split (L1 averaged every step)", "split",
      "split (sequential)"),
+    # Another normalisation is another model (BatchNorm, the default, is not named).
+    ({"method": "split", "l1": "average", "norm": "group"}, "split (L1 averaged every step, GroupNorm)", "split",
+     "split (sequential)"),
+    ({"method": "local", "norm": "group"}, "local (GroupNorm)", "local", "local (sequential)"),
+    ({"method": "fedavg", "local_steps": 10, "norm": "none"}, "fedavg (10 local steps, no normalisation)", "fedavg",
+     "fedavg"),
+    ({"method": "ddp", "norm": "batch"}, "ddp", "ddp", "ddp"),
 ])
 def test_variant_names_each_detail(cfg, training, codec, engine):
     assert variant(cfg) == variant(cfg, "training") == training
