@@ -79,30 +79,37 @@ def same_setting(a: dict, b: dict) -> bool:
     return key(a) == key(b)
 
 
-def scale(cfg: dict) -> tuple[int, str, float]:
+def scale(cfg: dict) -> tuple[int, str, float, str]:
     """What a compute reference must share with a curve besides its variant: the number of hospitals and the
-    model at its width (VGG-11 x0.5 computes about 4x what x0.25 does; premise.toml's curves need their own)."""
-    return cfg["hospitals"], cfg["model"], cfg["width"]
+    model at its width and normalisation (VGG-11 x0.5 computes about 4x what x0.25 does; premise.toml's curves
+    need their own; a GroupNorm model is another model)."""
+    return cfg["hospitals"], cfg["model"], cfg["width"], cfg.get("norm", "batch")
 
 
 def compute_references(shaped: list[dict]) -> dict[tuple, dict]:
-    """{(hospitals, model, width, variant or method): the newest unshaped one-epoch run of wan_tta}: its seconds
-    per step are the compute of that variant (``fedavg (10 local steps)``) at that scale, or of a method's
-    variants without one of their own (a method's reference has an uncompressed cut: top-k or a bottleneck
-    change the compute, and are references of their own variant only)."""
-    by_variant, by_method = {}, {}
+    """{(hospitals, model, width, norm, name): the newest unshaped one-epoch run of wan_tta}, under three names:
+    its training variant (``fedavg (10 local steps)``); its cut (``split+bottleneck 1/16+bf16``: the compute of
+    every variant with that cut, whatever its L1 handling); and, for a reference with the method's
+    uncompressed cut, its method (the compute of the method's variants without a reference of their own)."""
+    named: dict[str, dict] = {"method": {}, "cut": {}, "variant": {}}
     for r in shaped:
         if r.get("status") == "ok" and timemodel.is_reference(r) and r["steps"] == r["steps_per_epoch"]:
             cfg = r["config"]
-            by_variant[(*scale(cfg), variant(cfg))] = r
+            named["variant"][(*scale(cfg), variant(cfg))] = r
+            named["cut"][(*scale(cfg), "cut " + variant(cfg, "codec"))] = r
             if variant(cfg, "codec") == cfg["method"]:  # a compressed cut's compute is its own, not the method's
-                by_method[(*scale(cfg), cfg["method"])] = r
-    return {**by_method, **by_variant}
+                named["method"][(*scale(cfg), cfg["method"])] = r
+    return {**named["method"], **named["cut"], **named["variant"]}
 
 
 def reference_for(refs: dict[tuple, dict], cfg: dict) -> dict | None:
-    """The compute reference of a run's variant, else of its method, at the same scale (None: none)."""
-    return refs.get((*scale(cfg), variant(cfg))) or refs.get((*scale(cfg), cfg["method"]))
+    """The compute reference of a run's variant, else of its cut, else (for a run whose cut is the method's
+    uncompressed one) of its method, at the same scale. None: no reference computes what this run does (top-k,
+    a bottleneck or a codec without a reference of their own): such a curve is not projected, and says so."""
+    own = refs.get((*scale(cfg), variant(cfg))) or refs.get((*scale(cfg), "cut " + variant(cfg, "codec")))
+    if own is not None or variant(cfg, "codec") != cfg["method"]:
+        return own
+    return refs.get((*scale(cfg), cfg["method"]))
 
 
 def whole_schedules(records: list[dict]) -> list[dict]:
@@ -141,7 +148,7 @@ def project(convergence: list[dict], refs: dict[tuple, dict], rates=RATES_BIT_S,
         cfg = r["config"]
         ref = reference_for(refs, cfg)
         if cfg["method"] not in METHODS or ref is None:
-            continue
+            continue  # unprojected() names the curves left out for want of a reference
         compute, buckets = ref["train_time_s"] / ref["steps"], timemodel.buckets_of(ref)
         row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg),
                "partition": cfg["partition"], "alpha": cfg.get("alpha"), "model": cfg["model"],
@@ -223,6 +230,19 @@ def against(conv: dict, run: dict, measured: list[dict], ref: dict, duplex=None)
     return {"compute_source": f"unshaped run {ref['config'].get('run_key')}",
             "compute_s_per_step": ref["train_time_s"] / ref["steps"], "hours_to": hours,
             "hours_total": {"predicted": total_p, "measured": total_m, "error": total_p / total_m - 1}}
+
+
+def unprojected(convergence: list[dict], refs: dict[tuple, dict]) -> list[dict]:
+    """The curves of methods that run across hospitals that ``project`` leaves out: no compute reference of
+    their own cut or model at their scale (run one in wan_tta.toml's setting to project them)."""
+    return [{"run_key": r["config"].get("run_key"), "variant": variant(r["config"]), "partition": r["config"]["partition"],
+             "model": r["config"]["model"], "width": r["config"]["width"], "hospitals": r["config"]["hospitals"],
+             "seed": r["config"].get("seed", 0), "final_acc": r["final_test_acc"],
+             "why": f"no unshaped one-epoch reference of its cut ({variant(r['config'], 'codec')}) at "
+                    f"N={r['config']['hospitals']} {r['config']['model']} x{r['config']['width']:g} "
+                    f"({r['config'].get('norm', 'batch')} norm)"}
+            for r in curves_of(convergence)
+            if r["config"]["method"] in METHODS and reference_for(refs, r["config"]) is None]
 
 
 def full_checks(convergence: list[dict], full: list[dict], refs: dict[tuple, dict], duplex=None) -> list[dict]:
@@ -317,8 +337,12 @@ def main(argv: list[str] | None = None) -> int:
             hours = " / ".join("-" if at["hours_to"][t] is None else f"{at['hours_to'][t]:.2f}" for t in targets)
             print(f"{row['partition']:9} {row['hospitals']:>2} {row['variant']:44} {name:>9} {at['s_per_step']:7.3f}  "
                   f"{hours}")
+    left_out = unprojected(convergence, refs)
+    for u in left_out:
+        print(f"not projected: {u['variant']} ({u['partition']}, seed {u['seed']}): {u['why']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"projections": rows, "checks": checked, "full": whole, "duplex": duplex,
+                                               "not_projected": left_out,
                                                "targets": list(TARGETS), "note": __doc__.split("\n\n")[1]},
                                               indent=1, sort_keys=True) + "\n")
     return 0

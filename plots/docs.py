@@ -264,7 +264,8 @@ def tta_tables(tta: dict) -> list[str]:
     targets = [f"{t:g}" for t in tta["targets"]]
     lines = ["### Hours to an accuracy, projected (`results/time_to_accuracy.json`, `projections`)", "",
              "Training hours (RTT 0, server link unshaped) to each test accuracy: the run's accuracy per epoch on "
-             "the clock of the time model, from the compute of its method's unshaped run. Blank: never reached.", "",
+             "the clock of the time model, from the compute of an unshaped run of its variant, else of its cut, else "
+             "(an uncompressed cut) of its method. Blank: never reached.", "",
              "| model | variant | partition | N | seed | link | s/step | "
              + " | ".join(f"hours to {t}" for t in targets) + " | final acc |",
              "|---|---|---|---|---|---|---|" + "---|" * len(targets) + "---|"]
@@ -276,6 +277,12 @@ def tta_tables(tta: dict) -> list[str]:
             hours = " | ".join(_s(rate["hours_to"].get(t), 3) for t in targets)
             lines.append(f"| {_scale(p)} | {p['variant']} | {part} | {p['hospitals']} | {p.get('seed', 0)} | "
                          f"{_rate(rate['rate_bit_s'])} | {_s(rate['s_per_step'], 3)} | {hours} | {p['final_acc']:.4f} |")
+    left_out = tta.get("not_projected", [])
+    if left_out:
+        lines += ["", "Not projected (no compute reference of their own cut or model; `not_projected`): "
+                  + "; ".join(f"{u['variant']} ({'IID' if u['partition'] == 'iid' else u['partition']}, "
+                              f"{u['model']} x{u['width']:g}, N = {u['hospitals']}, seed {u['seed']}, final acc "
+                              f"{u['final_acc']:.4f})" for u in left_out) + "."]
     lines += first_table(order, targets)
     lines += seed_spread_table(order, targets[-1])
     lines += ["", "### Whole schedules over the links (`results/time_to_accuracy.json`, `full`)", "",

@@ -64,8 +64,8 @@ def test_the_method_that_reaches_the_target_in_fewer_epochs_can_lose_on_a_slow_l
     # Split reaches 0.8 in 2 epochs at 3.528 s a step; DDP in 3 epochs at 2.014 s a step: faster in time.
     split = convergence_record("split", accs=(0.7, 0.8, 0.82))
     ddp = convergence_record("ddp", accs=(0.6, 0.7, 0.8))
-    refs = {(2, "vgg11", 0.25, "split"): shaped_record("split", train_s=5.0),
-            (2, "vgg11", 0.25, "ddp"): shaped_record("ddp", train_s=5.0)}
+    refs = {(2, "vgg11", 0.25, "batch", "split"): shaped_record("split", train_s=5.0),
+            (2, "vgg11", 0.25, "batch", "ddp"): shaped_record("ddp", train_s=5.0)}
     rows = {r["method"]: r for r in tta.project([split, ddp], refs, rates=(MBIT8, None), targets=(0.8,))}
     assert rows["split"]["rates"]["8mbit"]["hours_to"]["0.8"] == pytest.approx(20 * 3.528 / 3600)
     assert rows["ddp"]["rates"]["8mbit"]["hours_to"]["0.8"] == pytest.approx(30 * 2.014 / 3600)
@@ -78,7 +78,7 @@ def test_compute_per_step_comes_from_the_unshaped_full_epoch_run():
     short["steps_per_epoch"] = 10  # stopped after 4 of an epoch's 10 steps
     shaped = shaped_record("split", rate=MBIT8, train_s=40.0)
     refs = tta.compute_references([full, short, shaped])
-    assert list(refs.values()) and all(ref is full for ref in refs.values()) and (2, "vgg11", 0.25, "split") in refs
+    assert list(refs.values()) and all(ref is full for ref in refs.values()) and (2, "vgg11", 0.25, "batch", "split") in refs
     (row,) = tta.project([convergence_record()], refs, rates=(None,))
     assert row["compute_s_per_step"] == pytest.approx(0.5)  # not the convergence run's 333 s / 10 steps
 
@@ -240,3 +240,21 @@ def test_a_variant_takes_its_own_compute_reference_and_else_its_methods():
     rows = tta.project([convergence_record("fedavg", local_steps=10000), convergence_record("fedavg", local_steps=10),
                         convergence_record("fedavg", local_steps=5)], refs, rates=(None,))
     assert [r["compute_s_per_step"] for r in rows] == pytest.approx([0.5, 0.8, 0.8])  # 5 steps: the newest fedavg
+
+
+def test_a_compressed_cut_takes_the_compute_of_its_cut_and_is_not_projected_without_one():
+    plain = shaped_record("split", None, 5.0)  # 0.5 s a step
+    bottleneck = shaped_record("split", None, 3.0, bottleneck=16)  # 0.3 s a step, independent L1s
+    refs = tta.compute_references([plain, bottleneck])
+    averaged = convergence_record("split", l1="average", bottleneck=16, partition="dirichlet", alpha=0.3)
+    topk = convergence_record("split", codec="topk", topk_ratio=64)
+    group = convergence_record("split", l1="average", norm="group")
+    curves = [averaged, topk, group, convergence_record("split", l1="average")]
+    rows = tta.project(curves, refs, rates=(None,))
+    # Another L1 handling with the same cut: that cut's compute; plain split with averaged L1s: the method's.
+    assert [(r["variant"], r["compute_s_per_step"]) for r in rows] == [
+        ("split (L1 averaged every step, bottleneck 1/16)", pytest.approx(0.3)),
+        ("split (L1 averaged every step)", pytest.approx(0.5))]
+    # Top-k 1/64 computes what no reference does, and a GroupNorm model is another model: named, not projected.
+    assert [u["variant"] for u in tta.unprojected(curves, refs)] == [
+        "split (independent L1, top-k 1/64)", "split (L1 averaged every step, GroupNorm)"]
