@@ -235,14 +235,18 @@ def against(conv: dict, run: dict, measured: list[dict], ref: dict, duplex=None)
 def unprojected(convergence: list[dict], refs: dict[tuple, dict]) -> list[dict]:
     """The curves of methods that run across hospitals that ``project`` leaves out: no compute reference of
     their own cut or model at their scale (run one in wan_tta.toml's setting to project them)."""
-    return [{"run_key": r["config"].get("run_key"), "variant": variant(r["config"]), "partition": r["config"]["partition"],
-             "model": r["config"]["model"], "width": r["config"]["width"], "hospitals": r["config"]["hospitals"],
-             "seed": r["config"].get("seed", 0), "final_acc": r["final_test_acc"],
-             "why": f"no unshaped one-epoch reference of its cut ({variant(r['config'], 'codec')}) at "
-                    f"N={r['config']['hospitals']} {r['config']['model']} x{r['config']['width']:g} "
-                    f"({r['config'].get('norm', 'batch')} norm)"}
-            for r in curves_of(convergence)
-            if r["config"]["method"] in METHODS and reference_for(refs, r["config"]) is None]
+    left_out = []
+    for r in curves_of(convergence):
+        cfg = r["config"]
+        if cfg["method"] not in METHODS or reference_for(refs, cfg) is not None:
+            continue
+        hospitals, model, width, norm = scale(cfg)
+        left_out.append({"run_key": cfg.get("run_key"), "variant": variant(cfg), "partition": cfg["partition"],
+                         "model": model, "width": width, "hospitals": hospitals, "seed": cfg.get("seed", 0),
+                         "final_acc": r["final_test_acc"],
+                         "why": f"no unshaped one-epoch reference of its cut ({variant(cfg, 'codec')}) at "
+                                f"N={hospitals} {model} x{width:g} ({norm} norm)"})
+    return left_out
 
 
 def full_checks(convergence: list[dict], full: list[dict], refs: dict[tuple, dict], duplex=None) -> list[dict]:
