@@ -249,18 +249,24 @@ def unprojected(convergence: list[dict], refs: dict[tuple, dict]) -> list[dict]:
     return left_out
 
 
-def full_checks(convergence: list[dict], full: list[dict], refs: dict[tuple, dict], duplex=None) -> list[dict]:
+def full_checks(convergence: list[dict], full: list[dict], refs: dict[tuple, dict], duplex=None,
+                shaped: list[dict] = ()) -> list[dict]:
     """Whole-schedule runs over shaped links: measured hours to each target and in all, against the projection
     from wan_tta's one-epoch compute references; and, where ``full`` has an unshaped whole schedule of the same
     variant, against the projection from that run's compute too (``whole_reference``: the same length of run,
-    with the same evaluations between epochs, so what is left of the error is the links')."""
+    with the same evaluations between epochs, so what is left of the error is the links').
+
+    ``shaped``: the records ``refs`` was made from. A run is checked against a reference from its own machine
+    where one of them has one (``refs`` holds the newest, which may be another CPU's: the projections' clock),
+    as ``checks`` does: set against another CPU's compute, the check would measure the CPUs, not the links."""
     full, curves = whole_schedules(full), curves_of(convergence)
     whole_refs = {(*scale(r["config"]), variant(r["config"])): r for r in full if timemodel.is_reference(r)}
     out = []
     for s in full:
         cfg = s["config"]
         match = [c for c in curves if same_setting(c, s)]
-        ref = reference_for(refs, cfg)
+        own_machine = compute_references([r for r in shaped if timemodel.same_machine(r, s)])
+        ref = reference_for(own_machine, cfg) or reference_for(refs, cfg)
         if not match or ref is None:
             continue
         conv = match[-1]
@@ -308,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(exc)
     rows = project(convergence, refs, rtt_s=args.rtt_ms / 1000, duplex=duplex)
     checked = checks(convergence, shaped, refs, duplex)
-    whole = full_checks(convergence, full, refs, duplex)
+    whole = full_checks(convergence, full, refs, duplex, shaped)
     for c in checked:
         text = f"check {c['method']:6} N={c['hospitals']} {rate_name(c['rate_bit_s']):>8} {c['steps']:>3} steps:"
         if "step_check" in c:

@@ -138,7 +138,7 @@ def fig_time_to_accuracy(curves: list[dict], shaped: list[dict], out_dir: Path, 
         return cmap(names.index(variant) % 20) if variant in names else "k"
 
     measured = [c for c in tta.checks(curves, shaped, refs, calibration) if "epoch1" in c]
-    whole = tta.full_checks(curves, list(full), refs, calibration)
+    whole = tta.full_checks(curves, list(full), refs, calibration, shaped)
     for i, (model, width, part, alpha, hospitals) in enumerate(parts):
         def here(c):  # a check of this row's setting (checks have no partition: they are all IID)
             return (c["model"], c["width"], c["hospitals"]) == (model, width, hospitals)

@@ -167,6 +167,22 @@ def test_a_whole_schedule_over_the_link_is_measured_hours_against_the_projection
     assert off["hours_to"]["0.75"]["measured"] == pytest.approx(150 / 3600)
 
 
+def test_a_whole_schedule_is_checked_against_its_own_machines_reference():
+    # Two machines' references of one variant: the newer (a faster CPU, 0.1 s a step) is the projections' clock;
+    # the whole schedule ran on the older (no cpu field, 0.5 s a step) and is checked against that one.
+    conv, old = convergence_record(), shaped_record("split", None, 5.0)
+    new = shaped_record("split", None, 1.0)
+    new["cpu"] = {"key": "fast-cpu"}
+    refs = tta.compute_references([old, new])
+    assert tta.reference_for(refs, conv["config"]) is new
+    (c,) = tta.full_checks([conv], [full_record(evaluated=(2,))], refs, shaped=[old, new])
+    assert c["compute_s_per_step"] == pytest.approx(0.5)
+    assert c["hours_to"]["0.8"]["error"] == pytest.approx(3 * 35.28 / 150 - 1)
+    # Without the records, only the newest is known: the check would set another CPU's compute against it.
+    (other,) = tta.full_checks([conv], [full_record(evaluated=(2,))], refs)
+    assert other["compute_s_per_step"] == pytest.approx(0.1)
+
+
 def test_an_unshaped_whole_schedule_is_a_second_compute_reference():
     conv, reference = convergence_record(), shaped_record("split", None, 5.0)  # one epoch: 0.5 s a step
     unshaped = full_record(rate=None, epoch_s=(4.0, 4.0, 4.0))  # 0.4 s a step over the whole schedule
