@@ -2,7 +2,7 @@
 
     python -m bench.time_to_accuracy results/convergence.jsonl [results/wan_tta_n2.jsonl results/premise.jsonl] \\
         --shaped results/wan_tta.jsonl [results/wan_tta_n2.jsonl results/wan_tta_premise.jsonl \\
-                 results/wan_tta_premise_machine.jsonl] \\
+                 results/wan_tta_premise_machine.jsonl results/wan_tta_machine.jsonl] \\
         [--full results/wan_tta_full.jsonl [results/wan_tta_n2.jsonl]] [--duplex results/link_duplex.json] \\
         [--json results/time_to_accuracy.json]
 
@@ -35,6 +35,12 @@ Each number of hospitals and each model width has its own curves and compute ref
 whole unshaped schedules (the curves; one-epoch runs are never taken for one),
 the one-epoch compute references and the shaped first epochs, so it is given
 in each role.
+
+One clock per regime: where ``--shaped`` holds a variant's references from
+several machines, the newest file's machine sets the projections' clock (the
+median of its repeats; wan_tta_machine.jsonl retakes wan_tta.jsonl's on the
+current machine), while every check, of a first epoch or a whole schedule, is
+set against a reference from its own machine.
 
 Training time only: evaluations (which under split learning send the test set's
 activations over the link too) are not counted. RTT is 0 as in every measured
@@ -86,20 +92,48 @@ def scale(cfg: dict) -> tuple[int, str, float, str]:
     return cfg["hospitals"], cfg["model"], cfg["width"], cfg.get("norm", "batch")
 
 
+def is_compute_reference(r: dict) -> bool:
+    """An unshaped run of one whole epoch (wan_tta's references; not a shorter step check)."""
+    return r.get("status") == "ok" and timemodel.is_reference(r) and r["steps"] == r["steps_per_epoch"]
+
+
+def per_step(r: dict) -> float:
+    return r["train_time_s"] / r["steps"]
+
+
+def newest_median(records: list[dict]) -> dict:
+    """Of one name's references, the newest's variant on the newest's machine: the median of its repeats in
+    compute per step (the lower of the middle two for an even count). One epoch's compute varied by up to
+    about 20 % between runs here (wan_tta_machine.toml), so a variant that decides the verdict is measured
+    three times; a method's name may hold several variants, whose compute differs for a reason."""
+    newest = records[-1]
+    same = sorted((r for r in records if timemodel.same_machine(r, newest) and
+                   variant(r["config"]) == variant(newest["config"])), key=per_step)
+    return same[(len(same) - 1) // 2]
+
+
 def compute_references(shaped: list[dict]) -> dict[tuple, dict]:
-    """{(hospitals, model, width, norm, name): the newest unshaped one-epoch run of wan_tta}, under three names:
-    its training variant (``fedavg (10 local steps)``); its cut (``split+bottleneck 1/16+bf16``: the compute of
-    every variant with that cut, whatever its L1 handling); and, for a reference with the method's
-    uncompressed cut, its method (the compute of the method's variants without a reference of their own)."""
+    """{(hospitals, model, width, norm, name): the unshaped one-epoch run of wan_tta to take compute from}, under
+    three names: its training variant (``fedavg (10 local steps)``); its cut (``split+bottleneck 1/16+bf16``:
+    the compute of every variant with that cut, whatever its L1 handling); and, for a reference with the
+    method's uncompressed cut, its method (the compute of the method's variants without a reference of their
+    own). Of several references under a name, the median of the newest's repeats (``newest_median``)."""
     named: dict[str, dict] = {"method": {}, "cut": {}, "variant": {}}
-    for r in shaped:
-        if r.get("status") == "ok" and timemodel.is_reference(r) and r["steps"] == r["steps_per_epoch"]:
-            cfg = r["config"]
-            named["variant"][(*scale(cfg), variant(cfg))] = r
-            named["cut"][(*scale(cfg), "cut " + variant(cfg, "codec"))] = r
-            if variant(cfg, "codec") == cfg["method"]:  # a compressed cut's compute is its own, not the method's
-                named["method"][(*scale(cfg), cfg["method"])] = r
-    return {**named["method"], **named["cut"], **named["variant"]}
+    for r in filter(is_compute_reference, shaped):
+        cfg = r["config"]
+        named["variant"].setdefault((*scale(cfg), variant(cfg)), []).append(r)
+        named["cut"].setdefault((*scale(cfg), "cut " + variant(cfg, "codec")), []).append(r)
+        if variant(cfg, "codec") == cfg["method"]:  # a compressed cut's compute is its own, not the method's
+            named["method"].setdefault((*scale(cfg), cfg["method"]), []).append(r)
+    return {key: newest_median(records) for names in (named["method"], named["cut"], named["variant"])
+            for key, records in names.items()}
+
+
+def repeats_of(shaped: list[dict], ref: dict) -> list[float]:
+    """Compute per step of every reference of ``ref``'s variant and scale on its machine (its spread)."""
+    key = (*scale(ref["config"]), variant(ref["config"]))
+    return sorted(per_step(r) for r in filter(is_compute_reference, shaped)
+                  if (*scale(r["config"]), variant(r["config"])) == key and timemodel.same_machine(r, ref))
 
 
 def reference_for(refs: dict[tuple, dict], cfg: dict) -> dict | None:
@@ -142,7 +176,9 @@ def hours_to(points: list[dict], target: float) -> float | None:
 
 
 def project(convergence: list[dict], refs: dict[tuple, dict], rates=RATES_BIT_S, targets=TARGETS, rtt_s=0.0,
-            duplex=None) -> list[dict]:
+            duplex=None, shaped: list[dict] = ()) -> list[dict]:
+    """One row per curve with a compute reference: its hours to each target at each rate. ``shaped``: the
+    records ``refs`` was made from; each row then lists its reference's repeats (``compute_repeats_s_per_step``)."""
     rows = []
     for r in curves_of(convergence):
         cfg = r["config"]
@@ -156,6 +192,8 @@ def project(convergence: list[dict], refs: dict[tuple, dict], rates=RATES_BIT_S,
                "epochs": len(r["epochs"]), "final_acc": r["final_test_acc"], "compute_s_per_step": compute,
                "compute_source": f"unshaped run {ref['config'].get('run_key')} (wan_tta, {variant(ref['config'])})",
                "bytes_per_step": RunRecord.of(r).hospital_bytes_per_step(), "rtt_s": rtt_s, "rates": {}}
+        if shaped:
+            row["compute_repeats_s_per_step"] = repeats_of(shaped, ref)
         for rate in rates:
             points = curve(r, compute, rate, rtt_s, duplex, buckets)
             row["rates"][rate_name(rate)] = {
@@ -312,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--rtt-ms {args.rtt_ms:g}: a round trip cannot take negative time")
     except UserError as exc:
         return report(exc)
-    rows = project(convergence, refs, rtt_s=args.rtt_ms / 1000, duplex=duplex)
+    rows = project(convergence, refs, rtt_s=args.rtt_ms / 1000, duplex=duplex, shaped=shaped)
     checked = checks(convergence, shaped, refs, duplex)
     whole = full_checks(convergence, full, refs, duplex, shaped)
     for c in checked:

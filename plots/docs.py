@@ -392,10 +392,11 @@ PAGES = [
      ("python -m bench run bench/configs/premise.toml",),
      ("plots/figures/premise.png", "plots/figures/accuracy_bytes_pareto.png")),
     ("time_to_accuracy", "Time to accuracy over slow links",
-     ("wan_tta", "wan_tta_full", "wan_tta_n2", "wan_fedavg_rounds", "wan_tta_premise", "wan_tta_premise_machine"),
+     ("wan_tta", "wan_tta_full", "wan_tta_n2", "wan_fedavg_rounds", "wan_tta_premise", "wan_tta_premise_machine",
+      "wan_tta_machine"),
      "The 15-epoch curves of `convergence.toml` (and, for N = 2, `wan_tta_n2.toml`; VGG-11 x0.5 cut 2: "
      "`premise.toml`) on the clock of the time model, checked by first epochs (`wan_tta.toml`, "
-     "`wan_tta_premise.toml`) and whole schedules (`wan_tta_full.toml`, `wan_fedavg_rounds.toml`) over the "
+     "`wan_tta_premise.toml`; x0.25's compute again, every variant's, on the current machine: `wan_tta_machine.toml`) and whole schedules (`wan_tta_full.toml`, `wan_fedavg_rounds.toml`) over the "
      "links. Analysis: [links and the time model](../links.md).",
      ("python -m bench run bench/configs/wan_tta.toml",
       "python -m bench run bench/configs/wan_tta_full.toml",
@@ -403,11 +404,12 @@ PAGES = [
       "python -m bench run bench/configs/wan_fedavg_rounds.toml",
       "python -m bench run bench/configs/wan_tta_premise.toml",
       "python -m bench run bench/configs/wan_tta_premise_machine.toml",
+      "python -m bench run bench/configs/wan_tta_machine.toml",
       "python -m bench.timemodel results/wan_fedavg_rounds.jsonl --duplex results/link_duplex.json \\",
       "    --json results/wan_fedavg_rounds_model.json",
       "python -m bench.time_to_accuracy results/convergence.jsonl results/wan_tta_n2.jsonl results/premise.jsonl \\",
       "    --shaped results/wan_tta.jsonl results/wan_tta_n2.jsonl results/wan_tta_premise.jsonl \\",
-      "             results/wan_tta_premise_machine.jsonl \\",
+      "             results/wan_tta_premise_machine.jsonl results/wan_tta_machine.jsonl \\",
       "    --full results/wan_tta_full.jsonl results/wan_tta_n2.jsonl results/wan_fedavg_rounds.jsonl \\",
       "    --duplex results/link_duplex.json --json results/time_to_accuracy.json"),
      ("plots/wan/time_to_accuracy.png",)),

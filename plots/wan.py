@@ -43,6 +43,7 @@ CURVES = "convergence.jsonl"  # bench/configs/convergence.toml
 PREMISE_CURVES = "premise.jsonl"  # bench/configs/premise.toml: VGG-11 x0.5 cut 2, where the paper's premise holds
 TTA_PREMISE_RESULTS = "wan_tta_premise.jsonl"  # bench/configs/wan_tta_premise.toml: their compute and checks
 TTA_PREMISE_MACHINE = "wan_tta_premise_machine.jsonl"  # their references again on the machine of the newer curves
+TTA_MACHINE = "wan_tta_machine.jsonl"  # wan_tta's references again (every variant's) on the current machine: x0.25's clock
 TTA_RATES_BIT_S = (1e9, 100e6, 20e6)
 CODEC_COLOURS = {"fp8": "tab:cyan", "bf16": "tab:purple", "fp16": "tab:olive"}
 DUPLEX = "link_duplex.json"  # DDP's goodput with both directions busy, when measured
@@ -189,7 +190,8 @@ def load_tta(results_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
 
     if not ((results_dir / TTA_RESULTS).exists() and (results_dir / CURVES).exists()):
         return [], [], []
-    return (ok(CURVES, TTA_N2_RESULTS, PREMISE_CURVES), ok(TTA_RESULTS, TTA_N2_RESULTS, TTA_PREMISE_RESULTS, TTA_PREMISE_MACHINE),
+    return (ok(CURVES, TTA_N2_RESULTS, PREMISE_CURVES), ok(TTA_RESULTS, TTA_N2_RESULTS, TTA_PREMISE_RESULTS, TTA_PREMISE_MACHINE,
+                                                                   TTA_MACHINE),
             ok(TTA_FULL_RESULTS, TTA_N2_RESULTS, TTA_FEDAVG_ROUNDS))
 
 

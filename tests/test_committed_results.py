@@ -83,7 +83,7 @@ def test_fedavg_rounds_over_the_links_cost_what_the_model_says_and_its_compute_d
 COMMITTED_COMMAND = ("python -m bench.time_to_accuracy results/convergence.jsonl results/wan_tta_n2.jsonl "
                      "results/premise.jsonl "
                      "--shaped results/wan_tta.jsonl results/wan_tta_n2.jsonl results/wan_tta_premise.jsonl "
-                     "results/wan_tta_premise_machine.jsonl "
+                     "results/wan_tta_premise_machine.jsonl results/wan_tta_machine.jsonl "
                      "--full results/wan_tta_full.jsonl results/wan_tta_n2.jsonl results/wan_fedavg_rounds.jsonl "
                      "--duplex results/link_duplex.json --json results/time_to_accuracy.json")
 

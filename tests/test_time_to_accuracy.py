@@ -83,6 +83,24 @@ def test_compute_per_step_comes_from_the_unshaped_full_epoch_run():
     assert row["compute_s_per_step"] == pytest.approx(0.5)  # not the convergence run's 333 s / 10 steps
 
 
+def test_repeated_references_give_the_median_of_the_newest_machines_repeats():
+    # Three repeats on one machine (0.5, 0.9 and 0.6 s a step, in that order): the median, not the newest.
+    repeats = [shaped_record("split", None, t) for t in (5.0, 9.0, 6.0)]
+    refs = tta.compute_references(repeats)
+    assert tta.reference_for(refs, convergence_record()["config"]) is repeats[2]
+    (row,) = tta.project([convergence_record()], refs, rates=(None,), shaped=repeats)
+    assert row["compute_s_per_step"] == pytest.approx(0.6)
+    assert row["compute_repeats_s_per_step"] == pytest.approx([0.5, 0.6, 0.9])
+    # An even count takes the lower of the middle two.
+    assert tta.reference_for(tta.compute_references(repeats[:2]), convergence_record()["config"]) is repeats[0]
+    # A newer machine's single reference is the clock: the older machine's repeats are not mixed in.
+    newer = shaped_record("split", None, 2.0)
+    newer["cpu"] = {"key": "fast-cpu"}
+    refs = tta.compute_references([*repeats, newer])
+    (row,) = tta.project([convergence_record()], refs, rates=(None,), shaped=[*repeats, newer])
+    assert row["compute_s_per_step"] == pytest.approx(0.2) and row["compute_repeats_s_per_step"] == [pytest.approx(0.2)]
+
+
 def test_a_curve_takes_its_compute_from_a_reference_of_its_own_model_width():
     # premise.toml (VGG-11 x0.5) beside convergence.toml (x0.25): each curve on its own width's clock.
     narrow, wide = convergence_record(), convergence_record(width=0.5)
