@@ -85,11 +85,12 @@ def same_setting(a: dict, b: dict) -> bool:
     return key(a) == key(b)
 
 
-def scale(cfg: dict) -> tuple[int, str, float, str]:
-    """What a compute reference must share with a curve besides its variant: the number of hospitals and the
+def scale(cfg: dict) -> tuple[int, str, float, str, str]:
+    """What a compute reference must share with a curve besides its variant: the number of hospitals, the
     model at its width and normalisation (VGG-11 x0.5 computes about 4x what x0.25 does; premise.toml's curves
-    need their own; a GroupNorm model is another model)."""
-    return cfg["hospitals"], cfg["model"], cfg["width"], cfg.get("norm", "batch")
+    need their own; a GroupNorm model is another model) and the schedule (a ``sequential`` step is one
+    hospital's batch, a ``parallel`` one every hospital's: the variant's name does not say it)."""
+    return cfg["hospitals"], cfg["model"], cfg["width"], cfg.get("norm", "batch"), cfg.get("schedule", "parallel")
 
 
 def is_compute_reference(r: dict) -> bool:
@@ -278,12 +279,12 @@ def unprojected(convergence: list[dict], refs: dict[tuple, dict]) -> list[dict]:
         cfg = r["config"]
         if cfg["method"] not in METHODS or reference_for(refs, cfg) is not None:
             continue
-        hospitals, model, width, norm = scale(cfg)
+        hospitals, model, width, norm, schedule = scale(cfg)
         left_out.append({"run_key": cfg.get("run_key"), "variant": variant(cfg), "partition": cfg["partition"],
                          "model": model, "width": width, "hospitals": hospitals, "seed": cfg.get("seed", 0),
                          "final_acc": r["final_test_acc"],
                          "why": f"no unshaped one-epoch reference of its cut ({variant(cfg, 'codec')}) at "
-                                f"N={hospitals} {model} x{width:g} ({norm} norm)"})
+                                f"N={hospitals} {model} x{width:g} ({norm} norm, {schedule} schedule)"})
     return left_out
 
 

@@ -64,8 +64,8 @@ def test_the_method_that_reaches_the_target_in_fewer_epochs_can_lose_on_a_slow_l
     # Split reaches 0.8 in 2 epochs at 3.528 s a step; DDP in 3 epochs at 2.014 s a step: faster in time.
     split = convergence_record("split", accs=(0.7, 0.8, 0.82))
     ddp = convergence_record("ddp", accs=(0.6, 0.7, 0.8))
-    refs = {(2, "vgg11", 0.25, "batch", "split"): shaped_record("split", train_s=5.0),
-            (2, "vgg11", 0.25, "batch", "ddp"): shaped_record("ddp", train_s=5.0)}
+    refs = {(2, "vgg11", 0.25, "batch", "parallel", "split"): shaped_record("split", train_s=5.0),
+            (2, "vgg11", 0.25, "batch", "parallel", "ddp"): shaped_record("ddp", train_s=5.0)}
     rows = {r["method"]: r for r in tta.project([split, ddp], refs, rates=(MBIT8, None), targets=(0.8,))}
     assert rows["split"]["rates"]["8mbit"]["hours_to"]["0.8"] == pytest.approx(20 * 3.528 / 3600)
     assert rows["ddp"]["rates"]["8mbit"]["hours_to"]["0.8"] == pytest.approx(30 * 2.014 / 3600)
@@ -78,9 +78,22 @@ def test_compute_per_step_comes_from_the_unshaped_full_epoch_run():
     short["steps_per_epoch"] = 10  # stopped after 4 of an epoch's 10 steps
     shaped = shaped_record("split", rate=MBIT8, train_s=40.0)
     refs = tta.compute_references([full, short, shaped])
-    assert list(refs.values()) and all(ref is full for ref in refs.values()) and (2, "vgg11", 0.25, "batch", "split") in refs
+    assert list(refs.values()) and all(ref is full for ref in refs.values()) and (2, "vgg11", 0.25, "batch", "parallel", "split") in refs
     (row,) = tta.project([convergence_record()], refs, rates=(None,))
     assert row["compute_s_per_step"] == pytest.approx(0.5)  # not the convergence run's 333 s / 10 steps
+
+
+def test_a_sequential_curve_never_takes_a_parallel_reference():
+    # A sequential step is one hospital's batch: the parallel split reference's seconds a step would put it on
+    # a clock about 4x too slow, and the variant's name does not say the schedule.
+    sequential = convergence_record(schedule="sequential", run_key="conv-seq")
+    refs = tta.compute_references([shaped_record("split", None, 5.0)])
+    assert tta.project([sequential], refs, rates=(None,)) == []
+    (left,) = tta.unprojected([sequential], refs)
+    assert "sequential schedule" in left["why"]
+    own = tta.compute_references([shaped_record("split", None, 5.0), shaped_record("split", None, 1.0, schedule="sequential")])
+    (row,) = tta.project([sequential], own, rates=(None,))
+    assert row["compute_s_per_step"] == pytest.approx(0.1)
 
 
 def test_repeated_references_give_the_median_of_the_newest_machines_repeats():
