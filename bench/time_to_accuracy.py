@@ -102,14 +102,19 @@ def per_step(r: dict) -> float:
     return r["train_time_s"] / r["steps"]
 
 
+def repeats(records: list[dict], ref: dict) -> list[dict]:
+    """The references among ``records`` of ``ref``'s variant and scale on its machine, fastest first."""
+    key = (*scale(ref["config"]), variant(ref["config"]))
+    return sorted((r for r in records if (*scale(r["config"]), variant(r["config"])) == key
+                   and timemodel.same_machine(r, ref)), key=per_step)
+
+
 def newest_median(records: list[dict]) -> dict:
     """Of one name's references, the newest's variant on the newest's machine: the median of its repeats in
     compute per step (the lower of the middle two for an even count). One epoch's compute varied by up to
     about 20 % between runs here (wan_tta_machine.toml), so a variant that decides the verdict is measured
     three times; a method's name may hold several variants, whose compute differs for a reason."""
-    newest = records[-1]
-    same = sorted((r for r in records if timemodel.same_machine(r, newest) and
-                   variant(r["config"]) == variant(newest["config"])), key=per_step)
+    same = repeats(records, records[-1])
     return same[(len(same) - 1) // 2]
 
 
@@ -132,9 +137,7 @@ def compute_references(shaped: list[dict]) -> dict[tuple, dict]:
 
 def repeats_of(shaped: list[dict], ref: dict) -> list[float]:
     """Compute per step of every reference of ``ref``'s variant and scale on its machine (its spread)."""
-    key = (*scale(ref["config"]), variant(ref["config"]))
-    return sorted(per_step(r) for r in filter(is_compute_reference, shaped)
-                  if (*scale(r["config"]), variant(r["config"])) == key and timemodel.same_machine(r, ref))
+    return [per_step(r) for r in repeats(list(filter(is_compute_reference, shaped)), ref)]
 
 
 def reference_for(refs: dict[tuple, dict], cfg: dict) -> dict | None:
@@ -186,7 +189,7 @@ def project(convergence: list[dict], refs: dict[tuple, dict], rates=RATES_BIT_S,
         ref = reference_for(refs, cfg)
         if cfg["method"] not in METHODS or ref is None:
             continue  # unprojected() names the curves left out for want of a reference
-        compute, buckets = ref["train_time_s"] / ref["steps"], timemodel.buckets_of(ref)
+        compute, buckets = per_step(ref), timemodel.buckets_of(ref)
         row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg),
                "partition": cfg["partition"], "alpha": cfg.get("alpha"), "model": cfg["model"],
                "width": cfg["width"], "hospitals": cfg["hospitals"], "seed": cfg.get("seed", 0),
@@ -226,7 +229,7 @@ def checks(convergence: list[dict], shaped: list[dict], refs: dict[tuple, dict],
         ref = reference if reference is not None else reference_for(refs, cfg)
         if s["steps"] == s["steps_per_epoch"] and match and ref is not None:
             conv = match[-1]
-            predicted = curve(conv, ref["train_time_s"] / ref["steps"], s["wan"]["rate_bit_s"], duplex=duplex,
+            predicted = curve(conv, per_step(ref), s["wan"]["rate_bit_s"], duplex=duplex,
                               buckets=timemodel.buckets_of(ref))[0]
             measured = s["epochs"][0]
             row["epoch1"] = {
@@ -259,7 +262,7 @@ def measured_curve(run: dict, conv: dict) -> tuple[list[dict], bool]:
 def against(conv: dict, run: dict, measured: list[dict], ref: dict, duplex=None) -> dict:
     """A whole-schedule run's measured hours to each target and in all, against the projection from ``ref``'s
     compute per step."""
-    predicted = curve(conv, ref["train_time_s"] / ref["steps"], run["wan"]["rate_bit_s"], duplex=duplex,
+    predicted = curve(conv, per_step(ref), run["wan"]["rate_bit_s"], duplex=duplex,
                       buckets=timemodel.buckets_of(ref))
     hours = {}
     for t in TARGETS:
@@ -267,7 +270,7 @@ def against(conv: dict, run: dict, measured: list[dict], ref: dict, duplex=None)
         hours[f"{t:g}"] = {"predicted": p, "measured": m, "error": p / m - 1 if p is not None and m else None}
     total_p, total_m = predicted[-1]["hours"], sum(e["train_time_s"] for e in run["epochs"]) / 3600
     return {"compute_source": f"unshaped run {ref['config'].get('run_key')}",
-            "compute_s_per_step": ref["train_time_s"] / ref["steps"], "hours_to": hours,
+            "compute_s_per_step": per_step(ref), "hours_to": hours,
             "hours_total": {"predicted": total_p, "measured": total_m, "error": total_p / total_m - 1}}
 
 
@@ -314,7 +317,7 @@ def full_checks(convergence: list[dict], full: list[dict], refs: dict[tuple, dic
                  "model": cfg["model"], "width": cfg["width"], "hospitals": cfg["hospitals"], "rate_bit_s": s["wan"]["rate_bit_s"], "convergence_run": conv["config"].get("run_key"),
                  "epochs": len(s["epochs"]), "evaluated_epochs": [e["epoch"] for e in s["epochs"] if "test_acc_mean" in e],
                  "accuracy_matches_curve": matches, "final_acc": s["final_test_acc"], "measured_curve": measured,
-                 **against(conv, s, measured, ref, duplex), "s_per_step_measured": s["train_time_s"] / s["steps"]}
+                 **against(conv, s, measured, ref, duplex), "s_per_step_measured": per_step(s)}
         own = whole_refs.get((*scale(cfg), variant(cfg)))
         if own is not None and own is not s:
             entry["whole_reference"] = against(conv, s, measured, own, duplex)
