@@ -218,5 +218,12 @@ def runs_table(records: list[dict], name: str = "convergence") -> list[str]:
                      f"{r['final_test_acc']:.4f} / "
                      f"{r['final_test_acc_min']:.4f} | {gap} | {best:.4f} ({best_epoch}) | "
                      f"{r['epochs'][-1]['train_loss']:.4f} | {'' if traffic is None else f'{traffic / MB:.0f}'} | "
-                     f"{r['wall_time_s']:.0f} |")
+                     f"{_wall(r)} |")
     return lines + [""]
+
+
+def _wall(r: dict) -> str:
+    """A resumed run's record times only what ran after the resume, so say so rather than
+    let it read as the whole run's wall time."""
+    resumed = r.get("resumed_from_step")
+    return f"{r['wall_time_s']:.0f}" + (f" (resumed at step {resumed})" if resumed else "")

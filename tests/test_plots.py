@@ -82,6 +82,13 @@ def test_a_codec_variant_is_compared_with_float32_split_of_the_same_l1_handling(
     assert _float32_split("splitfed (V1, averaged every epoch, cut 2)") == "split (independent L1, cut 2)"
 
 
+def test_a_resumed_run_says_its_wall_time_covers_only_what_ran_after_the_resume():
+    from plots.convergence import _wall
+
+    assert _wall({"wall_time_s": 1642.4}) == "1642"
+    assert _wall({"wall_time_s": 648.9, "resumed_from_step": 585}) == "649 (resumed at step 585)"
+
+
 def test_the_round_trip_cap_interpolates_the_benchmarked_round_trips(tmp_path):
     """The cap table's round trip: the benchmark's own medians at the sizes it timed, linear between."""
     import json
