@@ -307,9 +307,11 @@ def run_matrix(config_path: str, results_dir: str = "results", dry_run: bool = F
         if resumes is not None:
             print(f"[bench]   resuming from the checkpoint of step {resumes} in {command_options['checkpoint_dir']} "
                   "(delete it to start the run over)", flush=True)
+        # The run's own progress (steps, loss, eta) goes to its log, not here: say where.
+        log = results.parent / "logs" / spec["name"] / f"{key}.log"
+        print(f"[bench]   progress: {log}", flush=True)
         started = time.perf_counter()
-        ok, error = execute(command_options, key, results, results.parent / "logs" / spec["name"] / f"{key}.log",
-                            timeout)
+        ok, error = execute(command_options, key, results, log, timeout)
         seconds = time.perf_counter() - started
         durations.append(seconds)
         if ok:

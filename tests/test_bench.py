@@ -31,6 +31,9 @@ def test_smoke_matrix_runs_and_resumes(tmp_path, cache_dir):
     first = run_bench(config, tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert re.search(r"run 1/3 \(2 left after this\)", first.stdout)
+    # Each run's progress is in the log the harness names.
+    logs = re.findall(r"progress: (\S+\.log)", first.stdout)
+    assert len(logs) == 3 and all("step" in open(log).read() for log in logs)
     records = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
     assert sorted(r["config"]["method"] for r in records) == ["ddp", "local", "split"]
     assert all(r["status"] == "ok" and r["config"]["run_key"] for r in records)
