@@ -77,8 +77,9 @@ def rate_name(rate: float | None) -> str:
 
 
 def same_setting(a: dict, b: dict) -> bool:
-    # An option added after a record was written is missing from it, at its default.
-    defaults = Config().to_dict()
+    # An option added after a record was written is missing from it, at its default: as a record holds it,
+    # through JSON (a tuple default, () for --capture-epochs, reads back from a newer record as []).
+    defaults = json.loads(json.dumps(Config().to_dict()))
 
     def key(r):
         return {k: v for k, v in {**defaults, **r["config"]}.items() if k not in NOT_THE_SETTING}
@@ -217,7 +218,7 @@ def checks(convergence: list[dict], shaped: list[dict], refs: dict[tuple, dict],
         cfg = s["config"]
         row = {"run_key": cfg.get("run_key"), "method": cfg["method"], "variant": variant(cfg),
                "model": cfg["model"], "width": cfg["width"], "hospitals": cfg["hospitals"],
-               "rate_bit_s": s["wan"]["rate_bit_s"], "steps": s["steps"]}
+               "rate_bit_s": s["wan"]["rate_bit_s"], "steps": s["steps"], "machine": timemodel.machine_name(s)}
         reference = timemodel.find_reference(shaped, s)
         if reference is not None:
             model = timemodel.check(s, reference, duplex)
@@ -233,7 +234,7 @@ def checks(convergence: list[dict], shaped: list[dict], refs: dict[tuple, dict],
                               buckets=timemodel.buckets_of(ref))[0]
             measured = s["epochs"][0]
             row["epoch1"] = {
-                "convergence_run": conv["config"].get("run_key"),
+                "convergence_run": conv["config"].get("run_key"), "curve_machine": timemodel.machine_name(conv),
                 "predicted_s": predicted["hours"] * 3600, "measured_s": measured["train_time_s"],
                 "error": predicted["hours"] * 3600 / measured["train_time_s"] - 1,
                 "acc_shaped": measured["test_acc_mean"], "acc_convergence": conv["epochs"][0]["test_acc_mean"]}

@@ -208,6 +208,15 @@ def same_machine(a: dict, b: dict) -> bool:
     return a.get("cpu") == b.get("cpu")
 
 
+def machine_name(record: dict) -> str:
+    """How tables name the machine a record ran on (``same_machine``'s key): two machines' checks of one
+    setting are two rows, which a reader must tell apart."""
+    cpu = record.get("cpu")
+    if not cpu:
+        return "earlier VM"  # records from before the field (same_machine: they came from one machine)
+    return cpu.get("key") or f"{cpu.get('model', '?')}, {cpu.get('capability', '?')}"
+
+
 def find_reference(records: list[dict], record: dict) -> dict | None:
     """The newest ok unshaped run of the same setting, from the same machine where there is one: a shaped run
     checked against another CPU's compute would measure the CPUs, not the link."""

@@ -302,16 +302,17 @@ def tta_tables(tta: dict) -> list[str]:
                      + " | ".join(cell(f["hours_to"].get(t)) for t in targets)
                      + f" | {cell(f['hours_total'])} | {whole_text} | {_s(f.get('s_per_step_measured'), 3)} |")
     lines += ["", "### First epochs over the links (`results/time_to_accuracy.json`, `checks`)", "",
-              "| model | variant | N | link | steps | accuracy over the link / of the curve | seconds measured / "
-              "projected (error) | per step: measured / projected s (error) |", "|---|---|---|---|---|---|---|---|"]
+              "| model | variant | N | link | steps | machine | accuracy over the link / of the curve | seconds "
+              "measured / projected (error) | per step: measured / projected s (error) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(tta.get("checks", []), key=lambda c: (c["width"], c["variant"], -c["hospitals"],
-                                                          -(c["rate_bit_s"] or 0), c["steps"])):
+                                                          -(c["rate_bit_s"] or 0), c["steps"], c.get("machine", ""))):
         e, s = c.get("epoch1"), c.get("step_check") or {}
         epoch_acc = "" if not e else f"{e['acc_shaped']:.4f} / {e['acc_convergence']:.4f}"
         epoch_s = "" if not e else f"{e['measured_s']:.0f} / {e['predicted_s']:.0f} ({_pct(e['error'])})"
         step = "" if not s else f"{_s(s['measured_s'], 3)} / {_s(s['predicted_s'], 3)} ({_pct(s['error'])})"
         lines.append(f"| {_scale(c)} | {c['variant']} | {c['hospitals']} | {_rate(c['rate_bit_s'])} | {c['steps']} | "
-                     f"{epoch_acc} | "
+                     f"{c.get('machine', '')} | {epoch_acc} | "
                      f"{epoch_s} | {step} |")
     return lines + [""]
 

@@ -97,19 +97,36 @@ def test_committed_time_to_accuracy_regenerates_from_the_committed_results(tmp_p
         f"run `{COMMITTED_COMMAND}` and commit"
     checks = json.loads(out.read_text())["checks"]
     # Every shaped full first epoch reproduces the curve's first accuracy: the link changes time only.
-    firsts = [c["epoch1"] for c in checks if "epoch1" in c]
     assert sorted((c["hospitals"], c["method"]) for c in checks if "epoch1" in c and c["width"] == 0.25) == sorted(
         [(4, "split"), (4, "ddp"), (4, "fedavg"), (4, "fedavg")] + [(2, "split"), (2, "ddp"), (2, "fedavg"), (2, "fedavg")]
-        + [(4, "split")] * 3)  # top-k 1/16, the bottleneck 16, with bf16 (issue 22); local loss has no curve yet
-    # Exactly, but for the one check whose curve ran on another machine (the bottleneck's at x0.5: its check and
+        + [(4, "split")] * 3 + [(4, "split-localloss")] * 2  # top-k 1/16, the bottleneck 16, with bf16, local loss
+        # wan_tta_machine.toml's, on the newer machine: float32 split and DDP again, the bottleneck 32 with bf16,
+        # top-k 1/8 fp8 and SplitFed V1 (twice)
+        + [(4, "split"), (4, "ddp")] + [(4, "split")] * 2 + [(4, "splitfed")] * 2
+        + [(4, "split"), (4, "fedavg")])  # the bottleneck 16 with bf16 and FedAvg-10 over 20 Mbit/s
+    # There float32 split and DDP are within the time model's 15 %; FedAvg-10 took 17 % longer than projected,
+    # the compressed cuts and SplitFed V1 25 to 36 % (docs/variants.md): their projections are optimistic.
+    newer = {c["variant"]: c["epoch1"]["error"] for c in checks
+             if "epoch1" in c and c["machine"] != "earlier VM" and c["width"] == 0.25}
+    assert all(abs(newer[v]) <= 0.15 for v in ("ddp", "split (independent L1)"))
+    assert -0.20 < newer["fedavg (10 local steps)"] < -0.15
+    assert all(-0.40 < e < -0.24 for v, e in newer.items()
+               if v not in ("ddp", "split (independent L1)", "fedavg (10 local steps)"))
+    # Exactly, but for three checks whose curve ran on another machine: the bottleneck's at x0.5 (its check and
     # reference on the first VM, its curve on the second, before records named their CPU): the CPUs' kernels round
     # differently. Its reference taken again on the curve's machine reproduces the curve's accuracy exactly.
+    # So do local loss's two checks (wan_tta.toml's, on the first VM; their curves ran on the newer machine).
+    # Others set a newer machine's first epoch against an older machine's curve and match it exactly.
+    others = [c for c in checks if "epoch1" in c and abs(c["epoch1"]["acc_shaped"] - c["epoch1"]["acc_convergence"]) > 1e-9]
+    # And the bottleneck 16 with bf16 over 20 Mbit/s on the newer machine (AMX), its curve on the first VM: bf16
+    # kernels differ most between the two (0.3862 against 0.4398 after the first epoch).
+    assert sorted((c["width"], c["variant"]) for c in others) == [
+        (0.25, "split (independent L1, bottleneck 1/16, bf16)"), (0.25, "split-localloss"),
+        (0.25, "split-localloss (top-k 1/16)"), (0.5, "split (independent L1, cut 2, bottleneck 1/16, bf16)")]
+    assert all(c["machine"] != c["epoch1"]["curve_machine"] for c in others if c["width"] == 0.25)
+    assert all(abs(c["epoch1"]["acc_shaped"] - c["epoch1"]["acc_convergence"]) > 1e-3 for c in others)
     bottleneck = "split (independent L1, cut 2, bottleneck 1/16, bf16)"
-    same = [c for c in checks if "epoch1" in c and not (c["width"] == 0.5 and c["variant"] == bottleneck)]
-    assert len(same) == len(firsts) - 1
-    assert all(abs(c["epoch1"]["acc_shaped"] - c["epoch1"]["acc_convergence"]) < 1e-9 for c in same)
-    other = next(c for c in checks if "epoch1" in c and c not in same)
-    assert abs(other["epoch1"]["acc_shaped"] - other["epoch1"]["acc_convergence"]) > 1e-3
+    other = next(c for c in others if c["variant"] == bottleneck)
     again = [r for r in timemodel.load(str(tta.REPO / "results" / "wan_tta_premise_machine.jsonl"))
              if r["config"].get("bottleneck") == 16 and timemodel.is_reference(r)]
     assert again and again[0]["epochs"][0]["test_acc_mean"] == other["epoch1"]["acc_convergence"]

@@ -95,7 +95,8 @@ def test_an_unknown_detail_is_refused():
 
 def test_training_names_are_those_of_results_time_to_accuracy_json():
     runs = by_run_key("convergence.jsonl", "wan_tta_full.jsonl", "wan_tta_n2.jsonl", "wan_fedavg_rounds.jsonl",
-                      "premise.jsonl", "wan_tta.jsonl", "wan_tta_premise.jsonl", "wan_tta_premise_machine.jsonl")
+                      "premise.jsonl", "wan_tta.jsonl", "wan_tta_premise.jsonl", "wan_tta_premise_machine.jsonl",
+                      "wan_tta_machine.jsonl")
     committed = json.loads((RESULTS / "time_to_accuracy.json").read_text())
     rows = committed["projections"] + committed["full"] + committed["checks"]
     assert rows

@@ -137,6 +137,30 @@ def test_checks_set_a_shaped_first_epoch_against_its_projection_and_the_curve():
     assert check["step_check"]["predicted_s"] == pytest.approx(3.528)
 
 
+def test_checks_of_one_setting_on_two_machines_name_their_machines():
+    # wan_tta.toml's first epochs (records from before the cpu field) and wan_tta_machine.toml's of the same
+    # setting are two rows of one table: each says which machine it measured, and is set against its own.
+    conv, old_ref, old = convergence_record(), shaped_record("split", None, 5.0), shaped_record("split", MBIT8, 40.0)
+    new_ref, new = shaped_record("split", None, 1.0), shaped_record("split", MBIT8, 30.0)
+    for r in (new_ref, new):
+        r["cpu"] = {"key": "fast-cpu", "model": "Xeon"}
+    shaped = [old_ref, old, new_ref, new]
+    checks = tta.checks([conv], shaped, tta.compute_references(shaped))
+    assert [c["machine"] for c in checks] == ["earlier VM", "fast-cpu"]
+    assert [c["step_check"]["compute_s"] for c in checks] == pytest.approx([0.5, 0.1])
+    assert timemodel.machine_name({"cpu": {"model": "Xeon", "capability": "AVX512"}}) == "Xeon, AVX512"
+
+
+def test_a_newer_record_holding_a_tuple_option_at_its_default_is_the_same_setting():
+    # A curve written before --capture-epochs existed lacks it (its default is the tuple ()); a shaped run
+    # written since holds it as JSON's []: the same setting, so its first epoch is set against the curve.
+    conv = convergence_record()
+    reference = shaped_record("split", rate=None, train_s=5.0, capture_epochs=[])
+    shaped = shaped_record("split", rate=MBIT8, train_s=40.0, acc=0.6, capture_epochs=[])
+    (check,) = tta.checks([conv], [reference, shaped], tta.compute_references([reference, shaped]))
+    assert check["epoch1"]["acc_convergence"] == 0.6
+
+
 def test_a_shaped_run_of_another_setting_is_not_matched_to_the_curve():
     conv = convergence_record(cut=2)
     reference = shaped_record("split", rate=None, cut=1)
