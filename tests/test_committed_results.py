@@ -106,12 +106,16 @@ def test_committed_time_to_accuracy_regenerates_from_the_committed_results(tmp_p
         + [(4, "split"), (4, "fedavg")])  # the bottleneck 16 with bf16 and FedAvg-10 over 20 Mbit/s
     # There float32 split and DDP are within the time model's 15 %; FedAvg-10 took 17 % longer than projected,
     # the compressed cuts and SplitFed V1 25 to 36 % (docs/variants.md): their projections are optimistic.
-    newer = {c["variant"]: c["epoch1"]["error"] for c in checks
-             if "epoch1" in c and c["machine"] != "earlier VM" and c["width"] == 0.25}
-    assert all(abs(newer[v]) <= 0.15 for v in ("ddp", "split (independent L1)"))
-    assert -0.20 < newer["fedavg (10 local steps)"] < -0.15
-    assert all(-0.40 < e < -0.24 for v, e in newer.items()
-               if v not in ("ddp", "split (independent L1)", "fedavg (10 local steps)"))
+    newer = [(c["variant"], c["epoch1"]["error"]) for c in checks
+             if "epoch1" in c and c["machine"] != "earlier VM" and c["width"] == 0.25]
+    assert len(newer) == 8  # SplitFed V1's twice: both repeats are held to it
+    for v, e in newer:
+        if v in ("ddp", "split (independent L1)"):
+            assert abs(e) <= 0.15, v
+        elif v == "fedavg (10 local steps)":
+            assert -0.20 < e < -0.15, v
+        else:
+            assert -0.40 < e < -0.24, v
     # Exactly, but for three checks whose curve ran on another machine: the bottleneck's at x0.5 (its check and
     # reference on the first VM, its curve on the second, before records named their CPU): the CPUs' kernels round
     # differently. Its reference taken again on the curve's machine reproduces the curve's accuracy exactly.
